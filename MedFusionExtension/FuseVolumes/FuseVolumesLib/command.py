@@ -1,0 +1,82 @@
+"""The ``medfusion fuse`` command line for one fusion request.
+
+The module never fuses in Slicer's own process: it runs the core's command line in a background
+Python process, so the GUI stays responsive and a cancel is a process signal. This file only
+turns the panel's choices into that command's arguments.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS: tuple[str, ...] = ("cnn", "laplacian", "average", "max")
+AXES: tuple[str, ...] = ("axial", "coronal", "sagittal")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+MIN_INPUTS = 2
+MAX_INPUTS = 4
+
+
+@dataclass(frozen=True)
+class FuseRequest:
+    """What to fuse and how: the panel's parameters as file paths and plain values.
+
+    ``block_size`` and ``batch_size`` of 0 mean "the core's default"; ``bundle_dir`` of None
+    means the shipped bundle. ``bundle_dir`` and ``block_size`` only matter for ``cnn``.
+    """
+
+    reference: Path
+    others: Sequence[Path]
+    output: Path
+    metrics: Path | None = None
+    method: str = "cnn"
+    bundle_dir: Path | None = None
+    block_size: int = 0
+    axis: str = "axial"
+    device: str = "auto"
+    batch_size: int = 0
+    extra_args: Sequence[str] = field(default_factory=tuple)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` with a user-facing message when the request cannot run."""
+        count = 1 + len(self.others)
+        if not self.others:
+            raise ValueError("Select a reference volume and at least one other volume to fuse.")
+        if count > MAX_INPUTS:
+            raise ValueError(f"At most {MAX_INPUTS} volumes can be fused at once ({count} given).")
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown fusion method {self.method!r}; choose one of {METHODS}.")
+        if self.axis not in AXES:
+            raise ValueError(f"Unknown slice axis {self.axis!r}; choose one of {AXES}.")
+        if not (self.device in DEVICES or self.device.startswith("cuda:")):
+            raise ValueError(f"Unknown device {self.device!r}; choose auto, cpu or cuda.")
+        if self.block_size < 0 or self.batch_size < 0:
+            raise ValueError("Block size and batch size must be positive (0: default).")
+        paths = [Path(self.reference), *map(Path, self.others)]
+        if len({p.resolve() for p in paths}) != len(paths):
+            raise ValueError("The same volume is selected twice; pick different volumes.")
+
+
+def build_fuse_command(request: FuseRequest, python: str | None = None) -> list[str]:
+    """Return the argument list of ``python -m medfusion fuse ... --progress json``.
+
+    ``python`` is the interpreter that has MedFusion installed (in Slicer: ``PythonSlicer``).
+    """
+    request.validate()
+    command = [python or sys.executable, "-m", "medfusion", "fuse"]
+    command += [str(request.reference), *(str(p) for p in request.others)]
+    command += ["-o", str(request.output), "--method", request.method]
+    if request.method == "cnn":
+        if request.bundle_dir is not None:
+            command += ["--bundle", str(request.bundle_dir)]
+        if request.block_size:
+            command += ["--block-size", str(request.block_size)]
+    command += ["--axis", request.axis, "--device", request.device]
+    if request.batch_size:
+        command += ["--batch-size", str(request.batch_size)]
+    if request.metrics is not None:
+        command += ["--metrics", str(request.metrics)]
+    command += ["--progress", "json", *request.extra_args]
+    return command

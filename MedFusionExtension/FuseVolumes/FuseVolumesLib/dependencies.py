@@ -1,0 +1,236 @@
+"""Which Python packages MedFusion's fusion needs in Slicer, and how to install them safely.
+
+Slicer's Python is shared by every module, so installing is cautious:
+
+- packages that ship with Slicer (numpy, SimpleITK, pydicom) are never installed, upgraded or
+  downgraded here: other modules and Slicer's compiled libraries depend on them; if one is too
+  old, the plan says so and asks for a newer Slicer instead;
+- every package that is already installed and new enough is frozen at its version through a
+  pip constraints file, so installing the missing ones cannot move numpy (or torch) underneath;
+- torch comes from the PyTorch extension's installer (``PyTorchUtils``), which picks the build
+  that matches the GPU driver; only without that extension is the pinned wheel used;
+- missing packages are installed at the exact versions MedFusion was tested with.
+
+Nothing here runs pip: the plan lists the steps, the module asks the user and then runs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PIP = "pip"
+PYTORCH = "pytorch"
+SLICER = "slicer"
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One package: pip name, import name, lowest working version, version to install, how."""
+
+    distribution: str
+    module: str
+    minimum: str
+    pin: str | None
+    installer: str = PIP
+
+    @property
+    def spec(self) -> str:
+        """The pip requirement that installs the pinned version."""
+        return f"{self.distribution}=={self.pin}"
+
+
+# What ``python -m medfusion fuse`` imports (see pyproject.toml for the minimums; the pins are the
+# versions the project is tested with). Test Testing/tests/test_slicer_dependencies.py keeps this
+# in step with pyproject.toml and with what the command really imports.
+REQUIREMENTS: tuple[Requirement, ...] = (
+    Requirement("numpy", "numpy", "1.24", None, SLICER),
+    Requirement("SimpleITK", "SimpleITK", "2.3", None, SLICER),
+    Requirement("pydicom", "pydicom", "2.4", None, SLICER),
+    Requirement("torch", "torch", "2.3", "2.13.0", PYTORCH),
+    Requirement("monai", "monai", "1.4", "1.6.1"),
+    Requirement("pytorch-ignite", "ignite", "0.4.11", "0.5.5"),
+    Requirement("scipy", "scipy", "1.10", "1.17.1"),
+    Requirement("pillow", "PIL", "10", "13.0.0"),
+    Requirement("PyYAML", "yaml", "6", "6.0.3"),
+    Requirement("tqdm", "tqdm", "4.60", "4.70.1"),
+)
+
+# pyproject dependencies that ``medfusion fuse`` does not need (PACS, reports, training).
+NOT_NEEDED_FOR_FUSION: frozenset[str] = frozenset(
+    {"pynetdicom", "requests", "matplotlib", "tomli", "fire", "tensorboard", "jsonschema"}
+)
+
+CORE = Requirement("medfusion", "medfusion", "0.1.0", "0.1.0")
+
+
+def parse_version(text: str) -> tuple:
+    """A comparable key for a version string (``2.13.0+cu121``, ``2.0.0rc1``, ``1.26.4``)."""
+    try:
+        from packaging.version import Version
+    except ImportError:  # pragma: no cover - Slicer always has pip, which vendors packaging
+        try:
+            from pip._vendor.packaging.version import Version
+        except ImportError:
+            Version = None  # noqa: N806
+    if Version is not None:
+        return (Version(text),)
+    numbers = re.match(r"\d+(\.\d+)*", text.strip())
+    if numbers is None:
+        raise ValueError(f"not a version: {text!r}")
+    return tuple(int(part) for part in numbers.group(0).split("."))
+
+
+def version_at_least(installed: str, minimum: str) -> bool:
+    """True when ``installed`` >= ``minimum`` (local labels such as ``+cu121`` ignored)."""
+    try:
+        return parse_version(installed.split("+")[0]) >= parse_version(minimum)
+    except Exception:  # an unparsable version is treated as too old rather than trusted
+        return False
+
+
+def installed_version(requirement: Requirement) -> str | None:
+    """The installed version, from package metadata or the module's ``__version__``."""
+    try:
+        return importlib.metadata.version(requirement.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:  # packages built into Slicer (SimpleITK) may have no pip metadata
+        module = importlib.import_module(requirement.module)
+    except Exception:
+        return None
+    version = getattr(module, "__version__", None)
+    return str(version) if version else None
+
+
+def installed_versions(requirements: Iterable[Requirement] = REQUIREMENTS) -> dict[str, str | None]:
+    """Installed version (or None) per distribution name."""
+    return {req.distribution: installed_version(req) for req in requirements}
+
+
+@dataclass(frozen=True)
+class InstallStep:
+    """One package to install, why, and through which installer."""
+
+    requirement: Requirement
+    installed: str | None
+    via: str
+    spec: str
+
+    @property
+    def reason(self) -> str:
+        if self.installed is None:
+            return "missing"
+        return f"{self.installed} is older than {self.requirement.minimum}"
+
+
+@dataclass
+class InstallPlan:
+    """The steps that make Slicer's Python ready for MedFusion, or why it cannot be made so."""
+
+    steps: list[InstallStep] = field(default_factory=list)
+    blocking: list[str] = field(default_factory=list)
+    constraints: list[str] = field(default_factory=list)
+    core_source: Path | None = None
+
+    @property
+    def satisfied(self) -> bool:
+        return not self.steps and not self.blocking
+
+    @property
+    def torch_step(self) -> InstallStep | None:
+        return next((s for s in self.steps if s.via == PYTORCH), None)
+
+    @property
+    def pip_steps(self) -> list[InstallStep]:
+        return [s for s in self.steps if s.via == PIP and s.requirement.distribution != "medfusion"]
+
+    @property
+    def core_step(self) -> InstallStep | None:
+        return next((s for s in self.steps if s.requirement.distribution == "medfusion"), None)
+
+    def constraints_text(self) -> str:
+        """Contents of the pip constraints file (one ``name==version`` per line)."""
+        return "".join(f"{line}\n" for line in self.constraints)
+
+    def pip_commands(self, constraints_file: str | Path) -> list[list[str]]:
+        """pip argument lists (after ``python -m pip``), in order: dependencies, then MedFusion.
+
+        MedFusion itself goes in with ``--no-deps``: its dependencies were just installed under
+        the constraints, and pip must not resolve them again on its own terms.
+        """
+        commands = []
+        if self.pip_steps:
+            commands.append(["install", "-c", str(constraints_file),
+                             *(s.spec for s in self.pip_steps)])
+        if self.core_step is not None:
+            commands.append(["install", "--no-deps", "-c", str(constraints_file),
+                             self.core_step.spec])
+        return commands
+
+    def describe(self) -> str:
+        """A message for the confirmation dialog: what is missing and what will happen."""
+        lines = []
+        if self.blocking:
+            lines.append("MedFusion cannot run in this Slicer:")
+            lines += [f"  - {problem}" for problem in self.blocking]
+        if self.steps:
+            lines.append("MedFusion needs these Python packages in Slicer's Python:")
+            for step in self.steps:
+                how = " (with the PyTorch extension's installer)" if step.via == PYTORCH else ""
+                lines.append(f"  - {step.spec} ({step.reason}){how}")
+            frozen = [c for c in self.constraints if c.split("==")[0] in {"numpy", "torch"}]
+            if frozen:
+                lines.append("Kept as they are: " + ", ".join(frozen) + ".")
+            lines.append("Installing may take several minutes; Slicer may not respond meanwhile.")
+        return "\n".join(lines)
+
+
+def find_core_source(start: str | Path) -> Path | None:
+    """The MedFusion checkout (folder with pyproject.toml) above ``start``, if any."""
+    for folder in Path(start).resolve().parents:
+        project = folder / "pyproject.toml"
+        if project.is_file() and (folder / "medfusion" / "__init__.py").is_file():
+            if re.search(r'^name\s*=\s*"medfusion"', project.read_text(encoding="utf-8"), re.M):
+                return folder
+    return None
+
+
+def plan_installation(
+    installed: Mapping[str, str | None],
+    requirements: Sequence[Requirement] = REQUIREMENTS,
+    pytorch_installer: bool = False,
+    core_installed: str | None = None,
+    core_source: Path | None = None,
+) -> InstallPlan:
+    """Compare installed versions with the requirements and return the installation plan.
+
+    ``installed`` maps distribution names to versions (None: missing), as
+    :func:`installed_versions` returns. ``pytorch_installer`` says whether the PyTorch
+    extension is there. ``core_installed`` is the installed MedFusion version; when it is missing
+    the plan installs it from ``core_source`` (a checkout) or the pinned release.
+    """
+    plan = InstallPlan(core_source=core_source)
+    for req in requirements:
+        version = installed.get(req.distribution)
+        if version is not None and version_at_least(version, req.minimum):
+            plan.constraints.append(f"{req.distribution}=={version}")  # freeze what works
+            continue
+        if req.installer == SLICER or req.pin is None:
+            found = f"version {version}" if version else "not installed"
+            plan.blocking.append(
+                f"{req.distribution} is {found}, MedFusion needs {req.minimum} or newer; it ships"
+                " with Slicer and is never changed by this module: use a newer Slicer."
+            )
+            continue
+        via = PYTORCH if req.installer == PYTORCH and pytorch_installer else PIP
+        spec = f"{req.distribution}>={req.minimum}" if via == PYTORCH else req.spec
+        plan.steps.append(InstallStep(req, version, via, spec))
+    if core_installed is None or not version_at_least(core_installed, CORE.minimum):
+        spec = str(core_source) if core_source is not None else CORE.spec
+        plan.steps.append(InstallStep(CORE, core_installed, PIP, spec))
+    return plan

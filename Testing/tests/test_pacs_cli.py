@@ -1,0 +1,118 @@
+"""``medfusion pacs echo|find|fuse|batch`` against the real Orthanc (config files on disk)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from medfusion.cli import main
+
+# Helper module with the Orthanc fixtures: rewrite its asserts, then register it once.
+pytest.register_assert_rewrite("orthanc_server")
+from orthanc_server import PATIENT_IDS, PATIENT_NAMES, write_node_file  # noqa: E402
+
+pytest_plugins = ["orthanc_server"]
+pytestmark = pytest.mark.pacs
+
+FUSION_ARGS = ["--reference", "modality=MR", "--other", "modality=PT", "--method", "average"]
+
+
+def test_echo_and_find_with_toml_and_yaml(orthanc, pacs_studies, tmp_path: Path, capsys) -> None:
+    toml = write_node_file(orthanc, tmp_path / "nodes.toml")
+    yaml = write_node_file(orthanc, tmp_path / "nodes.yaml", retrieve="move")
+    assert main(["pacs", "echo", "--config", str(toml), "--node", "orthanc"]) == 0
+    assert "node orthanc: OK" in capsys.readouterr().out
+    assert main(["pacs", "echo", "--config", str(yaml), "--transport", "dicomweb"]) == 0
+
+    batch = pacs_studies["batch"]
+    code = main(["pacs", "find", "--config", str(toml), "--patient-id", "MFBATCH0001", "--series"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert batch.study_uid in out and "MFBATCH0001" in out  # patient ID is asked-for output
+    assert batch.series["MR"] in out and "TEST T1" in out and "TEST PET" in out
+
+    code = main(
+        ["pacs", "find", "--config", str(yaml), "--transport", "dicomweb", "--json",
+         "--study", batch.study_uid]
+    )  # fmt: skip
+    payload = json.loads(capsys.readouterr().out)
+    assert code == 0
+    series = payload["series"][batch.study_uid]
+    assert {s["modality"]: s["n_instances"] for s in series} == {"MR": 16, "PT": 16}
+
+    # The real GE head CT is its own study; dates filter it out, modality filter finds it.
+    ct = pacs_studies["ct"]
+    assert main(["pacs", "find", "--config", str(toml), "--modality", "CT", "--json"]) == 0
+    studies = json.loads(capsys.readouterr().out)["studies"]
+    assert [s["study_uid"] for s in studies] == [ct.study_uid]
+    assert studies[0]["n_instances"] == 28
+
+
+def test_cli_errors_are_one_line(orthanc, tmp_path: Path, capsys) -> None:
+    wrong = write_node_file(orthanc, tmp_path / "wrong.toml", called_aet="NOTORTHANC")
+    assert main(["pacs", "echo", "--config", str(wrong)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("medfusion: error: PACS node 'orthanc'")
+    assert "rejected the association" in err[-1]
+    assert main(["pacs", "echo", "--config", str(tmp_path / "none.toml")]) == 1
+    assert "configuration file not found" in capsys.readouterr().err
+
+
+def test_fuse_to_folder_only_stores_nothing(orthanc, pacs_studies, tmp_path: Path, capsys):
+    config = write_node_file(orthanc, tmp_path / "nodes.toml")
+    batch = pacs_studies["batch"]
+    before = orthanc.study_series_uids(batch.study_uid)
+    out_dir = tmp_path / "fused"
+    code = main(
+        ["pacs", "fuse", "--config", str(config), "--transport", "dicomweb", "--study",
+         batch.study_uid, *FUSION_ARGS, "--no-store", "--output-dir", str(out_dir)]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert "written to" in capsys.readouterr().out
+    files = sorted(out_dir.glob("*.dcm"))
+    assert len(files) == 16
+    first = pydicom.dcmread(files[0])
+    assert first.StudyInstanceUID == batch.study_uid
+    assert first.SeriesDescription.startswith("MedFusion fusion MR+PT (average)")
+    assert orthanc.study_series_uids(batch.study_uid) == before
+
+
+def test_batch_fuses_skips_and_reports_failures(
+    orthanc, pacs_studies, tmp_path: Path, capsys, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    config = write_node_file(orthanc, tmp_path / "nodes.yaml")
+    summary = tmp_path / "summary.csv"
+    command = [
+        "-v", "pacs", "batch", "--config", str(config), "--patient-id", "MFBATCH*", *FUSION_ARGS,
+        "--device", "cpu", "--summary", str(summary),
+    ]  # fmt: skip
+    batch, incomplete = pacs_studies["batch"], pacs_studies["incomplete"]
+
+    assert main(command) == 1  # one study failed
+    captured = capsys.readouterr()
+    assert "2 studies: 1 fused, 0 skipped, 1 failed" in captured.out
+    rows = {row["study_uid"]: row for row in csv.DictReader(summary.open())}
+    assert rows[batch.study_uid]["status"] == "fused"
+    assert rows[batch.study_uid]["n_instances"] == "16"
+    assert rows[incomplete.study_uid]["status"] == "failed"
+    assert "incomplete" in rows[incomplete.study_uid]["message"]
+    fused_uid = rows[batch.study_uid]["series_uid"]
+    assert len(orthanc.series_instances(fused_uid)) == 16
+    assert orthanc.study_series_uids(incomplete.study_uid) == set(incomplete.series.values())
+    assert "batch: 2 studies match" in caplog.text
+    for secret in (*PATIENT_NAMES, *PATIENT_IDS):
+        assert secret not in captured.err and secret not in caplog.text
+
+    # Run again: the fused study is skipped (resume), the broken one still fails.
+    assert main(command) == 1
+    assert "2 studies: 0 fused, 1 skipped, 1 failed" in capsys.readouterr().out
+    rows = {row["study_uid"]: row for row in csv.DictReader(summary.open())}
+    assert rows[batch.study_uid]["status"] == "skipped"
+    assert rows[batch.study_uid]["series_uid"] == fused_uid
+    assert len(orthanc.study_series_uids(batch.study_uid)) == 3  # MR, PT, one fused series
