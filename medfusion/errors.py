@@ -29,3 +29,7 @@ class PacsError(MedFusionError):
 
 class CancelledError(MedFusionError):
     """The user cancelled a long-running operation."""
+
+
+class OutputError(MedFusionError):
+    """An output cannot be written (missing folder, wrong extension, would overwrite an input)."""

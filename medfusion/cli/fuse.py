@@ -1,5 +1,270 @@
-"""``medfusion fuse``: placeholder until its issue lands (owner replaces this module)."""
+"""``medfusion fuse``: fuse one group of co-registered inputs into one output file.
+
+Also registers ``batch`` (:mod:`medfusion.cli.batch`) and ``demo`` (:mod:`medfusion.cli.demo`),
+which share the fusion options, progress reporting and metrics output defined here. Progress
+goes to stderr as a bar, or to stdout as JSON lines (``--progress json``) for the Slicer module
+and other processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfusion.errors import OutputError
+
+logger = logging.getLogger("medfusion")
+
+PROGRESS_MODES = ("bar", "json", "none")
+CNN_OPTIONS = ("bundle_dir", "block_size", "overlap")
 
 
-def register(subparsers) -> None:  # noqa: D103
-    return None
+# --------------------------------------------------------------------------- parsers
+def register(subparsers: Any) -> None:
+    """Add the ``fuse``, ``batch`` and ``demo`` sub-commands."""
+    from medfusion.cli import batch, demo
+
+    parser = subparsers.add_parser(
+        "fuse",
+        help="fuse co-registered images or volumes into one",
+        description="Fuse two or more co-registered 2D images (PNG, JPEG, TIFF, BMP) or 3D "
+        "volumes (NIfTI, NRRD, MHA/MHD, DICOM series folder). The first input is the "
+        "reference: it defines the output grid; others on another grid are resampled onto it.",
+    )
+    parser.add_argument("reference", help="reference image/volume (defines the output grid)")
+    parser.add_argument("others", nargs="+", metavar="OTHER", help="images/volumes to fuse in")
+    parser.add_argument("-o", "--output", required=True,
+                        help="output file: .png/.jpg/.tif/.bmp for images, "
+                        ".nii/.nii.gz/.nrrd/.mha for volumes")
+    add_fusion_options(parser)
+    parser.add_argument("--metrics", metavar="FILE",
+                        help="also write the result's quality metrics (.csv or .json)")
+    parser.set_defaults(func=run_fuse)
+    batch.register(subparsers)
+    demo.register(subparsers)
+
+
+def add_fusion_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``fuse`` and ``batch``."""
+    from medfusion.methods import available_methods
+
+    parser.add_argument("--method", default="cnn", choices=available_methods(),
+                        help="fusion method (default: cnn, the MONAI bundle's network)")
+    parser.add_argument("--bundle", metavar="DIR",
+                        help="MONAI bundle folder for --method cnn (default: the shipped one)")
+    parser.add_argument("--block-size", type=int, help="CNN block size i (sliding-window roi)")
+    parser.add_argument("--overlap", type=float, help="CNN sliding-window overlap, 0..1")
+    parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"),
+                        help="volumes: slicing plane in patient space (default: axial)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="volumes: slices per batch (default: 16)")
+    parser.add_argument(
+        "--normalise", metavar="POLICY[,POLICY...]",
+        help="intensity normalisation, one for all inputs or one per input: percentile "
+        "(volumes' default: 0.5-99.5th percentile), ct-window, minmax, none (images' default)",
+    )
+    parser.add_argument("--ct-window", metavar="LEVEL,WIDTH",
+                        help="CT window in HU, e.g. 40,80 (brain); without --normalise it "
+                        "applies to the reference and the others use percentile")
+    parser.add_argument("--progress", default="bar", choices=PROGRESS_MODES,
+                        help="bar on stderr (default), JSON lines on stdout, or none")
+
+
+# --------------------------------------------------------------------------- progress
+class Progress:
+    """Report ``(done, total)`` as a tqdm bar on stderr, JSON lines on stdout, or not at all."""
+
+    def __init__(self, mode: str, description: str = "fusing", unit: str = "slice") -> None:
+        self.mode = mode
+        self.description = description
+        self.unit = unit
+        self._bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.mode == "json":
+            emit_json({"event": "progress", "done": done, "total": total})
+        elif self.mode == "bar":
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, desc=self.description, unit=self.unit,
+                                 file=sys.stderr, leave=False, dynamic_ncols=True,
+                                 disable=None)  # no bar when stderr is not a terminal
+            self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def emit_json(event: dict) -> None:
+    """One JSON object per line on stdout, flushed at once (a parent process reads it live)."""
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- options
+def engine_options(args: argparse.Namespace, count: int) -> dict[str, Any]:
+    """Keyword arguments of :func:`medfusion.engine.fuse_files` for ``count`` inputs."""
+    from medfusion.intensity import parse_ct_window
+
+    ct_window = parse_ct_window(args.ct_window) if args.ct_window else None
+    normalisation = args.normalise
+    if normalisation is None and ct_window is not None:
+        normalisation = ["ct-window"] + ["percentile"] * (count - 1)
+    return {
+        "device": args.device, "axis": args.axis, "batch_size": args.batch_size,
+        "normalisation": normalisation, "ct_window": ct_window,
+    }
+
+
+def build_method(args: argparse.Namespace):
+    """Build the fusion method once (the CNN loads its bundle once for a whole batch)."""
+    from medfusion.methods import get_method
+
+    options: dict[str, Any] = {}
+    if args.method == "cnn":
+        options = {"bundle_dir": args.bundle, "block_size": args.block_size,
+                   "overlap": args.overlap}
+    return get_method(args.method, device=args.device, **options)
+
+
+# --------------------------------------------------------------------------- metrics
+def check_metrics_path(path: str | Path | None) -> None:
+    """Fail before fusing when the metrics file could not be written."""
+    if path is None:
+        return
+    from medfusion.io.atomic import check_output_path
+
+    check_output_path(path)
+    if Path(path).suffix.lower() not in (".csv", ".json"):
+        raise OutputError(f"the metrics file must end in .csv or .json, not {Path(path).name}")
+
+
+def _compute_metrics():
+    from medfusion.metrics import compute_metrics
+
+    return compute_metrics
+
+
+def image_metrics(result) -> dict[str, float]:
+    """Metrics of a fused 2D image against the luminance sources the method saw (8-bit scale)."""
+    compute = _compute_metrics()
+    return dict(compute(result.luminance, list(result.sources), data_range=1.0))
+
+
+class SliceMetrics:
+    """``on_batch`` hook of :func:`medfusion.engine.fuse_volumes`: per-slice metrics of every
+    slice with content (``volume_metrics`` with the foreground mask), computed batch by batch
+    while streaming, so no extra copy of the volumes is kept."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def __call__(self, start: int, stop: int, sources: np.ndarray, fused: np.ndarray) -> None:
+        from medfusion.metrics import volume_metrics
+
+        rows, _ = volume_metrics(fused, [sources[:, k] for k in range(sources.shape[1])],
+                                 axis=0, mask="foreground", data_range=1.0)
+        for row in rows:
+            self.rows.append({**row, "slice": float(start + int(row["slice"]))})
+
+    def summary(self) -> dict[str, float]:
+        """NaN-ignoring mean of each metric over the kept slices, plus ``slices`` (their count)."""
+        names = [key for key in (self.rows[0] if self.rows else {}) if key != "slice"]
+        summary: dict[str, float] = {}
+        for name in names:
+            values = np.array([row[name] for row in self.rows], dtype=float)
+            finite = values[np.isfinite(values)]
+            summary[name] = float(finite.mean()) if finite.size else float("nan")
+        summary["slices"] = float(len(self.rows))
+        return summary
+
+
+def write_metrics(path: str | Path, summary: dict[str, float],
+                  rows: list[dict[str, Any]] | None = None, info: dict | None = None) -> None:
+    """Write metrics atomically: JSON (``metrics`` + optional per-slice/item ``rows``) or CSV
+    (one row per slice/item with a final ``mean`` row, or ``metric,value`` rows)."""
+    from medfusion.io.atomic import atomic_output
+
+    target = Path(path)
+    if target.suffix.lower() == ".json":
+        payload = {**(info or {}), "metrics": _clean(summary)}
+        if rows:
+            payload["rows"] = [_clean(row) for row in rows]
+        text = json.dumps(payload, indent=2) + "\n"
+    else:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        if rows:
+            columns = list(dict.fromkeys(key for row in rows for key in row))
+            writer.writerow(columns)
+            for row in rows:
+                writer.writerow([_cell(row.get(column)) for column in columns])
+            writer.writerow(["mean" if i == 0 else _cell(summary.get(c))
+                             for i, c in enumerate(columns)])
+        else:
+            writer.writerow(["metric", "value"])
+            for name, value in summary.items():
+                writer.writerow([name, _cell(value)])
+        text = buffer.getvalue()
+    with atomic_output(target) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def _clean(values: dict[str, Any]) -> dict[str, Any]:
+    """NaN/inf are not JSON: write them as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in values.items()}
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e9:
+            return str(int(value))
+        return f"{value:.6g}"
+    return str(value)
+
+
+# --------------------------------------------------------------------------- fuse
+def run_fuse(args: argparse.Namespace) -> int:
+    """``medfusion fuse REF OTHER... -o OUT [--metrics FILE]``."""
+    from medfusion.engine import FusedImage, check_files, fuse_files
+
+    inputs = [args.reference, *args.others]
+    check_files(inputs, args.output)
+    check_metrics_path(args.metrics)
+    options = engine_options(args, len(inputs))
+    method = build_method(args)
+    slice_metrics = SliceMetrics() if args.metrics else None
+    progress = Progress(args.progress)
+    try:
+        result = fuse_files(inputs, args.output, method=method, progress=progress,
+                            on_batch=slice_metrics, **options)
+    finally:
+        progress.close()
+    if args.metrics:
+        info = {"inputs": [str(p) for p in inputs], "output": str(args.output),
+                "method": method.name}
+        if isinstance(result, FusedImage):
+            write_metrics(args.metrics, image_metrics(result), info=info)
+        else:
+            write_metrics(args.metrics, slice_metrics.summary(), slice_metrics.rows, info)
+    if args.progress == "json":
+        emit_json({"event": "done", "output": str(args.output)})
+    else:
+        logger.info("wrote %s", args.output)
+    return 0

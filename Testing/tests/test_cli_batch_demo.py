@@ -1,0 +1,91 @@
+"""``medfusion batch`` (folders and list files) and ``medfusion demo``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medfusion.cli import main
+
+NAMES = ("25030.png", "25031.png")
+
+
+def _pair_folders(tmp_path: Path, aanlib: Path) -> tuple[Path, Path]:
+    mri, pet = tmp_path / "MRI", tmp_path / "PET"
+    mri.mkdir()
+    pet.mkdir()
+    for name in NAMES:
+        shutil.copy(aanlib / "PET-MRI" / "MRI" / name, mri / name)
+        shutil.copy(aanlib / "PET-MRI" / "PET" / name, pet / name)
+    return mri, pet
+
+
+def test_batch_folders_skips_failures_and_exits_1(tmp_path: Path, aanlib: Path, capsys) -> None:
+    mri, pet = _pair_folders(tmp_path, aanlib)
+    (mri / "broken.png").write_bytes(b"\x89PNG broken")
+    (pet / "broken.png").write_bytes(b"\x89PNG broken")
+    shutil.copy(mri / NAMES[0], mri / "lonely.png")  # no partner in PET
+    out = tmp_path / "out"
+    code = main(["batch", str(mri), str(pet), "-o", str(out), "--method", "laplacian",
+                 "--progress", "json", "--metrics", str(tmp_path / "items.csv")])
+    assert code == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    done = lines[-1]
+    assert done["event"] == "done" and done["fused"] == 2
+    failed = {item["item"]: item["error"] for item in done["failed"]}
+    assert set(failed) == {"broken.png", "lonely.png"}
+    assert "cannot read image" in failed["broken.png"]
+    assert "input not found" in failed["lonely.png"]
+    assert [e["done"] for e in lines if e["event"] == "progress"] == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in out.iterdir()) == sorted(NAMES)
+    for name in NAMES:
+        assert np.asarray(Image.open(out / name)).shape == (256, 256, 3)
+    rows = (tmp_path / "items.csv").read_text().splitlines()
+    assert rows[0].startswith("item,") and len(rows) == 1 + 2 + 1
+
+
+def test_batch_from_csv_and_json_lists(tmp_path: Path, aanlib: Path, spm12: Path) -> None:
+    mri, pet = _pair_folders(tmp_path, aanlib)
+    listing = tmp_path / "groups.csv"
+    listing.write_text(
+        "reference,other,output\n"
+        f"MRI/{NAMES[0]},PET/{NAMES[0]},first.png\n"
+        f"MRI/{NAMES[1]},PET/{NAMES[1]},\n"
+    )
+    assert main(["batch", "--list", str(listing), "-o", str(tmp_path / "a"),
+                 "--method", "average", "--progress", "none"]) == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(["first.png", NAMES[1]])
+
+    groups = [{"inputs": [str(spm12 / "T1.nii"), str(spm12 / "PET.nii")], "output": "tp.nii.gz"}]
+    (tmp_path / "groups.json").write_text(json.dumps(groups))
+    assert main(["batch", "--list", str(tmp_path / "groups.json"), "-o", str(tmp_path / "b"),
+                 "--method", "average", "--progress", "none", "--device", "cpu"]) == 0
+    assert (tmp_path / "b" / "tp.nii.gz").is_file()
+
+
+def test_batch_needs_two_folders(tmp_path: Path, capsys) -> None:
+    assert main(["batch", str(tmp_path), "-o", str(tmp_path / "o"), "--method", "max"]) == 1
+    assert "at least one other folder" in capsys.readouterr().err
+
+
+def test_demo_writes_image_panel_and_metrics(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), "--method", "laplacian", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "fused.png") in printed and str(out / "panel.png") in printed
+    fused = np.asarray(Image.open(out / "fused.png"))
+    panel = np.asarray(Image.open(out / "panel.png"))
+    assert fused.shape == (256, 256, 3)
+    assert panel.shape[1] > 3 * 256 and panel.shape[2] == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "laplacian" and metrics["metrics"]["EN"] > 0
+
+
+def test_demo_sample_ships_with_notice(repo_root: Path) -> None:
+    demo = repo_root / "Resources" / "demo"
+    assert (demo / "mri.png").stat().st_size < 100_000
+    assert "Whole Brain Atlas" in (demo / "NOTICE.md").read_text()

@@ -1,0 +1,87 @@
+"""YCbCr conversion, chroma merging and intensity normalisation policies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medfusion import color, intensity
+from medfusion.errors import InputError
+from medfusion.io.images import read_image, to_unit_range
+
+
+def test_ycbcr_round_trip_on_real_pet(aanlib: Path) -> None:
+    rgb = to_unit_range(read_image(aanlib / "PET-MRI" / "PET" / "25030.png"))
+    ycbcr = color.rgb_to_ycbcr(rgb)
+    assert ycbcr.min() >= -1e-6 and ycbcr.max() <= 1 + 1e-6
+    assert np.allclose(color.ycbcr_to_rgb(ycbcr), rgb, atol=1e-5)
+    assert np.allclose(color.luminance(rgb), ycbcr[..., 0], atol=1e-6)
+
+
+def test_grey_has_neutral_chroma() -> None:
+    grey = np.full((2, 2, 3), 0.3, dtype=np.float32)
+    ycbcr = color.rgb_to_ycbcr(grey)
+    assert np.allclose(ycbcr[..., 0], 0.3, atol=1e-6) and np.allclose(ycbcr[..., 1:], 0.5)
+    assert not color.is_colour(grey)
+    assert color.is_colour(np.dstack([grey[..., 0], grey[..., 1], grey[..., 2] + 0.1]))
+
+
+def test_merge_chroma_follows_the_saturated_input() -> None:
+    red = np.zeros((1, 2, 2), np.float32)
+    red[0, 0] = (0.3, 0.9)  # strongly coloured at pixel 0
+    red[0, 1] = (0.5, 0.5)  # neutral at pixel 1
+    blue = np.zeros((1, 2, 2), np.float32)
+    blue[0, 0] = (0.52, 0.5)
+    blue[0, 1] = (0.9, 0.4)
+    merged = color.merge_chroma([red, blue])
+    assert np.allclose(merged[0, 1], blue[0, 1])  # only blue is coloured there
+    assert abs(merged[0, 0, 1] - 0.9) < 0.05  # red dominates where it is saturated
+    assert np.array_equal(color.merge_chroma([red]), red)
+
+
+def test_percentile_is_robust_to_a_hot_spot() -> None:
+    rng = np.random.default_rng(0)
+    values = rng.normal(100, 10, size=(50, 50, 50)).astype(np.float32)
+    values[0, 0, 0] = 1e6
+    norm = intensity.fit_normaliser(values, "percentile")
+    assert 60 < norm.low < 80 and 120 < norm.high < 140
+    out = norm(values)
+    assert out.dtype == np.float32 and out.min() == 0.0 and out.max() == 1.0
+    minmax = intensity.fit_normaliser(values, "minmax")
+    assert minmax.high == 1e6
+
+
+def test_ct_window_and_parse() -> None:
+    assert intensity.parse_ct_window("40,80") == (40.0, 80.0)
+    norm = intensity.fit_normaliser(np.array([-1000, 0, 40, 80, 3000], np.int16), "ct-window",
+                                    ct_window=(40, 80))
+    assert norm(np.array([0, 40, 80])).tolist() == [0.0, 0.5, 1.0]
+    for bad in ("40", "a,b", "40,0"):
+        with pytest.raises(InputError):
+            intensity.parse_ct_window(bad)
+
+
+def test_constant_and_non_finite_inputs_are_refused() -> None:
+    with pytest.raises(InputError, match="all zero"):
+        intensity.fit_normaliser(np.zeros((4, 4)), "percentile", label="blank.png")
+    with pytest.raises(InputError, match="constant"):
+        intensity.fit_normaliser(np.full((4, 4), 3.0), "minmax")
+    values = np.ones((10, 10), np.float32)
+    values[3, 3] = np.nan
+    with pytest.raises(InputError, match="NaN or infinite"):
+        intensity.check_finite(values, "x.nii")
+    intensity.check_finite(np.ones((3, 3), np.int16), "ints cannot hold NaN")
+
+
+def test_policies_for_expands_and_validates() -> None:
+    assert intensity.policies_for(3, "minmax") == ["minmax"] * 3
+    assert intensity.policies_for(2, "ct-window,percentile", (40, 80)) == ["ct-window",
+                                                                            "percentile"]
+    with pytest.raises(InputError, match="one per input"):
+        intensity.policies_for(3, "minmax,none")
+    with pytest.raises(InputError, match="needs a window"):
+        intensity.policies_for(2, "ct-window")
+    with pytest.raises(InputError, match="unknown normalisation"):
+        intensity.policies_for(2, "zscore")

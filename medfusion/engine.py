@@ -1,0 +1,320 @@
+"""The fusion engine: fuse 2D images or 3D volumes with any registered method.
+
+- :func:`fuse_images`: 2D greyscale or colour images of one size. Colour inputs are fused
+  through their luminance Y (BT.601) and their chroma is put back (see
+  :func:`medfusion.color.merge_chroma` for several colour inputs).
+- :func:`fuse_volumes`: 3D volumes on any grids. Other inputs are resampled once onto the
+  reference grid, then slices along the chosen patient axis are normalised per batch and fused
+  in batches, written into one preallocated float32 output on the reference grid. Memory: the
+  inputs (in their stored dtype), the output, and one batch of float slices.
+- :func:`fuse_files`: paths in, file out, for the command line and batch mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfusion import color, geometry, intensity
+from medfusion.errors import CancelledError, GeometryError, InputError, OutputError
+from medfusion.io import input_kind
+from medfusion.methods import FusionMethod, get_method, resolve_device
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+# on_batch(start, stop, sources (B, K, H, W), fused (B, H, W)): slices start..stop along the axis.
+BatchCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
+CancelFlag = Callable[[], bool] | threading.Event | None
+
+
+@dataclass
+class FusedImage:
+    """Result of :func:`fuse_images`.
+
+    ``luminance``: (H, W) float32 [0, 1], the fused intensity; ``rgb``: (H, W, 3) float32 [0, 1]
+    when an input was colour, else None; ``sources``: the normalised (K, H, W) luminance inputs
+    (what the method saw, for metrics).
+    """
+
+    luminance: np.ndarray
+    rgb: np.ndarray | None
+    sources: np.ndarray
+
+    def to_uint8(self) -> np.ndarray:
+        """8-bit image for saving: (H, W, 3) if colour, else (H, W); rounded, never wrapped."""
+        from medfusion.io.images import to_uint8
+
+        return to_uint8(self.rgb if self.rgb is not None else self.luminance)
+
+
+def _label(item: Any, index: int) -> str:
+    if isinstance(item, (str, Path)):
+        return Path(item).name
+    return "reference" if index == 0 else f"input {index + 1}"
+
+
+def _is_cancelled(cancel: CancelFlag) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+def _build_method(method: str | FusionMethod, device: str | Any, options: dict) -> FusionMethod:
+    if isinstance(method, str):
+        return get_method(method, device=device, **options)
+    return method
+
+
+def _run_method(fuse: FusionMethod, batch: np.ndarray, device) -> np.ndarray:
+    """Run the method on a (B, K, H, W) float32 numpy batch; return (B, H, W) float32 numpy."""
+    import torch
+
+    with torch.inference_mode():
+        tensor = torch.from_numpy(batch).to(device, non_blocking=True)
+        fused = fuse(tensor)
+        if tuple(fused.shape) != (batch.shape[0], *batch.shape[2:]):
+            raise RuntimeError(
+                f"method {getattr(fuse, 'name', fuse)} returned shape {tuple(fused.shape)} "
+                f"for a batch of shape {batch.shape}"
+            )
+        return fused.float().clamp(0.0, 1.0).cpu().numpy()
+
+
+def fuse_images(
+    inputs: Sequence[str | Path | np.ndarray],
+    method: str | FusionMethod = "cnn",
+    device: str | Any = "auto",
+    normalisation: str | Sequence[str] = "none",
+    ct_window: tuple[float, float] | None = None,
+    **method_options: Any,
+) -> FusedImage:
+    """Fuse two or more co-registered 2D images of one size.
+
+    ``inputs``: file paths, or arrays (H, W) / (H, W, 3) of uint8, uint16 or float in [0, 1]; the
+    first is the reference. Colour inputs enter the method as their luminance; the result is
+    colour when any input was colour (chroma put back, merged by saturation when several are).
+    ``normalisation``: ``none`` by default (display-ready images; 8/16-bit scaled by their
+    storage range), or any policy of :mod:`medfusion.intensity`, once or per input.
+    """
+    from medfusion.io.images import read_image, to_unit_range
+
+    if len(inputs) < 2:
+        raise InputError("give at least two images to fuse (a reference and one other)")
+    labels = [_label(item, i) for i, item in enumerate(inputs)]
+    arrays = []
+    for item, label in zip(inputs, labels, strict=True):
+        array = read_image(item) if isinstance(item, (str, Path)) else np.asarray(item)
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3)):
+            raise InputError(f"{label} has shape {array.shape}; expected (H, W) or (H, W, 3)")
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        intensity.check_finite(array, label)
+        arrays.append(array)
+    geometry.check_same_dimensions([a.shape[:2] for a in arrays], labels)
+    policies = intensity.policies_for(len(arrays), normalisation, ct_window)
+
+    lumas, chromas = [], []
+    for array, label, policy in zip(arrays, labels, policies, strict=True):
+        if color.is_colour(array):
+            ycbcr = color.rgb_to_ycbcr(to_unit_range(array))
+            unit, raw = ycbcr[..., 0], ycbcr[..., 0]
+            chromas.append(ycbcr[..., 1:])
+        else:
+            raw = array if array.ndim == 2 else array[..., 0]
+            unit = to_unit_range(raw)
+        # A CT window applies to the stored values (HU); every other policy to [0, 1] samples.
+        values = raw if policy == "ct-window" else unit
+        normaliser = intensity.fit_normaliser(values, policy, label=label, ct_window=ct_window)
+        lumas.append(normaliser(values))
+
+    sources = np.stack(lumas)  # (K, H, W)
+    fuse = _build_method(method, device, method_options)
+    fused = _run_method(fuse, sources[None], resolve_device(device))[0]
+    rgb = None
+    if chromas:
+        merged = color.merge_chroma(chromas)
+        rgb = color.ycbcr_to_rgb(np.concatenate([fused[..., None], merged], axis=-1))
+    return FusedImage(luminance=fused, rgb=rgb, sources=sources)
+
+
+def load_volumes(references: Sequence[Any]) -> tuple[list, list[str]]:
+    """Read paths (kept as they are for SimpleITK images); return images and labels."""
+    from medfusion.io.volumes import read_volume
+
+    images, labels = [], []
+    for index, item in enumerate(references):
+        label = _label(item, index)
+        image = read_volume(item) if isinstance(item, (str, Path)) else item
+        if image.GetDimension() != 3:
+            raise InputError(f"{label} has {image.GetDimension()} dimensions; expected 3D")
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError(f"{label} is a colour/vector volume; give a scalar volume")
+        images.append(image)
+        labels.append(label)
+    return images, labels
+
+
+def fuse_volumes(
+    reference: Any,
+    others: Sequence[Any],
+    method: str | FusionMethod = "cnn",
+    axis: str = "axial",
+    device: str | Any = "auto",
+    batch_size: int = 16,
+    normalisation: str | Sequence[str] = "percentile",
+    ct_window: tuple[float, float] | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelFlag = None,
+    on_batch: BatchCallback | None = None,
+    **method_options: Any,
+):
+    """Fuse co-registered volumes slice by slice; return a float32 ``SimpleITK.Image`` in [0, 1].
+
+    ``reference`` and ``others``: paths (file or DICOM folder) or ``SimpleITK.Image``. The output
+    has the reference's size, origin, spacing, direction and metadata dictionary. Other inputs
+    on another grid are resampled onto it (logged); inputs that do not overlap it raise
+    :class:`GeometryError`. ``axis``: ``axial``, ``coronal`` or ``sagittal`` in patient space.
+    ``normalisation``: one policy for all inputs or one per input (see
+    :mod:`medfusion.intensity`); ``ct_window`` (level, width) for ``ct-window``.
+    ``progress(done, total)`` is called after each batch with slice counts; ``cancel`` (a
+    callable or a ``threading.Event``) is checked before each batch and stops with
+    :class:`CancelledError`. ``on_batch(start, stop, sources, fused)`` sees each batch's
+    normalised sources and fused slices (e.g. to compute per-slice metrics while streaming).
+    """
+    import SimpleITK as sitk
+
+    from medfusion.io.volumes import copy_metadata, writable_array_view
+
+    if not others:
+        raise InputError("give at least two volumes to fuse (a reference and one other)")
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    images, labels = load_volumes([reference, *others])
+    policies = intensity.policies_for(len(images), normalisation, ct_window)
+    torch_device = resolve_device(device)
+    fuse = _build_method(method, torch_device, method_options)
+    slice_axis = geometry.slicing_axis(images[0], axis)
+
+    ref_image = images[0]
+    views, normalisers = [], []
+    for index, (image, label, policy) in enumerate(zip(images, labels, policies, strict=True)):
+        if _is_cancelled(cancel):
+            raise CancelledError("fusion cancelled")
+        if index > 0:
+            image = geometry.align_to_reference(ref_image, image, label)
+            images[index] = image  # keep the resampled image alive while its view is used
+        view = sitk.GetArrayViewFromImage(image)
+        intensity.check_finite(view, label)
+        normalisers.append(
+            intensity.fit_normaliser(view, policy, label=label, ct_window=ct_window)
+        )
+        views.append(np.moveaxis(view, slice_axis, 0))
+
+    output = sitk.Image(ref_image.GetSize(), sitk.sitkFloat32)
+    output.CopyInformation(ref_image)
+    copy_metadata(ref_image, output)
+    out_view = np.moveaxis(writable_array_view(output), slice_axis, 0)
+
+    total = out_view.shape[0]
+    batch = np.empty((min(batch_size, total), len(views), *out_view.shape[1:]), np.float32)
+    for start in range(0, total, batch_size):
+        if _is_cancelled(cancel):
+            raise CancelledError("fusion cancelled")
+        stop = min(start + batch_size, total)
+        chunk = batch[: stop - start]
+        for k, (view, normaliser) in enumerate(zip(views, normalisers, strict=True)):
+            chunk[:, k] = normaliser(view[start:stop])
+        fused = _run_method(fuse, chunk, torch_device)
+        out_view[start:stop] = fused
+        if on_batch is not None:
+            on_batch(start, stop, chunk, fused)
+        if progress is not None:
+            progress(stop, total)
+    return output
+
+
+def check_files(inputs: Sequence[str | Path], output: str | Path) -> str:
+    """Cheap checks before any work; return the inputs' kind (``"image"`` or ``"volume"``).
+
+    At least two inputs that exist, all 2D images or all 3D volumes; ``output`` in an existing
+    folder, with an extension for that kind, and not one of the inputs.
+    """
+    from medfusion.io.atomic import check_output_path
+    from medfusion.io.images import check_image_output
+    from medfusion.io.volumes import check_volume_output
+
+    if len(inputs) < 2:
+        raise InputError("give at least two inputs to fuse (a reference and one other)")
+    for path in inputs:
+        if not Path(path).exists():
+            raise InputError(f"input not found: {path}")
+    kinds = [input_kind(path) for path in inputs]
+    if len(set(kinds)) > 1:
+        image = inputs[kinds.index("image")]
+        volume = inputs[kinds.index("volume")]
+        raise GeometryError(
+            f"cannot fuse a 2D image ({Path(image).name}) with a 3D volume "
+            f"({Path(volume).name}); give only 2D images or only 3D volumes"
+        )
+    target = check_output_path(output)
+    resolved = target.resolve()
+    for path in inputs:
+        if Path(path).resolve() == resolved:
+            raise OutputError(f"output {target.name} would overwrite an input; choose another name")
+    if kinds[0] == "image":
+        check_image_output(target)
+    else:
+        check_volume_output(target)
+    return kinds[0]
+
+
+def fuse_files(
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    method: str | FusionMethod = "cnn",
+    device: str | Any = "auto",
+    normalisation: str | Sequence[str] | None = None,
+    ct_window: tuple[float, float] | None = None,
+    axis: str = "axial",
+    batch_size: int = 16,
+    progress: ProgressCallback | None = None,
+    cancel: CancelFlag = None,
+    on_batch: BatchCallback | None = None,
+    **method_options: Any,
+) -> FusedImage | Any:
+    """Fuse files (all 2D images or all 3D volumes) and write the result atomically to ``output``.
+
+    Checks before any work that the inputs are of one kind, exist, and differ from ``output``,
+    and that ``output`` has a matching extension in an existing folder. Returns the
+    :class:`FusedImage` or the fused ``SimpleITK.Image``.
+    """
+    from medfusion.io.images import write_image
+    from medfusion.io.volumes import write_volume
+
+    kind = check_files(inputs, output)
+    target = Path(output)
+    if kind == "image":
+        result = fuse_images(
+            list(inputs), method=method, device=device, normalisation=normalisation or "none",
+            ct_window=ct_window, **method_options,
+        )
+        if progress is not None:
+            progress(1, 1)
+        write_image(target, result.to_uint8())
+        return result
+    result = fuse_volumes(
+        inputs[0], list(inputs[1:]), method=method, axis=axis, device=device,
+        batch_size=batch_size, normalisation=normalisation or "percentile", ct_window=ct_window,
+        progress=progress, cancel=cancel, on_batch=on_batch, **method_options,
+    )
+    write_volume(target, result)
+    return result

@@ -1,0 +1,66 @@
+"""Atomic output files: write to a temporary file beside the target, rename on success.
+
+A crash, an error or a cancel never leaves a half-written output, and an existing file at the
+target is replaced in one step (``os.replace``), so readers see either the old or the new file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from medfusion.errors import OutputError
+from medfusion.io import full_suffix
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Return ``path`` as a Path after checking that it can be created; raise OutputError if not."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"output folder does not exist: {folder} (create it first)")
+    if target.is_dir():
+        raise OutputError(f"output path is a folder, expected a file name: {target}")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"output folder is not writable: {folder}")
+    return target
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder with the target's extension.
+
+    Write the output to the yielded path; when the ``with`` block ends without error the file is
+    renamed onto ``path``. On any exception (including KeyboardInterrupt) the temporary file is
+    deleted and the exception propagates. Raises :class:`OutputError` when the folder is missing.
+    The extension is kept (``.nii.gz`` whole) because writers pick the format from it.
+    """
+    target = check_output_path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    try:
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=f".tmp{full_suffix(target)}", dir=folder
+        )
+    except OSError as error:
+        raise OutputError(f"cannot create a file in {folder}: {error.strerror}") from error
+    os.close(handle)
+    temp_path = Path(temporary)
+    try:
+        yield temp_path
+        if not temp_path.is_file() or temp_path.stat().st_size == 0:
+            raise OutputError(f"nothing was written for {target}")
+        _apply_default_permissions(temp_path)
+        os.replace(temp_path, target)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+
+
+def _apply_default_permissions(path: Path) -> None:
+    """mkstemp creates 0600 files; give the output the usual umask-based permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -1,0 +1,207 @@
+"""3D volumes through SimpleITK: NIfTI, NRRD, MHA/MHD and DICOM series folders in; NIfTI, NRRD
+or MHA out (atomically).
+
+A DICOM folder must hold exactly one series; otherwise the error lists the series by description
+and file count (never patient data). DICOM tags are not copied into the image's metadata
+dictionary, so they cannot leak into NIfTI/NRRD headers of derived files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from medfusion.errors import InputError, OutputError
+from medfusion.io import full_suffix
+from medfusion.io.atomic import atomic_output
+
+logger = logging.getLogger(__name__)
+
+WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+
+
+@contextlib.contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """Silence ITK's own stderr warnings (we report what matters through logging)."""
+    import SimpleITK as sitk
+
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def read_volume(path: str | Path):
+    """Read a 3D scalar volume (file or DICOM series folder) as a ``SimpleITK.Image``.
+
+    A 2D file becomes a one-slice volume; a 4D file with one time point is squeezed; colour
+    volumes are refused. Raises :class:`InputError` with a one-line reason on failure.
+    """
+    import SimpleITK as sitk
+
+    source = Path(path)
+    if not source.exists():
+        raise InputError(f"input not found: {source}")
+    if source.is_dir():
+        image = _read_dicom_folder(source)
+    else:
+        try:
+            with _quiet_itk():
+                image = sitk.ReadImage(str(source))
+        except RuntimeError as error:
+            raise InputError(
+                f"cannot read volume {source.name}: corrupt or unsupported file "
+                "(expected NIfTI, NRRD, MHA/MHD or DICOM)"
+            ) from error
+    return _as_scalar_3d(image, source.name)
+
+
+def _as_scalar_3d(image, label: str):
+    import SimpleITK as sitk
+
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{label} is a colour/vector volume; give a greyscale (scalar) volume")
+    dimension = image.GetDimension()
+    if dimension == 2:
+        image = sitk.JoinSeries([image])
+    elif dimension == 4:
+        size = list(image.GetSize())
+        if size[3] != 1:
+            raise InputError(
+                f"{label} is a 4D series with {size[3]} time points; give one 3D volume"
+            )
+        image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
+    elif dimension != 3:
+        raise InputError(f"{label} has {dimension} dimensions; expected a 3D volume")
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError(f"{label} holds complex voxels; give a real-valued volume")
+    return image
+
+
+def _series_label(reader_cls, files: list[str]) -> str:
+    """'description' #number (N files), from the first file's header; no patient data."""
+    reader = reader_cls()
+    reader.SetFileName(files[0])
+    description, number = "", ""
+    try:
+        reader.ReadImageInformation()
+        if reader.HasMetaDataKey("0008|103e"):
+            description = reader.GetMetaData("0008|103e").strip()
+        if reader.HasMetaDataKey("0020|0011"):
+            number = reader.GetMetaData("0020|0011").strip()
+    except RuntimeError:
+        pass
+    parts = [f"'{description}'" if description else "(no description)"]
+    if number:
+        parts.append(f"#{number}")
+    parts.append(f"({len(files)} files)")
+    return " ".join(parts)
+
+
+def _read_dicom_folder(folder: Path):
+    import SimpleITK as sitk
+
+    with _quiet_itk():
+        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise InputError(f"no DICOM series found in folder {folder.name}")
+    series = {
+        uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        for uid in series_ids
+    }
+    if len(series) > 1:
+        labels = "; ".join(_series_label(sitk.ImageFileReader, files) for files in series.values())
+        raise InputError(
+            f"folder {folder.name} holds {len(series)} DICOM series ({labels}); "
+            "put each series in its own folder and give one"
+        )
+    files = next(iter(series.values()))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        with _quiet_itk():
+            image = reader.Execute()
+    except RuntimeError as error:
+        raise InputError(
+            f"cannot read the DICOM series in {folder.name}: corrupt or unsupported file"
+        ) from error
+    _report_uneven_spacing(reader, len(files), image, folder.name)
+    for key in list(image.GetMetaDataKeys()):
+        image.EraseMetaData(key)
+    return image
+
+
+def _report_uneven_spacing(reader, count: int, image, label: str) -> None:
+    """Log when slice positions are unevenly spaced (the volume uses their mean spacing)."""
+    if count < 3:
+        return
+    normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    positions = []
+    for index in range(count):
+        if not reader.HasMetaDataKey(index, "0020|0032"):
+            return
+        try:
+            values = [float(v) for v in reader.GetMetaData(index, "0020|0032").split("\\")]
+        except ValueError:
+            return
+        positions.append(float(np.dot(values, normal)))
+    steps = np.diff(np.sort(positions))
+    if steps.size and steps.max() - steps.min() > 0.01 * max(abs(steps.mean()), 1e-6):
+        logger.info(
+            "%s: uneven DICOM slice spacing (%.2f to %.2f mm); ITK places the slices evenly "
+            "(%.2f mm apart on average), so some slice positions are approximate",
+            label, steps.min(), steps.max(), steps.mean(),
+        )
+
+
+def check_volume_output(path: str | Path) -> None:
+    """Raise OutputError unless the path has a writable volume extension."""
+    suffix = full_suffix(path)
+    if suffix == ".mhd":
+        raise OutputError("MHD writes two files; save the result as .mha (one file) instead")
+    if suffix not in WRITABLE_SUFFIXES:
+        raise OutputError(
+            f"a 3D result must be saved as {'/'.join(WRITABLE_SUFFIXES)}, not {Path(path).name}"
+        )
+
+
+def write_volume(path: str | Path, image) -> Path:
+    """Write a SimpleITK image atomically (compressed where the format allows)."""
+    import SimpleITK as sitk
+
+    check_volume_output(path)
+    with atomic_output(path) as temporary, _quiet_itk():
+        try:
+            sitk.WriteImage(image, str(temporary), useCompression=True)
+        except RuntimeError as error:
+            raise OutputError(f"cannot write {Path(path).name}: {str(error).splitlines()[-1]}") \
+                from error
+    return Path(path)
+
+
+def writable_array_view(image) -> np.ndarray:
+    """Writable numpy view (z, y, x) of a scalar SimpleITK image's own pixel buffer.
+
+    SimpleITK only offers read-only views; filling the image in place avoids a second full copy
+    of a large output volume. The caller must keep ``image`` alive while using the view.
+    """
+    import SimpleITK as sitk
+
+    read_only = sitk.GetArrayViewFromImage(image)  # makes the buffer unique first
+    address = read_only.__array_interface__["data"][0]
+    buffer = (ctypes.c_char * read_only.nbytes).from_address(address)
+    return np.frombuffer(buffer, dtype=read_only.dtype).reshape(read_only.shape)
+
+
+def copy_metadata(source, target) -> None:
+    """Copy every metadata-dictionary entry of ``source`` onto ``target``."""
+    for key in source.GetMetaDataKeys():
+        target.SetMetaData(key, source.GetMetaData(key))
