@@ -1,5 +1,213 @@
-"""``medfusion metrics``: placeholder until its issue lands (owner replaces this module)."""
+"""``medfusion metrics FUSED SOURCE [SOURCE ...]``: fusion quality metrics of a result.
+
+2D images (PNG, JPEG, TIFF, BMP) are read with :func:`medfusion.io.images.read_image`, scaled
+to [0, 1] by their storage range, colour inputs reduced to their luminance (Y of YCbCr), and
+measured with ``data_range=1`` (every metric works on the equivalent 8-bit grey scale).
+Volumes (NIfTI, NRRD, MHA, DICOM folders) are read with
+:func:`medfusion.io.volumes.read_volume`; they must share one voxel grid (fuse first: the
+fused volume lies on the reference's grid). Sources and target are normalised to [0, 1] like
+the fusion does (``--normalisation``, default percentile); the fused volume is taken as it is
+when it already lies in [0, 1] (MedFusion's output) and min-max scaled otherwise. Volumes give
+per-slice values and their mean over slices (``--mask foreground`` skips empty slices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfusion.errors import GeometryError, InputError
+
+FORMATS = ("csv", "json", "markdown")
+AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 
-def register(subparsers) -> None:  # noqa: D103
-    return None
+def register(subparsers) -> None:
+    """Add the ``metrics`` sub-command."""
+    parser = subparsers.add_parser(
+        "metrics",
+        help="compute fusion quality metrics of a fused image or volume",
+        description="Compute fusion quality metrics (EN, SD, SF, AG, MI, QAB/F, SSIM, VIF, ...) "
+                    "of FUSED against its SOURCES, and against --target when given. "
+                    "See docs/metrics.md for every metric's definition and conventions.",
+    )
+    parser.add_argument("fused", help="fused image or volume")
+    parser.add_argument("sources", nargs="+", metavar="SOURCE",
+                        help="the co-registered source images or volumes")
+    parser.add_argument("--target", help="target (reference) fused image: adds <NAME>_target")
+    parser.add_argument("--names", nargs="+", metavar="NAME",
+                        help="metrics to compute (default: all); aliases such as ENT, STD, "
+                             "GRAD, QAB/F are accepted")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="output format (default: from -o's extension, else markdown)")
+    parser.add_argument("-o", "--output", help="write to this file (atomically) instead of stdout")
+    parser.add_argument("--axis", default="axial",
+                        help="volumes: slice axis, axial|coronal|sagittal or 0|1|2 of the "
+                             "(z, y, x) array (default: axial)")
+    parser.add_argument("--mask", choices=("foreground", "none"), default="foreground",
+                        help="volumes: 'foreground' skips empty slices (default), 'none' keeps all")
+    parser.add_argument("--normalisation", default="percentile",
+                        help="volumes: normalisation of sources/target to [0, 1] "
+                             "(percentile|minmax|none; default: percentile)")
+    parser.add_argument("--per-slice", action="store_true",
+                        help="volumes: list every slice's values, then the mean")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compute the metrics and print or write them; returns the exit code."""
+    from medfusion.io import input_kind
+
+    paths = [args.fused, *args.sources] + ([args.target] if args.target else [])
+    kinds = {input_kind(p) for p in paths}
+    if len(kinds) > 1:
+        raise InputError("give either 2D images or volumes, not a mix of both")
+    fmt = _output_format(args.format, args.output)
+    names = _names(args.names)
+    if kinds == {"image"}:
+        summary = _image_metrics(args, names)
+        rows: list[dict[str, float]] = []
+    else:
+        rows, summary = _volume_metrics(args, names)
+        if not args.per_slice:
+            rows = []
+    text = format_table(summary, rows, fmt)
+    if args.output:
+        from medfusion.io.atomic import atomic_output
+
+        with atomic_output(args.output) as temporary:
+            Path(temporary).write_text(text, encoding="utf-8")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _names(names: list[str] | None) -> list[str] | None:
+    if not names:
+        return None
+    from medfusion.metrics import resolve_name
+
+    split = [part for name in names for part in name.split(",") if part.strip()]
+    for name in split:
+        resolve_name(name)  # unknown names fail before reading any file
+    return split
+
+
+def _output_format(fmt: str | None, output: str | None) -> str:
+    if fmt:
+        return fmt
+    suffix = Path(output).suffix.lower() if output else ""
+    return {".csv": "csv", ".json": "json", ".md": "markdown"}.get(suffix, "markdown")
+
+
+def _luminance01(path: str) -> np.ndarray:
+    """A 2D image as float [0, 1] luminance (Y of YCbCr for colour images)."""
+    from medfusion.color import is_colour, luminance
+    from medfusion.io.images import read_image, to_unit_range
+
+    unit = to_unit_range(read_image(path))
+    if unit.ndim == 3:
+        unit = luminance(unit) if is_colour(unit) else unit[..., 0]
+    return np.asarray(unit, dtype=np.float64)
+
+
+def _image_metrics(args: argparse.Namespace, names: list[str] | None) -> dict[str, float]:
+    from medfusion.metrics import compute_metrics
+
+    fused = _luminance01(args.fused)
+    sources = [_luminance01(p) for p in args.sources]
+    target = _luminance01(args.target) if args.target else None
+    for path, image in zip([*args.sources, *([args.target] if args.target else [])],
+                           [*sources, *([target] if target is not None else [])], strict=True):
+        if image.shape != fused.shape:
+            raise GeometryError(f"{Path(path).name} is {image.shape[1]}x{image.shape[0]} pixels, "
+                                f"the fused image {fused.shape[1]}x{fused.shape[0]}")
+    return compute_metrics(fused, sources, target=target, names=names, data_range=1.0)
+
+
+def _volume_array(path: str) -> tuple[np.ndarray, Any]:
+    import SimpleITK as sitk
+
+    from medfusion.io.volumes import read_volume
+
+    image = read_volume(path)
+    return sitk.GetArrayFromImage(image).astype(np.float64, copy=False), image
+
+
+def _volume_metrics(args: argparse.Namespace, names: list[str] | None):
+    from medfusion.intensity import fit_normaliser
+    from medfusion.metrics import volume_metrics
+
+    axis = AXES.get(str(args.axis).lower())
+    if axis is None:
+        if str(args.axis) not in ("0", "1", "2"):
+            raise InputError(f"unknown axis {args.axis!r}: use axial, coronal, sagittal or 0-2")
+        axis = int(args.axis)
+    fused, reference = _volume_array(args.fused)
+    others = [*args.sources, *([args.target] if args.target else [])]
+    volumes = []
+    for path in others:
+        array, image = _volume_array(path)
+        if array.shape != fused.shape or not np.allclose(image.GetSpacing(),
+                                                         reference.GetSpacing()):
+            raise GeometryError(
+                f"{Path(path).name} is not on the fused volume's voxel grid "
+                f"({image.GetSize()} vs {reference.GetSize()}); resample it first")
+        normaliser = fit_normaliser(array, args.normalisation, label=Path(path).name)
+        volumes.append(np.asarray(normaliser(array), dtype=np.float64))
+    low, high = float(fused.min()), float(fused.max())
+    if low < 0 or high > 1:
+        if high <= low:
+            raise InputError(f"{Path(args.fused).name} is constant: nothing to measure")
+        fused = (fused - low) / (high - low)
+    sources = volumes[: len(args.sources)]
+    target = volumes[len(args.sources)] if args.target else None
+    return volume_metrics(fused, sources, axis=axis,
+                          mask=None if args.mask == "none" else "foreground",
+                          names=names, data_range=1.0, target=target)
+
+
+def _number(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if float(value).is_integer() and abs(value) < 1e9:
+        return str(int(value))
+    return f"{value:.6g}"
+
+
+def format_table(summary: dict[str, float], rows: list[dict[str, float]], fmt: str) -> str:
+    """Render metrics as CSV, JSON or a Markdown table (rows: per-slice values, optional)."""
+    if fmt == "json":
+        def clean(values: dict[str, float]) -> dict[str, float | None]:
+            return {k: (None if not math.isfinite(v) else v) for k, v in values.items()}
+
+        payload: dict[str, Any] = {"metrics": clean(summary)}
+        if rows:
+            payload["slices"] = [clean(row) for row in rows]
+        return json.dumps(payload, indent=2) + "\n"
+    if rows:
+        columns = list(rows[0])
+        table = [[_number(row[c]) for c in columns] for row in rows]
+        table.append(["mean" if c == "slice" else _number(summary.get(c, float("nan")))
+                      for c in columns])
+    else:
+        columns = ["metric", "value"]
+        table = [[name, _number(value)] for name, value in summary.items()]
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(table)
+        return buffer.getvalue()
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    return "\n".join(lines) + "\n"

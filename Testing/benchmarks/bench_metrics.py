@@ -1,0 +1,115 @@
+"""Time every metric on one real 256x256 CT-MRI pair (max fusion), and the naive reference
+implementations of the expensive ones beside the fast versions.
+
+Run: ``python Testing/benchmarks/bench_metrics.py [--repeat N] [--naive-crop 64] [--no-naive]``.
+The naive FMI (a per-window Python loop, as fmi.m) is timed on a crop and scaled to 256x256
+by the window count; the other naive versions run on the full image.
+
+Times are the minimum over ``--repeat`` calls (the CPU is shared: the minimum is the least
+disturbed run), as wall clock and as this process's CPU time (``time.process_time``; what
+other processes take from a shared core does not count there). The last lines give the
+minor page faults of one full table: fresh NumPy temporaries are fresh pages from the OS
+(glibc trims freed heap), which costs ~1-2 us each on this VM; ``MALLOC_TOP_PAD_=67108864``
+(or ``MALLOC_TRIM_THRESHOLD_`` + ``MALLOC_MMAP_THRESHOLD_``) in the environment removes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "Testing" / "tests"))
+
+from test_metrics_reference import (  # noqa: E402
+    naive_fmi,
+    naive_piella,
+    naive_qabf,
+    naive_qncie,
+    naive_vifp,
+)
+
+import medfusion.metrics as M  # noqa: E402
+
+
+def _load(data: Path) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    ct = np.asarray(Image.open(data / "CT-MRI" / "CT" / "20005.png").convert("L"), float)
+    mri = np.asarray(Image.open(data / "CT-MRI" / "MRI" / "20005.png").convert("L"), float)
+    return ct, mri
+
+
+def _time(func, repeat: int) -> tuple[float, float]:
+    """Minimum wall and minimum CPU seconds of ``repeat`` calls (after one warm-up)."""
+    func()
+    wall, cpu = [], []
+    for _ in range(repeat):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        func()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return min(wall), min(cpu)
+
+
+def _faults(func) -> int:
+    """Minor page faults of one call."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    func()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "aanlib")
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--naive-crop", type=int, default=64)
+    parser.add_argument("--no-naive", action="store_true")
+    args = parser.parse_args()
+    a, b = _load(args.data)
+    f = np.maximum(a, b)
+
+    naive = {
+        "QABF": lambda: naive_qabf(a, b, f),
+        "VIF": lambda: naive_vifp(a, f) + naive_vifp(b, f),
+        "QNCIE": lambda: naive_qncie(a, b, f),
+        "Q0": lambda: naive_piella(a, b, f, 1),
+        "QW": lambda: naive_piella(a, b, f, 2),
+        "QE": lambda: naive_piella(a, b, f, 3),
+    }
+    print(f"{'metric':8} {'wall ms':>9} {'cpu ms':>8} {'naive ms':>10} {'speed-up':>9}")
+    total = total_cpu = 0.0
+    for name in M.available_metrics():
+        seconds, cpu = _time(lambda n=name: M.compute_metrics(f, [a, b], names=[n]),
+                             args.repeat)
+        total += seconds
+        total_cpu += cpu
+        naive_ms = ""
+        ratio = ""
+        if not args.no_naive and (name in naive or name == "FMI"):
+            if name == "FMI":
+                c = args.naive_crop
+                crop = (slice(96, 96 + c), slice(96, 96 + c))
+                t = _time(lambda crop=crop: naive_fmi(a[crop], b[crop], f[crop]), 1)[0]
+                t *= (256 - 2) ** 2 / (c - 2) ** 2
+            else:
+                t = _time(naive[name], 1)[0]
+            naive_ms = f"{t * 1e3:10.0f}"
+            ratio = f"{t / seconds:8.0f}x"
+        print(f"{name:8} {seconds * 1e3:9.2f} {cpu * 1e3:8.2f} {naive_ms:>10} {ratio:>9}")
+    print(f"sum of single-metric calls: {total * 1e3:.1f} ms wall, {total_cpu * 1e3:.1f} ms cpu")
+    wall, cpu = _time(lambda: M.compute_metrics(f, [a, b]), args.repeat)
+    print(f"compute_metrics(all {len(M.available_metrics())}) in one call: {wall * 1e3:.1f} ms "
+          f"wall, {cpu * 1e3:.1f} ms cpu, "
+          f"{_faults(lambda: M.compute_metrics(f, [a, b]))} page faults")
+    wall, cpu = _time(lambda: M.compute_metrics(f, [a, b], target=a), args.repeat)
+    print(f"... with a target (6 more values): {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms cpu")
+
+
+if __name__ == "__main__":
+    main()

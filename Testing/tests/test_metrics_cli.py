@@ -1,0 +1,90 @@
+"""``medfusion metrics``: 2D images and volumes, the three formats, files and errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import medfusion.metrics as M
+from medfusion.cli import main
+
+
+@pytest.fixture(scope="module")
+def pet_pair(aanlib):
+    return (aanlib / "PET-MRI" / "PET" / "25015.png", aanlib / "PET-MRI" / "MRI" / "25015.png")
+
+
+@pytest.fixture()
+def fused_png(tmp_path, pet_pair):
+    """Average fusion of the PET luminance and the MRI, saved as 8-bit PNG."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(pet_pair[0]).convert("RGB"), float) / 255
+    y = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    mri = np.asarray(Image.open(pet_pair[1]).convert("L"), float) / 255
+    path = tmp_path / "fused.png"
+    Image.fromarray(np.round((y + mri) / 2 * 255).astype(np.uint8)).save(path)
+    return path, y, mri
+
+
+def test_json_output_matches_the_library(fused_png, pet_pair, capsys):
+    path, y, mri = fused_png
+    code = main(["metrics", str(path), *map(str, pet_pair), "--names", "EN", "QAB/F", "SSIM",
+                 "--format", "json"])
+    assert code == 0
+    payload = json.loads(capsys.readouterr().out)["metrics"]
+    fused = np.round((y + mri) / 2 * 255) / 255
+    # colour PET enters as its luminance (medfusion.color, float32), like the fusion does
+    expected = M.compute_metrics(fused, [y, mri], names=["EN", "QABF", "SSIM"], data_range=1.0)
+    assert list(payload) == ["EN", "QABF", "SSIM"]
+    for name, value in expected.items():
+        assert payload[name] == pytest.approx(value, rel=1e-4)
+
+
+def test_csv_file_with_target_and_markdown(fused_png, pet_pair, tmp_path, capsys):
+    path, _, _ = fused_png
+    out = tmp_path / "m.csv"
+    assert main(["metrics", str(path), *map(str, pet_pair), "--target", str(pet_pair[1]),
+                 "--names", "RMSE,PSNR", "-o", str(out)]) == 0
+    rows = dict(csv.reader(out.read_text().splitlines()[1:]))
+    assert set(rows) == {"RMSE", "PSNR", "RMSE_target", "PSNR_target"}
+    assert float(rows["RMSE_target"]) > 0
+    assert main(["metrics", str(path), *map(str, pet_pair), "--names", "MEAN"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("| metric | value |") and "| MEAN |" in text
+
+
+def test_errors_exit_1(fused_png, pet_pair, tmp_path, capsys):
+    path, _, _ = fused_png
+    assert main(["metrics", str(path), str(pet_pair[0]), "--names", "BOGUS"]) == 1
+    assert "unknown metric" in capsys.readouterr().err
+    assert main(["metrics", str(path), str(tmp_path / "missing.png")]) == 1
+    assert "not found" in capsys.readouterr().err
+    from PIL import Image
+
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(small)
+    assert main(["metrics", str(path), str(small)]) == 1
+    assert "pixels" in capsys.readouterr().err
+
+
+def test_volumes_per_slice(spm12, tmp_path, capsys):
+    import SimpleITK as sitk
+
+    t1 = sitk.ReadImage(str(spm12 / "T1.nii"), sitk.sitkFloat32)
+    t2 = sitk.ReadImage(str(spm12 / "T2.nii"), sitk.sitkFloat32)
+    a, b = (sitk.GetArrayFromImage(v) for v in (t1, t2))
+    fused = sitk.GetImageFromArray(np.maximum(a / a.max(), b / b.max()))
+    fused.CopyInformation(t1)
+    path = tmp_path / "fused.nrrd"
+    sitk.WriteImage(fused, str(path))
+    assert main(["metrics", str(path), str(spm12 / "T1.nii"), str(spm12 / "T2.nii"),
+                 "--names", "EN", "SSIM", "--per-slice", "--format", "json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    slices = payload["slices"]
+    assert 0 < len(slices) <= a.shape[0] and payload["metrics"]["slices"] == len(slices)
+    assert payload["metrics"]["SSIM"] == pytest.approx(np.mean([s["SSIM"] for s in slices]))
+    assert all(0 < s["SSIM"] <= 2 for s in slices)

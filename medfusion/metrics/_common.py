@@ -1,0 +1,298 @@
+"""Shared plumbing of the metrics: input checks, grey-level scaling, local filters, warnings.
+
+Every metric works on the 8-bit grey scale of the field (0-255): inputs arrive in any range
+with an explicit ``data_range`` (the value that means white: 255 for 8-bit images, 1.0 for the
+engine's [0, 1] floats) and are mapped to ``x * 255 / data_range`` first, so a metric gives the
+same number for a uint8 image and for the same image divided by 255 with ``data_range=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from functools import lru_cache
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from medfusion.errors import InputError
+
+GREY_MAX = 255.0
+
+
+class MetricInputError(InputError, ValueError):
+    """A metric got unusable arrays (wrong ndim, shape mismatch, NaN/inf, bad parameters)."""
+
+
+class MetricUndefinedWarning(RuntimeWarning):
+    """A metric is undefined for these inputs (e.g. a constant image) and returned NaN."""
+
+
+_SHARED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("metrics_shared",
+                                                                   default=None)
+
+
+@contextlib.contextmanager
+def shared_results() -> Iterator[None]:
+    """Within this block, intermediate maps (local means, variances, SSIM maps) computed by one
+    metric are reused by the next for the same arrays (``compute_metrics`` uses it)."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def shared(key: tuple, arrays: tuple[np.ndarray, ...], compute: Callable[[], np.ndarray]):
+    """``compute()`` memoised on ``key`` + the identities of ``arrays`` inside
+    :func:`shared_results` (the arrays are kept alive so their ids stay unique)."""
+    cache = _SHARED.get()
+    if cache is None:
+        return compute()
+    full_key = (*key, *(id(a) for a in arrays))
+    hit = cache.get(full_key)
+    if hit is None:
+        hit = cache[full_key] = (compute(), arrays)
+    return hit[0]
+
+
+def undefined(metric: str, reason: str) -> float:
+    """Warn that ``metric`` is undefined for the given inputs and return NaN."""
+    warnings.warn(f"{metric} is undefined: {reason}; returning NaN", MetricUndefinedWarning,
+                  stacklevel=3)
+    return float("nan")
+
+
+def too_small(metric: str, shape: tuple[int, ...], size: int) -> float:
+    """NaN + warning for images smaller than the ``size x size`` window a metric needs (a slice
+    of a thin volume is valid input; the metric just has no value there)."""
+    warnings.warn(f"{metric} is undefined: images of shape {shape} are smaller than its "
+                  f"{size}x{size} window; returning NaN", MetricUndefinedWarning, stacklevel=3)
+    return float("nan")
+
+
+def mark_checked(*arrays: np.ndarray) -> None:
+    """Record inside :func:`shared_results` that ``arrays`` are validated 2D float64 arrays
+    already, so that :func:`prepare` does not scan them again for every metric."""
+    cache = _SHARED.get()
+    if cache is not None:
+        checked = cache.setdefault(("checked",), {})
+        checked.update({id(a): a for a in arrays})
+
+
+def as_image(array: object, what: str = "image") -> np.ndarray:
+    """Return ``array`` as a finite 2D float64 array or raise :class:`MetricInputError`."""
+    cache = _SHARED.get()
+    if cache is not None and id(array) in cache.get(("checked",), {}):
+        return array  # type: ignore[return-value]
+    image = np.asarray(array)
+    if image.ndim != 2:
+        raise MetricInputError(f"{what} must be a 2D array, got {image.ndim}D shape {image.shape}")
+    if image.size == 0:
+        raise MetricInputError(f"{what} is empty")
+    if not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
+        raise MetricInputError(f"{what} must be real numbers, got dtype {image.dtype}")
+    image = image.astype(np.float64, copy=False)
+    if not np.isfinite(image).all():
+        raise MetricInputError(f"{what} contains NaN or infinite values")
+    return image
+
+
+def check_data_range(data_range: float) -> float:
+    """Return ``data_range`` as a positive finite float."""
+    value = float(data_range)
+    if not np.isfinite(value) or value <= 0:
+        raise MetricInputError(f"data_range must be a positive number, got {data_range!r}")
+    return value
+
+
+def prepare(
+    fused: object,
+    sources: Sequence[object],
+    data_range: float = GREY_MAX,
+    min_sources: int = 1,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Validate a fused image and its sources and map all of them to the 0-255 grey scale.
+
+    Metrics that need a minimum size check it themselves and return :func:`too_small`.
+    """
+    scale = GREY_MAX / check_data_range(data_range)
+    image = as_image(fused, "fused image")
+    if len(sources) < min_sources:
+        raise MetricInputError(
+            f"at least {min_sources} source image(s) needed, got {len(sources)}")
+    checked = []
+    for index, source in enumerate(sources, start=1):
+        array = as_image(source, f"source {index}")
+        if array.shape != image.shape:
+            raise MetricInputError(
+                f"source {index} has shape {array.shape}, the fused image {image.shape}")
+        checked.append(array * scale if scale != 1.0 else array)
+    return (image * scale if scale != 1.0 else image), checked
+
+
+def grey_levels(image: np.ndarray, bins: int = 256, normalize: bool = False) -> np.ndarray:
+    """Quantise a 0-255 image to integer bin indices ``0..bins-1``.
+
+    ``normalize=False``: round to the nearest 8-bit grey level, halves up (what MATLAB's
+    ``uint8``/``int16`` conversions in the reference codes do; integer images are unchanged),
+    then merge levels into ``bins`` equal-width bins. ``normalize=True``: stretch the image's own
+    min..max to 0..255 first (Liu's ``normalize1``, VIFB's MI); a constant image maps to 0.
+    """
+    if bins < 2 or bins > 65536:
+        raise MetricInputError(f"bins must be between 2 and 65536, got {bins}")
+    if normalize:
+        low, high = float(image.min()), float(image.max())
+        # same operation order as VIFB/Liu ((x - min) / (max - min) * 255): ties at .5 matter
+        image = (image - low) / (high - low) * GREY_MAX if high > low else np.zeros_like(image)
+    levels = np.clip(np.floor(image + 0.5), 0, GREY_MAX).astype(np.int64)
+    if bins != 256:
+        levels = levels * bins // 256
+    return levels
+
+
+def histogram(levels: np.ndarray, bins: int) -> np.ndarray:
+    """Probability of each bin of an integer-level image."""
+    counts = np.bincount(levels.ravel(), minlength=bins).astype(np.float64)
+    return counts / counts.sum()
+
+
+def joint_histogram(levels_a: np.ndarray, levels_b: np.ndarray, bins: int) -> np.ndarray:
+    """Joint probability table ``p[a, b]`` of two integer-level images (one ``bincount``)."""
+    flat = levels_a.ravel() * bins + levels_b.ravel()
+    counts = np.bincount(flat, minlength=bins * bins).astype(np.float64)
+    return (counts / counts.sum()).reshape(bins, bins)
+
+
+def entropy_of(p: np.ndarray, base: float = 2.0) -> float:
+    """Shannon entropy ``-sum p log p`` of a probability table (zero cells skipped)."""
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum() / np.log(base))
+
+
+def gaussian_kernel(size: int, sigma: float) -> np.ndarray:
+    """1D normalised Gaussian; its outer product is MATLAB's ``fspecial('gaussian', n, sigma)``."""
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+    kernel = np.exp(-(x * x) / (2.0 * sigma * sigma))
+    return kernel / kernel.sum()
+
+
+_BAND_ROWS = 16  # output rows per banded matrix product
+_MAX_PRODUCT = 1 << 17  # m*n*k of one product: OpenBLAS runs those below 2**18 on one thread
+
+
+@lru_cache(maxsize=32)
+def _band(kernel_bytes: bytes, rows: int, step: int) -> np.ndarray:
+    """Banded Toeplitz matrix: row i holds the kernel at columns step*i .. step*i + n - 1."""
+    kernel = np.frombuffer(kernel_bytes)
+    band = np.zeros((rows, step * (rows - 1) + kernel.size))
+    for i in range(rows):
+        band[i, step * i:step * i + kernel.size] = kernel
+    band.setflags(write=False)  # shared by every caller through the cache
+    return band
+
+
+def _correlate_rows(image: np.ndarray, kernel: np.ndarray, step: int) -> np.ndarray:
+    """'Valid' correlation along axis 0, every ``step``-th output row, as a C-ordered array.
+
+    Blocks of ``_BAND_ROWS`` output rows are one small matrix product each (band @ rows of the
+    image, all blocks in one batched ``matmul`` over an overlapping strided view): BLAS beats
+    ``correlate1d``'s scalar loop ~2x although the band holds zeros. Each product stays below
+    OpenBLAS's threading threshold: its worker threads would fight over a shared CPU.
+    """
+    size = kernel.size
+    height, width = image.shape
+    out_rows = len(range(0, height - size + 1, step))
+    band = _band(kernel.tobytes(), _BAND_ROWS, step)
+    span = band.shape[1]
+    out = np.empty((out_rows, width))
+    full = out_rows // _BAND_ROWS
+    rest = out_rows - full * _BAND_ROWS
+    chunk = max(1, _MAX_PRODUCT // (_BAND_ROWS * span))
+    for start in range(0, width, chunk):
+        part = image[:, start:start + chunk]
+        cols = part.shape[1]
+        if full:
+            s0, s1 = part.strides
+            blocks = as_strided(part, (full, span, cols), (step * _BAND_ROWS * s0, s0, s1),
+                                writeable=False)
+            target = out[:full * _BAND_ROWS, start:start + cols]
+            np.matmul(band, blocks, out=target.reshape(full, _BAND_ROWS, cols))
+        if rest:
+            first = full * _BAND_ROWS * step
+            tail = band[:rest, :step * (rest - 1) + size]
+            np.matmul(tail, part[first:first + tail.shape[1]],
+                      out=out[full * _BAND_ROWS:, start:start + cols])
+    return out
+
+
+def filter_valid(image: np.ndarray, kernel: np.ndarray, step: int = 1) -> np.ndarray:
+    """Separable correlation of a 2D image with a 1D kernel along both axes, 'valid' part only,
+    keeping every ``step``-th row and column (``step=2``: multiscale VIF's downsampling).
+
+    Equals MATLAB ``filter2(outer(k, k), image, 'valid')(1:step:end, 1:step:end)`` (to
+    round-off). Columns first on the transposed view, then rows: both passes are
+    :func:`_correlate_rows`, and the result is C-ordered.
+    """
+    size = kernel.size
+    if min(image.shape) < size:
+        raise MetricInputError(f"images must be at least {size}x{size} pixels, got {image.shape}")
+    kernel = np.ascontiguousarray(kernel, dtype=np.float64)
+    return _correlate_rows(_correlate_rows(image.T, kernel, step).T, kernel, step)
+
+
+def _padded(image: np.ndarray, mode: str) -> np.ndarray:
+    """``image`` with a one-pixel border of zeros (``"constant"``) or copies (``"nearest"``)."""
+    out = np.empty((image.shape[0] + 2, image.shape[1] + 2))
+    out[1:-1, 1:-1] = image
+    if mode == "constant":
+        out[0] = out[-1] = 0.0
+        out[:, 0] = out[:, -1] = 0.0
+    else:
+        out[0, 1:-1], out[-1, 1:-1] = image[0], image[-1]
+        out[:, 0], out[:, -1] = out[:, 1], out[:, -2]
+    return out
+
+
+def gradient_3x3(image: np.ndarray, center: float, mode: str = "constant"
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Correlations ('same' size) of ``image`` with ``outer([1, c, 1], [1, 0, -1])`` (x: left
+    minus right) and ``outer([1, 0, -1], [1, c, 1])`` (y: upper minus lower row).
+
+    ``center`` c = 1: Prewitt, 2: Sobel. ``mode`` "constant": zero padding (MATLAB ``filter2`` /
+    ``conv2`` 'same'); "nearest": ``imfilter`` 'replicate'. Separable slices instead of two
+    9-tap 2D correlations.
+    """
+    p = _padded(image, mode)
+    across = p[:, :-2] - p[:, 2:]  # left minus right neighbour, every padded row
+    gx = across[:-2] + across[2:]
+    down = p[:-2] - p[2:]  # upper minus lower neighbour, every padded column
+    gy = down[:, :-2] + down[:, 2:]
+    if center == 1.0:
+        gx += across[1:-1]
+        gy += down[:, 1:-1]
+    else:
+        gx += center * across[1:-1]
+        gy += center * down[:, 1:-1]
+    return gx, gy
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation (MATLAB ``corr2``); NaN when either input is constant."""
+    dx = x - x.mean()
+    dy = y - y.mean()
+    denominator = np.sqrt((dx * dx).sum() * (dy * dy).sum())
+    if denominator == 0:
+        return float("nan")
+    return float((dx * dy).sum() / denominator)
+
+
+def reduce_over_sources(values: Sequence[float], reduce: str) -> float:
+    """Combine per-source values: ``"sum"`` (VIFB convention) or ``"mean"``."""
+    if reduce == "sum":
+        return float(np.sum(values))
+    if reduce == "mean":
+        return float(np.mean(values))
+    raise MetricInputError(f"reduce must be 'sum' or 'mean', got {reduce!r}")

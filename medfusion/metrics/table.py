@@ -1,0 +1,316 @@
+"""The metric registry and the table calls: ``compute_metrics`` (2D) and ``volume_metrics`` (3D).
+
+``METRICS`` maps each canonical name to a :class:`MetricSpec` (function, direction, what it
+measures, whether it accepts a target form); ``resolve_name`` maps aliases of the literature
+(ENT, STD, GRAD, QAB/F, CE, ...) to canonical names.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from medfusion.metrics import fidelity, information, statistics, structural
+from medfusion.metrics import vif as vif_module
+from medfusion.metrics._common import (
+    GREY_MAX,
+    MetricInputError,
+    MetricUndefinedWarning,
+    as_image,
+    check_data_range,
+    mark_checked,
+    shared_results,
+)
+
+TARGET_SUFFIX = "_target"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric of the table.
+
+    ``kind``: ``"image"`` (looks at F alone), ``"fusion"`` (F against the sources, at least one)
+    or ``"pair"`` (needs two or more sources). ``direction``: ``"higher"`` or ``"lower"`` is
+    better, or ``"none"`` (descriptive, e.g. MEAN; reports should not rank by it).
+    ``targetable``: also computed against a target image as ``<NAME>_target``.
+    """
+
+    name: str
+    func: Callable[..., float]
+    kind: str
+    direction: str
+    description: str
+    aliases: tuple[str, ...] = ()
+    targetable: bool = False
+
+    @property
+    def higher_is_better(self) -> bool | None:
+        """True/False for ranked metrics, None for descriptive ones."""
+        return None if self.direction == "none" else self.direction == "higher"
+
+
+def _spec(name: str, func: Callable[..., float], kind: str, direction: str, description: str,
+          aliases: tuple[str, ...] = (), targetable: bool = False) -> MetricSpec:
+    return MetricSpec(name, func, kind, direction, description, aliases, targetable)
+
+
+_SPECS = (
+    _spec("EN", information.entropy, "image", "higher", "entropy of F (bits)", ("ENT", "IE")),
+    _spec("SD", statistics.standard_deviation, "image", "higher", "standard deviation of F",
+          ("STD",)),
+    _spec("MEAN", statistics.mean_intensity, "image", "none", "mean grey level of F", ("ME",)),
+    _spec("SF", statistics.spatial_frequency, "image", "higher", "spatial frequency of F"),
+    _spec("AG", statistics.average_gradient, "image", "higher", "average gradient of F",
+          ("GRAD",)),
+    _spec("EI", statistics.edge_intensity, "image", "higher", "edge intensity (Sobel) of F"),
+    _spec("EOG", statistics.energy_of_gradient, "image", "higher", "energy of gradient of F"),
+    _spec("MI", information.mutual_information, "fusion", "higher",
+          "mutual information, summed over sources", targetable=True),
+    _spec("NMI", information.normalized_mutual_information, "fusion", "higher",
+          "Hossny's normalised MI"),
+    _spec("FMI", information.feature_mutual_information, "fusion", "higher",
+          "feature mutual information (pixels, 3x3)", ("FMI_PIXEL",)),
+    _spec("QNCIE", information.qncie, "fusion", "higher",
+          "nonlinear correlation information entropy", ("NCIE",)),
+    _spec("H", information.cross_entropy, "fusion", "lower", "cross-entropy, mean over sources",
+          ("CE",)),
+    _spec("CC", statistics.correlation_coefficient, "fusion", "higher",
+          "correlation coefficient, mean over sources"),
+    _spec("SCD", statistics.scd, "pair", "higher", "sum of the correlations of differences"),
+    _spec("SSIM", structural.ssim, "fusion", "higher", "SSIM, summed over sources",
+          targetable=True),
+    _spec("Q0", structural.piella_q0, "fusion", "higher", "Piella's fusion quality index",
+          ("Q",)),
+    _spec("QW", structural.piella_qw, "fusion", "higher", "Piella's weighted quality index"),
+    _spec("QE", structural.piella_qe, "fusion", "higher", "Piella's edge-dependent quality"),
+    _spec("QABF", structural.qabf, "fusion", "higher", "Xydeas-Petrovic edge preservation",
+          ("QAB/F", "Q_ABF", "Q^AB/F")),
+    _spec("VIF", vif_module.vif, "fusion", "higher", "pixel-domain VIF, summed over sources",
+          ("VIFP",)),
+    _spec("MSE", fidelity.mse, "fusion", "lower", "mean squared error, mean over sources",
+          targetable=True),
+    _spec("RMSE", fidelity.rmse, "fusion", "lower", "root mean squared error, mean over sources",
+          targetable=True),
+    _spec("PSNR", fidelity.psnr, "fusion", "higher", "peak signal-to-noise ratio (dB)",
+          targetable=True),
+    _spec("REL", fidelity.relative_error, "fusion", "lower", "relative L2 error",
+          targetable=True),
+)
+
+METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
+_ALIASES: dict[str, str] = {}
+for _s in _SPECS:
+    _ALIASES[_s.name] = _s.name
+    for _alias in _s.aliases:
+        _ALIASES[_alias] = _s.name
+
+
+def available_metrics() -> list[str]:
+    """Canonical metric names in table order."""
+    return list(METRICS)
+
+
+def resolve_name(name: str) -> str:
+    """Canonical name of a metric or alias (case-insensitive); ``X_target`` keeps its suffix."""
+    key = name.strip().upper()
+    suffix = ""
+    if key.endswith(TARGET_SUFFIX.upper()):
+        key, suffix = key[: -len(TARGET_SUFFIX)], TARGET_SUFFIX
+    canonical = _ALIASES.get(key)
+    if canonical is None:
+        raise MetricInputError(
+            f"unknown metric {name!r}; known: {', '.join(available_metrics())}")
+    if suffix and not METRICS[canonical].targetable:
+        targetable = [n for n, s in METRICS.items() if s.targetable]
+        raise MetricInputError(f"{canonical} has no target form; target forms: "
+                               f"{', '.join(targetable)}")
+    return canonical + suffix
+
+
+def direction(name: str) -> str:
+    """``"higher"``, ``"lower"`` or ``"none"`` for a metric name, alias or ``X_target`` key."""
+    return METRICS[resolve_name(name).removesuffix(TARGET_SUFFIX)].direction
+
+
+def _selection(names: Iterable[str] | None, has_target: bool) -> list[str]:
+    if names is None:
+        return list(METRICS) + ([n + TARGET_SUFFIX for n, s in METRICS.items() if s.targetable]
+                                if has_target else [])
+    if isinstance(names, str):
+        names = [names]
+    selected: list[str] = []
+    for name in names:
+        canonical = resolve_name(name)
+        wanted = [canonical]
+        if (has_target and not canonical.endswith(TARGET_SUFFIX)
+                and METRICS[canonical].targetable):
+            wanted.append(canonical + TARGET_SUFFIX)
+        for key in wanted:
+            if key not in selected:
+                selected.append(key)
+    if not has_target and any(key.endswith(TARGET_SUFFIX) for key in selected):
+        raise MetricInputError("target-form metrics were requested but no target was given")
+    return selected
+
+
+def compute_metrics(
+    fused: object,
+    sources: Sequence[object],
+    target: object | None = None,
+    names: Iterable[str] | None = None,
+    data_range: float = GREY_MAX,
+    options: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, float]:
+    """Compute a named selection of metrics (``names=None``: all) into ``{name: value}``.
+
+    ``fused``, ``sources`` and ``target`` are 2D arrays of one shape on the scale given by
+    ``data_range`` (255 for 8-bit images, 1.0 for [0, 1] floats; every metric rescales to the
+    0-255 grey scale internally). With a ``target``, targetable metrics (MI, SSIM, MSE, RMSE,
+    PSNR, REL) also appear as ``<NAME>_target``: the metric of F against the target alone.
+    ``options`` passes convention knobs per metric, e.g. ``{"SSIM": {"reduce": "mean"}}``.
+    Undefined values (e.g. CC of a constant image) are NaN with a
+    :class:`MetricUndefinedWarning`; bad inputs raise :class:`MetricInputError`.
+    """
+    data_range = check_data_range(data_range)
+    fused_image = as_image(fused, "fused image")
+    if isinstance(sources, np.ndarray) and sources.ndim == 2:
+        sources = [sources]
+    source_images = [as_image(s, f"source {i}") for i, s in enumerate(sources, start=1)]
+    if not source_images:
+        raise MetricInputError("at least one source image is needed")
+    for index, source in enumerate(source_images, start=1):
+        if source.shape != fused_image.shape:
+            raise MetricInputError(
+                f"source {index} has shape {source.shape}, the fused image {fused_image.shape}")
+    target_image = None
+    if target is not None:
+        target_image = as_image(target, "target image")
+        if target_image.shape != fused_image.shape:
+            raise MetricInputError(
+                f"target has shape {target_image.shape}, the fused image {fused_image.shape}")
+    options = {resolve_name(k): v for k, v in (options or {}).items()}
+    selection = _selection(names, target_image is not None)
+    # scale once to the 0-255 grey scale so that every metric sees the same array objects and
+    # can reuse the others' intermediate maps (shared_results)
+    scale = GREY_MAX / data_range
+    if scale != 1.0:
+        fused_image = fused_image * scale
+        source_images = [s * scale for s in source_images]
+        target_image = None if target_image is None else target_image * scale
+    with shared_results():
+        mark_checked(fused_image, *source_images, *([] if target_image is None else [target_image]))
+        return _compute(fused_image, source_images, target_image, selection, options)
+
+
+def _compute(fused_image: np.ndarray, source_images: list[np.ndarray],
+             target_image: np.ndarray | None, selection: list[str],
+             options: dict[str, dict[str, Any]]) -> dict[str, float]:
+    results: dict[str, float] = {}
+    for key in selection:
+        base = key.removesuffix(TARGET_SUFFIX)
+        spec = METRICS[base]
+        kwargs = dict(options.get(base, {}))
+        kwargs["data_range"] = GREY_MAX
+        if key.endswith(TARGET_SUFFIX):
+            results[key] = float(spec.func(fused_image, target_image, **kwargs))
+        elif spec.kind == "image":
+            results[key] = float(spec.func(fused_image, **kwargs))
+        elif spec.kind == "pair" and len(source_images) < 2:
+            results[key] = float("nan")
+            warnings.warn(f"{key} needs at least two sources; returning NaN",
+                          MetricUndefinedWarning, stacklevel=2)
+        else:
+            results[key] = float(spec.func(fused_image, *source_images, **kwargs))
+    return results
+
+
+def _as_volume(array: object, what: str) -> np.ndarray:
+    volume = np.asarray(array)
+    if volume.ndim != 3:
+        raise MetricInputError(f"{what} must be a 3D array, got {volume.ndim}D shape "
+                               f"{volume.shape}")
+    return volume
+
+
+def volume_metrics(
+    fused: object,
+    sources: Sequence[object],
+    axis: int = 0,
+    mask: str | np.ndarray | None = None,
+    names: Iterable[str] | None = None,
+    data_range: float = GREY_MAX,
+    target: object | None = None,
+    foreground_fraction: float = 0.01,
+    options: dict[str, dict[str, Any]] | None = None,
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """Metrics of every 2D slice of 3D volumes along ``axis``, and their mean over slices.
+
+    ``mask=None``: every slice counts. ``mask="foreground"``: only slices where some input
+    exceeds ``foreground_fraction * data_range`` (empty slices skipped). A boolean array of the
+    volume's shape: only slices with at least one mask voxel. Each per-slice dict holds the
+    metric values plus ``"slice"`` (the index); skipped slices are left out. The aggregate is
+    the NaN-ignoring mean over the kept slices plus ``"slices"`` (how many were kept). Undefined
+    per-slice values (e.g. CC on a blank slice) are NaN; one warning summarises them.
+    """
+    fused_volume = _as_volume(fused, "fused volume")
+    volumes = [_as_volume(s, f"source {i}") for i, s in enumerate(sources, start=1)]
+    if not volumes:
+        raise MetricInputError("at least one source volume is needed")
+    target_volume = None if target is None else _as_volume(target, "target volume")
+    for index, volume in enumerate([*volumes, *([target_volume] if target is not None else [])],
+                                   start=1):
+        if volume.shape != fused_volume.shape:
+            raise MetricInputError(f"volume {index} has shape {volume.shape}, the fused volume "
+                                   f"{fused_volume.shape}")
+    if not -3 <= axis < 3:
+        raise MetricInputError(f"axis must be 0, 1 or 2, got {axis}")
+    data_range = check_data_range(data_range)
+
+    def take(volume: np.ndarray, index: int) -> np.ndarray:
+        return np.take(volume, index, axis=axis)
+
+    count = fused_volume.shape[axis]
+    if mask is None:
+        keep = [True] * count
+    elif isinstance(mask, str):
+        if mask != "foreground":
+            raise MetricInputError(f"mask must be None, 'foreground' or an array, got {mask!r}")
+        threshold = foreground_fraction * data_range
+        keep = [any(float(take(v, i).max()) > threshold for v in [fused_volume, *volumes])
+                for i in range(count)]
+    else:
+        mask_array = np.asarray(mask, dtype=bool)
+        if mask_array.shape != fused_volume.shape:
+            raise MetricInputError(f"mask has shape {mask_array.shape}, the fused volume "
+                                   f"{fused_volume.shape}")
+        keep = [bool(take(mask_array, i).any()) for i in range(count)]
+
+    per_slice: list[dict[str, float]] = []
+    undefined_count = 0
+    for index in range(count):
+        if not keep[index]:
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MetricUndefinedWarning)
+            values = compute_metrics(
+                take(fused_volume, index), [take(v, index) for v in volumes],
+                target=None if target_volume is None else take(target_volume, index),
+                names=names, data_range=data_range, options=options)
+        undefined_count += sum(issubclass(w.category, MetricUndefinedWarning) for w in caught)
+        per_slice.append({"slice": float(index), **values})
+    if undefined_count:
+        warnings.warn(f"{undefined_count} metric value(s) undefined on some slices (NaN); "
+                      "the aggregate ignores them", MetricUndefinedWarning, stacklevel=2)
+
+    keys = [k for k in (per_slice[0] if per_slice else {}) if k != "slice"]
+    aggregate: dict[str, float] = {}
+    for key in keys:
+        column = np.array([row[key] for row in per_slice], dtype=np.float64)
+        finite = column[~np.isnan(column)]
+        aggregate[key] = float(finite.mean()) if finite.size else float("nan")
+    aggregate["slices"] = float(len(per_slice))
+    return per_slice, aggregate
