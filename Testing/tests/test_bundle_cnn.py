@@ -1,0 +1,124 @@
+"""The ``cnn`` fusion method: the shipped bundle on real atlas pairs, and clear errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medfusion.errors import InputError, ModelError
+from medfusion.methods import get_method
+
+BUNDLE = Path(__file__).resolve().parents[2] / "monai_bundle"
+
+
+def _luminance(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def pet_mri(aanlib: Path) -> torch.Tensor:
+    """One real PET-MRI validation pair as a (1, 2, 256, 256) batch (PET as luminance)."""
+    name = "25020.png"
+    planes = [_luminance(aanlib / "PET-MRI" / m / name) for m in ("MRI", "PET")]
+    return torch.from_numpy(np.stack(planes))[None]
+
+
+@pytest.fixture
+def bundle_copy(tmp_path: Path) -> Path:
+    """A private copy of the shipped bundle to break in various ways."""
+    copy = tmp_path / "bundle"
+    for part in ("configs", "scripts", "models"):
+        shutil.copytree(BUNDLE / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+def test_cnn_fuses_a_real_pair_sensibly(pet_mri: torch.Tensor) -> None:
+    import medfusion.metrics as fm
+
+    method = get_method("cnn")
+    fused = method(pet_mri)
+    assert method.name == "cnn"
+    assert fused.shape == (1, 256, 256) and fused.dtype == torch.float32
+    assert 0.0 <= float(fused.min()) and float(fused.max()) <= 1.0
+    f = fused[0].numpy() * 255.0
+    mri, pet = (pet_mri[0, i].numpy() * 255.0 for i in range(2))
+    assert np.corrcoef(f.ravel(), mri.ravel())[0, 1] > 0.9  # keeps the MRI anatomy
+    uptake = pet > np.percentile(pet, 95)  # brightest PET uptake: brighter than the MRI there
+    assert f[uptake].mean() > mri[uptake].mean() + 2.0
+    maximum, average = np.maximum(mri, pet), (mri + pet) / 2
+    assert fm.qabf(f, mri, pet) > fm.qabf(maximum, mri, pet)  # better edges than max
+    assert fm.qabf(f, mri, pet) > fm.qabf(average, mri, pet) + 0.1
+    assert fm.vif(f, mri, pet) > fm.vif(maximum, mri, pet)
+
+
+def test_block_size_and_overlap_are_options(pet_mri: torch.Tensor) -> None:
+    whole = get_method("cnn", block_size=256)(pet_mri)
+    tiled = get_method("cnn", block_size=64, overlap=0.5)(pet_mri)
+    assert get_method("cnn", block_size=64).block_size == 64
+    # windows see less context, but fully convolutional blending keeps the result close
+    assert float((whole - tiled).abs().mean()) < 0.02
+    with pytest.raises(InputError, match="block size"):
+        get_method("cnn", block_size=4)
+    with pytest.raises(InputError, match="overlap"):
+        get_method("cnn", overlap=1.5)
+
+
+def test_three_sources_work(pet_mri: torch.Tensor) -> None:
+    batch = torch.cat([pet_mri, pet_mri[:, :1].flip(-1)], dim=1)
+    fused = get_method("cnn")(batch)
+    assert fused.shape == (1, 256, 256)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64, 64), (2, 64, 64), (1, 3, 1, 64, 64)])
+def test_wrong_channels_or_shape_is_a_model_error(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ModelError, match="sources|batch"):
+        get_method("cnn")(torch.rand(shape))
+
+
+def test_missing_bundle_folder(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not found"):
+        get_method("cnn", bundle_dir=tmp_path / "nowhere")
+
+
+def test_folder_that_is_not_a_bundle(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not a MONAI bundle"):
+        get_method("cnn", bundle_dir=tmp_path)
+
+
+def test_bundle_without_weights(bundle_copy: Path) -> None:
+    (bundle_copy / "models" / "model.pt").unlink()
+    with pytest.raises(ModelError, match="no trained weights"):
+        get_method("cnn", bundle_dir=bundle_copy)
+
+
+def test_weights_of_another_network(bundle_copy: Path) -> None:
+    other = torch.nn.Sequential(torch.nn.Conv2d(2, 1, 3))
+    torch.save(other.state_dict(), bundle_copy / "models" / "model.pt")
+    with pytest.raises(ModelError, match="do not match"):
+        get_method("cnn", bundle_dir=bundle_copy)
+
+
+def test_corrupt_weights_file(bundle_copy: Path) -> None:
+    (bundle_copy / "models" / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="cannot read CNN weights"):
+        get_method("cnn", bundle_dir=bundle_copy)
+
+
+def test_weights_for_a_wider_network(bundle_copy: Path) -> None:
+    config = bundle_copy / "configs" / "inference.json"
+    config.write_text(config.read_text().replace('"features": 12', '"features": 16'))
+    with pytest.raises(ModelError, match="do not match"):
+        get_method("cnn", bundle_dir=bundle_copy)
+
+
+def test_copy_of_bundle_loads_its_own_code(bundle_copy: Path, pet_mri: torch.Tensor) -> None:
+    method = get_method("cnn", bundle_dir=bundle_copy)
+    shipped = get_method("cnn")
+    assert torch.allclose(method(pet_mri), shipped(pet_mri), atol=1e-5)
