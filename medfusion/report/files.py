@@ -1,0 +1,62 @@
+"""Atomic writers for the report's files (Markdown, PNG, CSV, JSON).
+
+A report folder is never left with a half-written file: every write goes through
+:func:`medfusion.io.atomic.atomic_output` (temp file beside the target, renamed on success).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from medfusion.io.atomic import atomic_output
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (parent folders are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as temporary:
+        Path(temporary).write_bytes(data)
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write UTF-8 text atomically."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def _clean(value: object) -> object:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: object) -> Path:
+    """Write ``data`` as indented, key-sorted JSON (NaN -> null)."""
+    return write_text(path, json.dumps(_clean(data), indent=1, sort_keys=True) + "\n")
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> Path:
+    """Write rows as CSV with the given column order; floats keep full precision (repr)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: _format(row.get(c)) for c in columns})
+    return write_text(path, buffer.getvalue())
+
+
+def _format(value: object) -> object:
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ""
+    return "" if value is None else value

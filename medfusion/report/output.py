@@ -1,0 +1,218 @@
+"""Write a report folder: raw numbers (CSV/JSON), figures, image panels and ``report.md``.
+
+Layout::
+
+    REPORT_DIR/report.md
+    REPORT_DIR/metrics.csv        one row per (group, method): every metric
+    REPORT_DIR/summary.csv        mean, std, n per (pair type, method, metric)
+    REPORT_DIR/ranks.csv          mean rank per (pair type, method)
+    REPORT_DIR/block_size.csv     per (method, block size, group): study metrics
+    REPORT_DIR/robustness.csv     per (kind, level, group, method): study metrics
+    REPORT_DIR/speed.csv          per (method, device): s/image, peak MiB
+    REPORT_DIR/results.json       all summaries, the configuration and the environment
+    REPORT_DIR/figures/*.png
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from medfusion.report import figures, markdown
+from medfusion.report.dataset import Group
+from medfusion.report.files import write_csv, write_json, write_text
+from medfusion.report.fusion import MethodSpec, fuse, load_group, middle_slice
+from medfusion.report.perturb import LEVEL_UNITS
+
+if TYPE_CHECKING:
+    from medfusion.report.runner import BenchmarkResults
+
+FIGURES = "figures"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def _write_tables(results: BenchmarkResults, folder: Path) -> None:
+    metrics, study = results.metrics, results.study_metrics
+    write_csv(folder / "metrics.csv", results.rows, ["pair_type", "group", "method", *metrics])
+    results.files["metrics.csv"] = "every metric for every group and method"
+    summary_rows = [
+        {
+            "pair_type": p,
+            "method": s,
+            "metric": m,
+            "mean": v[0],
+            "std": v[1],
+            "n": v[2],
+            "direction": results.directions.get(m, "higher"),
+        }
+        for p, per_method in results.summary.items()
+        for s, per_metric in per_method.items()
+        for m, v in per_metric.items()
+    ]
+    write_csv(
+        folder / "summary.csv",
+        summary_rows,
+        ["pair_type", "method", "metric", "mean", "std", "n", "direction"],
+    )
+    results.files["summary.csv"] = "mean, sample std and count per pair type, method and metric"
+    rank_rows = [
+        {"pair_type": p, "method": m, "mean_rank": r}
+        for p, per in results.ranks.items()
+        for m, r in per.items()
+    ]
+    write_csv(folder / "ranks.csv", rank_rows, ["pair_type", "method", "mean_rank"])
+    results.files["ranks.csv"] = f"mean rank over {', '.join(results.rank_metrics)}"
+    if results.block_size_rows:
+        write_csv(
+            folder / "block_size.csv",
+            results.block_size_rows,
+            ["method", "block_size", "pair_type", "group", *study],
+        )
+        results.files["block_size.csv"] = "block-size study, per group"
+    if results.robustness_rows:
+        write_csv(
+            folder / "robustness.csv",
+            results.robustness_rows,
+            ["kind", "level", "pair_type", "group", "method", *study],
+        )
+        results.files["robustness.csv"] = "robustness study, per group (vs clean sources)"
+    write_csv(
+        folder / "speed.csv",
+        results.speed,
+        ["method", "device", "s_per_image", "peak_memory_mib", "process_peak_mib", "images"],
+    )
+    results.files["speed.csv"] = "seconds per image and peak memory per method and device"
+    results.files["results.json"] = "all summaries, the command and the environment"
+
+
+def _write_json(results: BenchmarkResults, folder: Path) -> None:
+    write_json(
+        folder / "results.json",
+        {
+            "command": results.command,
+            "methods": results.methods,
+            "metrics": {m: results.directions.get(m, "higher") for m in results.metrics},
+            "rank_metrics": results.rank_metrics,
+            "pair_types": results.pair_types,
+            "summary": {
+                p: {
+                    s: {m: {"mean": v[0], "std": v[1], "n": v[2]} for m, v in pm.items()}
+                    for s, pm in per.items()
+                }
+                for p, per in results.summary.items()
+            },
+            "mean_rank": results.ranks,
+            "block_size": results.block_size,
+            "robustness": results.robustness,
+            "speed": results.speed,
+            "study_groups": results.study_group_count,
+            "notes": results.notes,
+            "environment": results.environment,
+            "timings_s": results.timings,
+        },
+    )
+
+
+def _write_figures(results: BenchmarkResults, folder: Path) -> None:
+    colours = figures.method_colours(results.methods)
+    fig_dir = folder / FIGURES
+    figures.metric_bars(
+        {
+            p: {s: {m: v[:2] for m, v in pm.items()} for s, pm in per.items()}
+            for p, per in results.summary.items()
+        },
+        results.methods,
+        results.metrics,
+        fig_dir / "metrics.png",
+        titles={
+            m: f"{m} {markdown.ARROWS.get(results.directions.get(m, ''), '')}".strip()
+            for m in results.metrics
+        },
+    )
+    results.figures["metrics"] = f"{FIGURES}/metrics.png"
+    if results.block_size:
+        sizes = sorted({r["block_size"] for r in results.block_size})
+        series = {}
+        for method in dict.fromkeys(r["method"] for r in results.block_size):
+            by_size = {r["block_size"]: r for r in results.block_size if r["method"] == method}
+            series[method] = {
+                k: [by_size[s][k] for s in sizes] for k in ["s_per_image", *results.study_metrics]
+            }
+        figures.curves(
+            sizes,
+            series,
+            ["s_per_image", *results.study_metrics],
+            fig_dir / "block_size.png",
+            xlabel="block size (pixels)",
+            title="CNN quality and time vs block size",
+            titles={"s_per_image": "seconds per image"},
+            log_x=True,
+            colours=colours,
+        )
+        results.figures["block_size"] = f"{FIGURES}/block_size.png"
+    results.figures["robustness"] = {}
+    for kind, entries in results.robustness.items():
+        levels = sorted({e["level"] for e in entries})
+        series = {}
+        for method in results.methods:
+            by_level = {e["level"]: e for e in entries if e["method"] == method}
+            if by_level:
+                series[method] = {
+                    m: [by_level[v][m] if v in by_level else float("nan") for v in levels]
+                    for m in results.study_metrics
+                }
+        name = f"robustness_{_safe(kind)}.png"
+        figures.curves(
+            levels,
+            series,
+            results.study_metrics,
+            fig_dir / name,
+            xlabel=f"{kind}: {LEVEL_UNITS.get(kind, 'level')}",
+            title=f"{kind}: quality vs disturbance level",
+            colours=colours,
+        )
+        results.figures["robustness"][kind] = f"{FIGURES}/{name}"
+    if results.speed:
+        figures.speed_bars(results.speed, fig_dir / "speed.png", colours=colours)
+        results.figures["speed"] = f"{FIGURES}/speed.png"
+
+
+def _write_panels(
+    results: BenchmarkResults,
+    folder: Path,
+    groups: Sequence[Group],
+    specs: Sequence[MethodSpec],
+    device: str,
+) -> None:
+    for group in groups:
+        loaded = load_group(group)
+        sources = dict(zip(group.modalities, loaded.sources, strict=True))
+        fused = {spec.label: fuse(loaded, spec, device).display for spec in specs}
+        if group.kind == "volume":
+            sources = {k: middle_slice(loaded, v) for k, v in sources.items()}
+            fused = {k: middle_slice(loaded, v) for k, v in fused.items()}
+        name = f"panel_{_safe(group.label)}.png"
+        figures.image_panel(sources, fused, folder / FIGURES / name, title=group.label)
+        results.panels.append((group.label, f"{FIGURES}/{name}"))
+
+
+def write_report(
+    results: BenchmarkResults,
+    folder: Path,
+    panel_groups: Sequence[Group],
+    specs: Sequence[MethodSpec],
+    device: str,
+) -> Path:
+    """Write every file of the report folder; return the path of ``report.md``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_tables(results, folder)
+    _write_json(results, folder)
+    _write_figures(results, folder)
+    _write_panels(results, folder, panel_groups, specs, device)
+    return write_text(folder / "report.md", markdown.render(results))
