@@ -65,7 +65,8 @@ def register(subparsers: Any) -> None:
     fusion.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     fusion.add_argument("--batch-size", type=int, default=16, help="slices per batch")
     fusion.add_argument(
-        "--normalisation",
+        "--normalise",
+        dest="normalisation",
         default="percentile",
         help="intensity normalisation policy (see medfusion fuse --help)",
     )
