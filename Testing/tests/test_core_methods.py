@@ -11,7 +11,8 @@ import torch
 from medfusion.errors import InputError, ModelError
 from medfusion.io.images import read_image, to_unit_range
 from medfusion.methods import available_methods, get_method, resolve_device
-from medfusion.methods.classical import LaplacianPyramidFusion
+from medfusion.methods.classical import GuidedFilterFusion, LaplacianPyramidFusion
+from medfusion.metrics import qabf
 
 
 def _atlas_batch(aanlib: Path) -> torch.Tensor:
@@ -22,8 +23,8 @@ def _atlas_batch(aanlib: Path) -> torch.Tensor:
 
 
 def test_registry_lists_and_builds() -> None:
-    assert available_methods() == ["cnn", "average", "max", "laplacian"]
-    for name in ("average", "max", "laplacian"):
+    assert available_methods() == ["cnn", "average", "max", "laplacian", "gff"]
+    for name in ("average", "max", "laplacian", "gff"):
         assert get_method(name).name == name
     with pytest.raises(InputError, match="unknown method"):
         get_method("wavelet")
@@ -78,3 +79,47 @@ def test_laplacian_batch_equals_one_by_one(aanlib: Path) -> None:
     together = method(batch)
     apart = torch.cat([method(batch[i : i + 1]) for i in range(batch.shape[0])])
     assert torch.allclose(together, apart, atol=1e-6)
+
+
+def _gradient_energy(image: torch.Tensor) -> float:
+    return float((image[1:, :] - image[:-1, :]).abs().mean()
+                 + (image[:, 1:] - image[:, :-1]).abs().mean())
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (37, 53), (5, 7)])
+def test_gff_gives_back_identical_sources(shape) -> None:
+    image = torch.rand(2, 1, *shape)
+    fused = get_method("gff")(image.repeat(1, 3, 1, 1))
+    assert fused.shape == (2, *shape)
+    assert torch.allclose(fused, image[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("textured_first", [True, False])
+def test_gff_keeps_the_textured_source_beside_a_flat_one(aanlib: Path, textured_first) -> None:
+    mri = _atlas_batch(aanlib)[0, 1]
+    flat = torch.full_like(mri, 0.3)
+    pair = (mri, flat) if textured_first else (flat, mri)
+    fused = get_method("gff")(torch.stack(pair)[None])[0]
+    # The flat source has no saliency, so the textured one's detail layer is kept whole.
+    assert _gradient_energy(fused) == pytest.approx(_gradient_energy(mri), rel=0.1)
+    assert _gradient_energy(fused) > 1.5 * _gradient_energy((mri + flat) / 2)
+
+
+def test_gff_range_shape_and_batch_equals_one_by_one(aanlib: Path) -> None:
+    batch = torch.cat([_atlas_batch(aanlib), torch.rand(1, 2, 256, 256)])
+    method = GuidedFilterFusion()
+    together = method(batch)
+    assert together.shape == (2, 256, 256) and together.dtype == torch.float32
+    assert 0.0 <= float(together.min()) and float(together.max()) <= 1.0
+    apart = torch.cat([method(batch[i : i + 1]) for i in range(batch.shape[0])])
+    assert torch.allclose(together, apart, atol=1e-5)
+
+
+def test_gff_keeps_more_edges_than_averaging_on_a_ct_mri_pair(aanlib: Path) -> None:
+    batch = _atlas_batch(aanlib)
+    ct, mri = (batch[0, i].numpy() * 255 for i in range(2))
+
+    def score(name: str) -> float:
+        return qabf(get_method(name)(batch)[0].numpy() * 255, ct, mri)
+
+    assert score("gff") > score("average") + 0.1

@@ -60,7 +60,7 @@ def register(subparsers) -> None:
         "--methods",
         type=_names,
         default=None,
-        help="comma-separated methods (default: cnn,laplacian,average,max; "
+        help="comma-separated methods (default: cnn,gff,laplacian,average,max; "
         "max and average are always added; a CNN without weights is "
         "left out with a note unless named here)",
     )

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from medfusion.errors import InputError, ModelError
 
-CLASSICAL_METHODS = ("average", "max", "laplacian")
+CLASSICAL_METHODS = ("average", "max", "laplacian", "gff")
 CLASSICAL_FALLBACK = "laplacian"
 
 

@@ -52,7 +52,7 @@ from medfusion.report.speed import speed_table
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("cnn", "laplacian", "average", "max")
+DEFAULT_METHODS = ("cnn", "gff", "laplacian", "average", "max")
 ALWAYS_METHODS = ("max", "average")
 PREFERRED_RANK_METRICS = ("QABF", "VIF", "SSIM", "MI", "FMI", "EN", "SD", "SF")
 # Block size and robustness: reference-based and fast (FMI costs ~0.3 CPU-s per 256² image).

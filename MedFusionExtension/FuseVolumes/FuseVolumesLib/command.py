@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METHODS: tuple[str, ...] = ("cnn", "laplacian", "average", "max")
+METHODS: tuple[str, ...] = ("cnn", "gff", "laplacian", "average", "max")
 AXES: tuple[str, ...] = ("axial", "coronal", "sagittal")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 MIN_INPUTS = 2
