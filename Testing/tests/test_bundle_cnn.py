@@ -70,6 +70,22 @@ def test_block_size_and_overlap_are_options(pet_mri: torch.Tensor) -> None:
         get_method("cnn", overlap=1.5)
 
 
+def test_slice_within_one_block_skips_the_window_blend_with_the_same_result(
+    pet_mri: torch.Tensor,
+) -> None:
+    """A slice no larger than the block goes straight through the network (faster); the
+    bundle's sliding-window inferer must give the same fused slice there."""
+    method = get_method("cnn", block_size=256)
+    with torch.inference_mode():
+        through_inferer = method.inferer(pet_mri, method.network)[:, 0].clamp(0.0, 1.0)
+    assert torch.allclose(method(pet_mri), through_inferer, atol=1e-5)
+    # a larger slice still goes through the windows: result close to whole-slice inference
+    padded = torch.nn.functional.pad(pet_mri, (0, 64, 0, 64))
+    windowed = get_method("cnn", block_size=128, overlap=0.5)(padded)[:, :256, :256]
+    whole = get_method("cnn", block_size=320)(padded)[:, :256, :256]
+    assert float((windowed - whole).abs().mean()) < 0.02
+
+
 def test_three_sources_work(pet_mri: torch.Tensor) -> None:
     batch = torch.cat([pet_mri, pet_mri[:, :1].flip(-1)], dim=1)
     fused = get_method("cnn")(batch)
