@@ -29,7 +29,8 @@ from medfusion.pacs.records import (
     StudyInfo,
     StudyQuery,
     check_uid,
-    parse_int,
+    series_from_answer,
+    study_from_answer,
 )
 
 log = logging.getLogger(__name__)
@@ -109,16 +110,9 @@ class DicomWebClient:
         )  # fmt: skip
         answers = self._qido("/studies", params, "QIDO-RS")
         studies = [
-            StudyInfo(
-                study_uid=_value(item, "StudyInstanceUID"),
-                patient_id=_value(item, "PatientID"),
-                patient_name=_value(item, "PatientName"),
-                study_date=_value(item, "StudyDate"),
-                description=_value(item, "StudyDescription"),
-                accession=_value(item, "AccessionNumber"),
-                modalities=tuple(_values(item, "ModalitiesInStudy")),
-                n_series=parse_int(_value(item, "NumberOfStudyRelatedSeries")),
-                n_instances=parse_int(_value(item, "NumberOfStudyRelatedInstances")),
+            study_from_answer(
+                lambda name, item=item: _value(item, name),
+                tuple(_values(item, "ModalitiesInStudy")),
             )
             for item in answers
         ]
@@ -141,14 +135,7 @@ class DicomWebClient:
         }
         answers = self._qido(f"/studies/{study_uid}/series", params, "QIDO-RS", missing_ok=True)
         series = [
-            SeriesInfo(
-                study_uid=study_uid,
-                series_uid=_value(item, "SeriesInstanceUID"),
-                modality=_value(item, "Modality"),
-                series_number=parse_int(_value(item, "SeriesNumber")),
-                description=_value(item, "SeriesDescription"),
-                n_instances=parse_int(_value(item, "NumberOfSeriesRelatedInstances")),
-            )
+            series_from_answer(study_uid, lambda name, item=item: _value(item, name))
             for item in answers
         ]
         return [item for item in series if item.series_uid]

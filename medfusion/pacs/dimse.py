@@ -37,6 +37,8 @@ from medfusion.pacs.records import (
     StudyQuery,
     check_uid,
     parse_int,
+    series_from_answer,
+    study_from_answer,
 )
 
 log = logging.getLogger(__name__)
@@ -93,16 +95,9 @@ class DimseClient:
         identifier.NumberOfStudyRelatedSeries = None
         identifier.NumberOfStudyRelatedInstances = None
         studies = [
-            StudyInfo(
-                study_uid=str(answer.get("StudyInstanceUID", "")),
-                patient_id=str(answer.get("PatientID", "")),
-                patient_name=str(answer.get("PatientName", "")),
-                study_date=str(answer.get("StudyDate", "")),
-                description=str(answer.get("StudyDescription", "")),
-                accession=str(answer.get("AccessionNumber", "")),
-                modalities=_multi(answer.get("ModalitiesInStudy")),
-                n_series=parse_int(answer.get("NumberOfStudyRelatedSeries")),
-                n_instances=parse_int(answer.get("NumberOfStudyRelatedInstances")),
+            study_from_answer(
+                lambda name, answer=answer: str(answer.get(name, "")),
+                _multi(answer.get("ModalitiesInStudy")),
             )
             for answer in self._find(identifier)
         ]
@@ -121,14 +116,7 @@ class DimseClient:
         identifier.SeriesDescription = ""
         identifier.NumberOfSeriesRelatedInstances = None
         series = [
-            SeriesInfo(
-                study_uid=study_uid,
-                series_uid=str(answer.get("SeriesInstanceUID", "")),
-                modality=str(answer.get("Modality", "")),
-                series_number=parse_int(answer.get("SeriesNumber")),
-                description=str(answer.get("SeriesDescription", "")),
-                n_instances=parse_int(answer.get("NumberOfSeriesRelatedInstances")),
-            )
+            series_from_answer(study_uid, lambda name, answer=answer: str(answer.get(name, "")))
             for answer in self._find(identifier)
         ]
         return [item for item in series if item.series_uid]

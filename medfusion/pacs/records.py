@@ -7,7 +7,7 @@ so they return the same small records; the workflow never needs to know which on
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -108,6 +108,37 @@ def check_uid(uid: str, what: str = "UID") -> str:
     if not uid or len(uid) > 64 or not _UID.match(uid):
         raise InputError(f"{what} {uid!r} is not a valid DICOM UID (digits and dots, <= 64)")
     return uid
+
+
+TextOf = Callable[[str], str]
+"""How a transport reads one attribute of a query answer by keyword, as text ('' when absent)."""
+
+
+def study_from_answer(text: TextOf, modalities: tuple[str, ...]) -> StudyInfo:
+    """One study from a C-FIND or QIDO-RS answer: the one tag-to-field mapping both use."""
+    return StudyInfo(
+        study_uid=text("StudyInstanceUID"),
+        patient_id=text("PatientID"),
+        patient_name=text("PatientName"),
+        study_date=text("StudyDate"),
+        description=text("StudyDescription"),
+        accession=text("AccessionNumber"),
+        modalities=modalities,
+        n_series=parse_int(text("NumberOfStudyRelatedSeries")),
+        n_instances=parse_int(text("NumberOfStudyRelatedInstances")),
+    )
+
+
+def series_from_answer(study_uid: str, text: TextOf) -> SeriesInfo:
+    """One series of ``study_uid`` from a C-FIND or QIDO-RS answer."""
+    return SeriesInfo(
+        study_uid=study_uid,
+        series_uid=text("SeriesInstanceUID"),
+        modality=text("Modality"),
+        series_number=parse_int(text("SeriesNumber")),
+        description=text("SeriesDescription"),
+        n_instances=parse_int(text("NumberOfSeriesRelatedInstances")),
+    )
 
 
 def parse_int(value: object) -> int | None:
