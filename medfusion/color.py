@@ -37,23 +37,42 @@ def is_colour(array: np.ndarray, tolerance: float = 1e-6) -> bool:
     return bool(spread.max() > tolerance)
 
 
+def _mix_channels(pixels: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """(..., 3) -> (..., 3): each output channel a fixed-order weighted sum of the inputs.
+
+    Written out term by term rather than as ``pixels @ matrix.T``: a BLAS product may sum in an
+    order that depends on the thread count and the array's layout, so the same image would get
+    a different luminance (by one float32 ulp) in a worker process than in the caller, and an
+    8-bit rounding or a metric's threshold could flip. Elementwise float32 arithmetic in a fixed
+    order gives the same bits everywhere.
+    """
+    values = pixels.astype(np.float32, copy=False)
+    red, green, blue = values[..., 0], values[..., 1], values[..., 2]
+    out = np.empty(values.shape, dtype=np.float32)
+    for channel, (w_red, w_green, w_blue) in enumerate(matrix):
+        out[..., channel] = red * w_red + green * w_green + blue * w_blue
+    return out
+
+
 def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
     """(..., 3) RGB in [0, 1] -> (..., 3) Y, Cb, Cr in [0, 1] (chroma offset by 0.5)."""
-    ycbcr = rgb.astype(np.float32, copy=False) @ _RGB_TO_YCBCR.T
-    ycbcr[..., 1:] += 0.5
+    ycbcr = _mix_channels(rgb, _RGB_TO_YCBCR)
+    ycbcr[..., 1:] += np.float32(0.5)
     return ycbcr
 
 
 def ycbcr_to_rgb(ycbcr: np.ndarray) -> np.ndarray:
     """(..., 3) Y, Cb, Cr in [0, 1] -> (..., 3) RGB clipped to [0, 1]."""
     centred = ycbcr.astype(np.float32, copy=True)
-    centred[..., 1:] -= 0.5
-    return np.clip(centred @ _YCBCR_TO_RGB.T, 0.0, 1.0)
+    centred[..., 1:] -= np.float32(0.5)
+    return np.clip(_mix_channels(centred, _YCBCR_TO_RGB), 0.0, 1.0)
 
 
 def luminance(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3) RGB in [0, 1] -> (...) Y in [0, 1]."""
-    return rgb.astype(np.float32, copy=False) @ _RGB_TO_YCBCR[0]
+    """(..., 3) RGB in [0, 1] -> (...) Y in [0, 1] (the same bits as ``rgb_to_ycbcr``'s Y)."""
+    values = rgb.astype(np.float32, copy=False)
+    w_red, w_green, w_blue = _RGB_TO_YCBCR[0]
+    return values[..., 0] * w_red + values[..., 1] * w_green + values[..., 2] * w_blue
 
 
 def merge_chroma(chromas: list[np.ndarray]) -> np.ndarray:

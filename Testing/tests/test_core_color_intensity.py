@@ -20,6 +20,25 @@ def test_ycbcr_round_trip_on_real_pet(aanlib: Path) -> None:
     assert np.allclose(color.luminance(rgb), ycbcr[..., 0], atol=1e-6)
 
 
+def test_luminance_has_the_same_bits_whatever_the_memory_layout(aanlib: Path) -> None:
+    """The benchmark's workers and the caller must get one luminance: no BLAS-order rounding."""
+    rgb = to_unit_range(read_image(aanlib / "PET-MRI" / "PET" / "25038.png"))
+    expected = color.rgb_to_ycbcr(rgb)[..., 0]
+    layouts = {
+        "contiguous": rgb,
+        "fortran": np.asfortranarray(rgb),
+        "strided": np.pad(rgb, ((0, 0), (0, 0), (0, 1)))[..., :3],
+        "transposed twice": np.ascontiguousarray(rgb.transpose(1, 0, 2)).transpose(1, 0, 2),
+    }
+    for name, view in layouts.items():
+        assert np.array_equal(color.luminance(view), expected), name
+        assert np.array_equal(color.rgb_to_ycbcr(view)[..., 0], expected), name
+    # and the fixed-order sum is the BT.601 formula in float32
+    red, green, blue = (rgb[..., c] for c in range(3))
+    formula = red * np.float32(0.299) + green * np.float32(0.587) + blue * np.float32(0.114)
+    assert np.array_equal(expected, formula)
+
+
 def test_grey_has_neutral_chroma() -> None:
     grey = np.full((2, 2, 3), 0.3, dtype=np.float32)
     ycbcr = color.rgb_to_ycbcr(grey)
