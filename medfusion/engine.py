@@ -146,14 +146,24 @@ def fuse_images(
     return FusedImage(luminance=fused, rgb=rgb, sources=sources)
 
 
-def load_volumes(references: Sequence[Any]) -> tuple[list, list[str]]:
-    """Read paths (kept as they are for SimpleITK images); return images and labels."""
+def load_volumes(
+    references: Sequence[Any], allow_slice_gaps: bool = False
+) -> tuple[list, list[str]]:
+    """Read paths (kept as they are for SimpleITK images); return images and labels.
+
+    Every volume's geometry is checked (:func:`medfusion.geometry.check_geometry`);
+    ``allow_slice_gaps`` lets DICOM series with missing slices through, restacked regularly.
+    """
     from medfusion.io.volumes import read_volume
 
     images, labels = [], []
     for index, item in enumerate(references):
         label = _label(item, index)
-        image = read_volume(item) if isinstance(item, (str, Path)) else item
+        if isinstance(item, (str, Path)):
+            image = read_volume(item, allow_slice_gaps=allow_slice_gaps)
+        else:
+            image = item
+            geometry.check_geometry(image, label)
         if image.GetDimension() != 3:
             raise InputError(f"{label} has {image.GetDimension()} dimensions; expected 3D")
         if image.GetNumberOfComponentsPerPixel() != 1:
@@ -175,6 +185,7 @@ def fuse_volumes(
     progress: ProgressCallback | None = None,
     cancel: CancelFlag = None,
     on_batch: BatchCallback | None = None,
+    allow_slice_gaps: bool = False,
     **method_options: Any,
 ):
     """Fuse co-registered volumes slice by slice; return a float32 ``SimpleITK.Image`` in [0, 1].
@@ -189,6 +200,7 @@ def fuse_volumes(
     callable or a ``threading.Event``) is checked before each batch and stops with
     :class:`CancelledError`. ``on_batch(start, stop, sources, fused)`` sees each batch's
     normalised sources and fused slices (e.g. to compute per-slice metrics while streaming).
+    ``allow_slice_gaps``: accept DICOM series with missing slices (restacked on a regular grid).
     """
     import SimpleITK as sitk
 
@@ -198,7 +210,7 @@ def fuse_volumes(
         raise InputError("give at least two volumes to fuse (a reference and one other)")
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
-    images, labels = load_volumes([reference, *others])
+    images, labels = load_volumes([reference, *others], allow_slice_gaps=allow_slice_gaps)
     policies = intensity.policies_for(len(images), normalisation, ct_window)
     torch_device = resolve_device(device)
     fuse = _build_method(method, torch_device, method_options)
@@ -252,9 +264,12 @@ def check_files(inputs: Sequence[str | Path], output: str | Path) -> str:
     from medfusion.io.images import check_image_output
     from medfusion.io.volumes import check_volume_output
 
+    from medfusion.io.formats import check_path_name
+
     if len(inputs) < 2:
         raise InputError("give at least two inputs to fuse (a reference and one other)")
     for path in inputs:
+        check_path_name(path)
         if not Path(path).exists():
             raise InputError(f"input not found: {path}")
     kinds = [input_kind(path) for path in inputs]
@@ -289,6 +304,7 @@ def fuse_files(
     progress: ProgressCallback | None = None,
     cancel: CancelFlag = None,
     on_batch: BatchCallback | None = None,
+    allow_slice_gaps: bool = False,
     **method_options: Any,
 ) -> FusedImage | Any:
     """Fuse files (all 2D images or all 3D volumes) and write the result atomically to ``output``.
@@ -314,7 +330,8 @@ def fuse_files(
     result = fuse_volumes(
         inputs[0], list(inputs[1:]), method=method, axis=axis, device=device,
         batch_size=batch_size, normalisation=normalisation or "percentile", ct_window=ct_window,
-        progress=progress, cancel=cancel, on_batch=on_batch, **method_options,
+        progress=progress, cancel=cancel, on_batch=on_batch, allow_slice_gaps=allow_slice_gaps,
+        **method_options,
     )
     write_volume(target, result)
     return result

@@ -76,6 +76,10 @@ def add_fusion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ct-window", metavar="LEVEL,WIDTH",
                         help="CT window in HU, e.g. 40,80 (brain); without --normalise it "
                         "applies to the reference and the others use percentile")
+    parser.add_argument("--allow-slice-gaps", action="store_true",
+                        help="DICOM series with missing slices: fuse them on a regular grid at "
+                        "the slices' real positions, the gap linearly interpolated (default: "
+                        "refuse such a series)")
     parser.add_argument("--progress", default="bar", choices=PROGRESS_MODES,
                         help="bar on stderr (default), JSON lines on stdout, or none")
 
@@ -126,6 +130,7 @@ def engine_options(args: argparse.Namespace, count: int) -> dict[str, Any]:
     return {
         "device": args.device, "axis": args.axis, "batch_size": args.batch_size,
         "normalisation": normalisation, "ct_window": ct_window,
+        "allow_slice_gaps": bool(getattr(args, "allow_slice_gaps", False)),
     }
 
 
