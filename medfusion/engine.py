@@ -54,6 +54,23 @@ class FusedImage:
         return to_uint8(self.rgb if self.rgb is not None else self.luminance)
 
 
+# What the metrics score for a 2D result (said in their output): the image the user gets.
+SCORED_IMAGE = ("the fused image as written (8-bit; for colour, the luminance Y of its RGB), "
+                "against the sources' luminance as stored")
+
+
+def luminance_for_scoring(samples: np.ndarray) -> np.ndarray:
+    """Stored 2D samples (e.g. an 8-bit image as written or read) -> float64 [0, 1] luminance:
+    scaled by the storage range, colour reduced to Y (BT.601). ``fuse --metrics`` and
+    ``medfusion metrics`` score images through this one function, so they agree."""
+    from medfusion.io.images import to_unit_range
+
+    unit = to_unit_range(np.asarray(samples))
+    if unit.ndim == 3:
+        unit = color.luminance(unit) if color.is_colour(unit) else unit[..., 0]
+    return np.asarray(unit, dtype=np.float64)
+
+
 def _label(item: Any, index: int) -> str:
     if isinstance(item, (str, Path)):
         return Path(item).name
@@ -261,10 +278,9 @@ def check_files(inputs: Sequence[str | Path], output: str | Path) -> str:
     folder, with an extension for that kind, and not one of the inputs.
     """
     from medfusion.io.atomic import check_output_path
+    from medfusion.io.formats import check_path_name
     from medfusion.io.images import check_image_output
     from medfusion.io.volumes import check_volume_output
-
-    from medfusion.io.formats import check_path_name
 
     if len(inputs) < 2:
         raise InputError("give at least two inputs to fuse (a reference and one other)")

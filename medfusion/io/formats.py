@@ -54,7 +54,7 @@ def check_path_name(path: str | Path, error: type[MedFusionError] = InputError) 
     text = os.fsencode(str(path))
     name_max, path_max = 255, 4096
     probe = Path(path).parent
-    while not probe.is_dir() and probe != probe.parent:
+    while not os.path.isdir(probe) and probe != probe.parent:
         probe = probe.parent
     try:
         name_max = os.pathconf(probe, "PC_NAME_MAX")
@@ -175,13 +175,13 @@ def _guess(head: bytes) -> str:
 def check_nifti_data(path: str | Path, error: type[MedFusionError] = InputError) -> None:
     """Raise ``error`` when a NIfTI file's voxel data is shorter than its header says, its gzip
     stream is cut or corrupt, or its float voxels hold NaN/inf (read raw, chunk by chunk)."""
-    import nibabel
-
     source = Path(path)
     try:
-        header = nibabel.load(str(source)).header
+        header = _raw_nifti_header(source)
     except Exception as exc:  # nibabel raises many types for a broken header
         raise error(f"cannot read the NIfTI header of {source.name}: corrupt file") from exc
+    if error is InputError:
+        check_nifti_geometry(header, source.name)
     dtype = header.get_data_dtype()
     shape = tuple(int(n) for n in header.get_data_shape())
     offset = int(header.get_data_offset())
@@ -216,6 +216,46 @@ def check_nifti_data(path: str | Path, error: type[MedFusionError] = InputError)
         raise error(f"cannot read {source.name}: corrupt compressed data ({exc})") from exc
     if read < expected:
         _truncated(source, read, expected, shape, error)
+
+
+def _raw_nifti_header(source: Path):
+    """The NIfTI header as stored (``nibabel.load`` would 'fix' a zero or negative pixdim)."""
+    import io
+
+    import nibabel
+
+    opener = gzip.open if full_suffix(source) == ".nii.gz" else open
+    with opener(source, "rb") as handle:
+        raw = handle.read(540)
+    kind = nibabel.Nifti2Header if raw[4:8] in (b"n+2\x00", b"ni2\x00") else nibabel.Nifti1Header
+    return kind.from_fileobj(io.BytesIO(raw), check=False)
+
+
+def check_nifti_geometry(header, label: str) -> None:
+    """Raise GeometryError for header geometry that ITK would silently change: a voxel size
+    (pixdim) that is zero, negative or not finite (ITK makes it 1 or its absolute value,
+    flipping the axis), or a non-finite or singular qform/sform."""
+    from medfusion.errors import GeometryError
+
+    spatial = min(int(header["dim"][0]), 3)
+    pixdim = np.asarray(header["pixdim"][1 : 1 + spatial], dtype=float)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        shown = "x".join(f"{v:g}" for v in pixdim)
+        raise GeometryError(
+            f"{label} has an unusable voxel spacing in its NIfTI header (pixdim {shown}): every "
+            "spacing must be a positive number; fix the file's header"
+        )
+    if int(header["qform_code"]) > 0:
+        quaternion = [float(header[key]) for key in ("quatern_b", "quatern_c", "quatern_d",
+                                                      "qoffset_x", "qoffset_y", "qoffset_z")]
+        if not np.all(np.isfinite(quaternion)):
+            raise GeometryError(f"{label} has a non-finite qform (orientation or origin) in its "
+                                "NIfTI header; fix the file's header")
+    if int(header["sform_code"]) > 0:
+        rows = np.array([header["srow_x"], header["srow_y"], header["srow_z"]], dtype=float)
+        if not np.all(np.isfinite(rows)) or abs(np.linalg.det(rows[:, :3])) < 1e-12:
+            raise GeometryError(f"{label} has a non-finite or singular sform in its NIfTI "
+                                "header, so its voxels cannot be placed in space; fix the header")
 
 
 def _truncated(source: Path, actual: int, expected: int, shape: tuple, error) -> None:

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medfusion.errors import InputError, OutputError
-from medfusion.io import full_suffix
-from medfusion.io import dicom_series
+from medfusion.io import dicom_series, full_suffix
 from medfusion.io.atomic import atomic_output
 from medfusion.io.formats import (
     check_content_matches_name,
