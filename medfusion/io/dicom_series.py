@@ -251,13 +251,16 @@ def check_positions(infos: list[SliceInfo], label: str, allow_gaps: bool) -> np.
 
 def restack_regularly(image, positions: np.ndarray):
     """Resample a series read by ITK (slices in ``positions`` order, evenly placed by ITK) onto
-    a regular grid at the slices' real positions: step = the median slice step, first slice at
+    a regular grid at the slices' real positions: step = the lower quartile of the non-gap
+    slice steps (the series' finer spacing, measured along the normal), first slice at
     the first position, values linearly interpolated along the normal between the two real
     slices around each grid plane. Spacing in-plane, origin and direction are kept."""
     import SimpleITK as sitk
 
     steps = np.diff(positions)
-    step = float(np.median(steps))
+    regular = np.delete(steps, find_gaps(positions)[0])
+    # the finer spacing of the series (its lower quartile step), so no region is thinned out
+    step = float(np.percentile(regular, 25)) if regular.size else float(np.median(steps))
     count = int(round((positions[-1] - positions[0]) / step)) + 1
     grid = positions[0] + step * np.arange(count)
     source = sitk.GetArrayViewFromImage(image)  # (z, y, x), z in position order
