@@ -511,3 +511,16 @@ def test_gzip_stream_cut_is_caught_even_with_intact_header(dirs, t1_t2, capsys) 
     cut.write_bytes(packed[: len(packed) - 200])
     assert_clean_error(_fuse([cut, t1_t2[1]], out / "f.nii"), capsys, [cut], out,
                        "cut.nii.gz is truncated")
+
+
+def test_metrics_refuses_nan_sources(dirs, t1_t2, capsys) -> None:
+    inputs, out = dirs
+    image = read_volume(t1_t2[1])
+    array = sitk.GetArrayFromImage(image)
+    array[3, 40, 40] = np.nan
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(image)
+    nan_nrrd = inputs / "t2nan.nrrd"
+    sitk.WriteImage(broken, str(nan_nrrd))
+    assert_clean_error(["metrics", t1_t2[0], t1_t2[0], nan_nrrd, "-o", out / "m.csv"], capsys,
+                       [nan_nrrd, t1_t2[0]], out, "t2nan.nrrd contains NaN or infinite values")

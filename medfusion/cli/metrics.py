@@ -151,10 +151,13 @@ def _image_metrics(args: argparse.Namespace, names: list[str] | None) -> dict[st
 def _volume_array(path: str) -> tuple[np.ndarray, Any]:
     import SimpleITK as sitk
 
+    from medfusion.intensity import check_finite
     from medfusion.io.volumes import read_volume
 
     image = read_volume(path)
-    return sitk.GetArrayFromImage(image).astype(np.float64, copy=False), image
+    array = sitk.GetArrayFromImage(image).astype(np.float64, copy=False)
+    check_finite(array, Path(path).name)
+    return array, image
 
 
 def _on_fused_grid(fused_image, path: str, resample: bool) -> np.ndarray:
@@ -168,6 +171,7 @@ def _on_fused_grid(fused_image, path: str, resample: bool) -> np.ndarray:
     import SimpleITK as sitk
 
     from medfusion import geometry
+    from medfusion.intensity import check_finite
     from medfusion.io.volumes import read_volume
 
     image = read_volume(path)
@@ -180,7 +184,9 @@ def _on_fused_grid(fused_image, path: str, resample: bool) -> np.ndarray:
                 "add --resample to resample it onto the fused grid, or fuse first"
             )
         image = geometry.align_to_reference(fused_image, image, label)
-    return sitk.GetArrayFromImage(image).astype(np.float64, copy=False)
+    array = sitk.GetArrayFromImage(image).astype(np.float64, copy=False)
+    check_finite(array, label)
+    return array
 
 
 def _volume_metrics(args: argparse.Namespace, names: list[str] | None):

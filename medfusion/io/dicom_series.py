@@ -172,12 +172,12 @@ def _key(info: SliceInfo, field: str):
         return (info.columns, info.rows)
     if field == "orientation":
         return tuple(round(v, 3) for v in info.orientation)
-    if field == "frame_of_reference":
-        return info.frame_of_reference[-12:]  # a UID's tail is enough to tell them apart
     return getattr(info, field)
 
 
 def _show(key) -> str:
+    if isinstance(key, str) and len(key) > 16:
+        return "..." + key[-12:]  # a UID's tail tells them apart and keeps the line short
     if isinstance(key, tuple):
         return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in key) or "none"
     return str(key) or "none"
@@ -211,15 +211,14 @@ def find_gaps(positions: np.ndarray) -> tuple[list[int], list[int]]:
     return gaps, duplicates
 
 
-def check_positions(infos: list[SliceInfo], label: str, allow_gaps: bool) -> np.ndarray | None:
+def check_positions(infos: list[SliceInfo], label: str, allow_gaps: bool) -> bool:
     """Raise InputError for slices at one position, or a gap unless ``allow_gaps``.
 
-    Returns the sorted positions when there is a gap that is allowed (the caller restacks the
-    volume), else None.
+    Returns True when there is a gap that is allowed (the caller restacks the volume).
     """
     positions = slice_positions(infos)
     if positions is None or len(infos) < 2:
-        return None
+        return False
     order = np.argsort(positions)
     ordered = positions[order]
     names = [infos[i].path.name for i in order]
@@ -231,7 +230,7 @@ def check_positions(infos: list[SliceInfo], label: str, allow_gaps: bool) -> np.
             f"({ordered[i]:.2f} mm): two series or frames mixed in one folder?"
         )
     if not gaps:
-        return None
+        return False
     steps = np.diff(ordered)
     described = "; ".join(
         f"between {names[i]} and {names[i + 1]} ({ordered[i]:.1f} to {ordered[i + 1]:.1f} mm, "
@@ -246,17 +245,21 @@ def check_positions(infos: list[SliceInfo], label: str, allow_gaps: bool) -> np.
         )
     logger.warning("%s: missing slices %s%s; interpolating across the gap (--allow-slice-gaps)",
                    label, described, more)
-    return ordered
+    return True
 
 
-def restack_regularly(image, positions: np.ndarray):
-    """Resample a series read by ITK (slices in ``positions`` order, evenly placed by ITK) onto
-    a regular grid at the slices' real positions: step = the lower quartile of the non-gap
-    slice steps (the series' finer spacing, measured along the normal), first slice at
-    the first position, values linearly interpolated along the normal between the two real
-    slices around each grid plane. Spacing in-plane, origin and direction are kept."""
+def restack_regularly(image, infos: list[SliceInfo], label: str):
+    """Resample a series read by ITK from the files of ``infos`` (in that order, which ITK
+    places evenly) onto a regular grid at the slices' real positions: positions measured along
+    the image's slice axis, step = the lower quartile of the non-gap steps (the series' finer
+    spacing), first plane at the first slice, values linearly interpolated between the two real
+    slices around each plane. In-plane spacing, origin and direction are kept."""
     import SimpleITK as sitk
 
+    axis = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    positions = np.array([float(np.dot(info.position, axis)) for info in infos])
+    if np.any(np.diff(positions) <= 0):
+        raise InputError(f"cannot order the slices of the DICOM series in {label} by position")
     steps = np.diff(positions)
     regular = np.delete(steps, find_gaps(positions)[0])
     # the finer spacing of the series (its lower quartile step), so no region is thinned out

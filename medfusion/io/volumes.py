@@ -153,7 +153,7 @@ def _read_dicom_folder(folder: Path, allow_slice_gaps: bool = False):
     dicom_series.check_no_stray_files(folder, files)
     infos = dicom_series.read_slice_infos(files)
     dicom_series.check_consistent(infos, folder.name)
-    gap_positions = dicom_series.check_positions(infos, folder.name, allow_slice_gaps)
+    restack = dicom_series.check_positions(infos, folder.name, allow_slice_gaps)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -164,8 +164,8 @@ def _read_dicom_folder(folder: Path, allow_slice_gaps: bool = False):
         raise InputError(
             f"cannot read the DICOM series in {folder.name}: corrupt or unsupported file"
         ) from error
-    if gap_positions is not None:
-        return dicom_series.restack_regularly(image, gap_positions)
+    if restack:
+        return dicom_series.restack_regularly(image, infos, folder.name)
     _report_uneven_spacing(reader, len(files), image, folder.name)
     for key in list(image.GetMetaDataKeys()):
         image.EraseMetaData(key)
