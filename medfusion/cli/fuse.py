@@ -284,6 +284,7 @@ def run_fuse(args: argparse.Namespace) -> int:
 
             info["scored"] = SCORED_IMAGE
             write_metrics(args.metrics, image_metrics(result, args.output, inputs), info=info)
+            logger.info("metrics of %s", SCORED_IMAGE)
         else:
             info["scored"] = ("the fused volume as written (float32), against the sources "
                               "normalised as fused, per slice with content")
