@@ -193,7 +193,7 @@ def check_nifti_data(path: str | Path, error: type[MedFusionError] = InputError)
             _truncated(source, actual, expected, shape, error)
         return
     opener = gzip.open if full_suffix(source) == ".nii.gz" else open
-    read = 0
+    read, carry = 0, b""
     try:
         with opener(source, "rb") as handle:
             handle.seek(offset)
@@ -201,15 +201,17 @@ def check_nifti_data(path: str | Path, error: type[MedFusionError] = InputError)
                 chunk = handle.read(min(_CHUNK_BYTES, expected - read))
                 if not chunk:
                     break
+                read += len(chunk)
                 if check_values:
+                    chunk = carry + chunk  # a short read may split a voxel: keep its bytes
                     usable = len(chunk) - len(chunk) % dtype.itemsize
+                    carry = chunk[usable:]
                     values = np.frombuffer(chunk[:usable], dtype=dtype)
                     if not np.isfinite(values).all():
                         raise error(
                             f"{source.name} contains NaN or infinite values; fix or mask them "
                             "before fusing"
                         )
-                read += len(chunk)
     except EOFError:
         _truncated(source, read, expected, shape, error)
     except (OSError, zlib.error) as exc:
