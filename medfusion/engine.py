@@ -54,6 +54,23 @@ class FusedImage:
         return to_uint8(self.rgb if self.rgb is not None else self.luminance)
 
 
+# What the metrics score for a 2D result (said in their output): the image the user gets.
+SCORED_IMAGE = ("the fused image as written (8-bit; for colour, the luminance Y of its RGB), "
+                "against the sources' luminance as stored")
+
+
+def luminance_for_scoring(samples: np.ndarray) -> np.ndarray:
+    """Stored 2D samples (e.g. an 8-bit image as written or read) -> float64 [0, 1] luminance:
+    scaled by the storage range, colour reduced to Y (BT.601). ``fuse --metrics`` and
+    ``medfusion metrics`` score images through this one function, so they agree."""
+    from medfusion.io.images import to_unit_range
+
+    unit = to_unit_range(np.asarray(samples))
+    if unit.ndim == 3:
+        unit = color.luminance(unit) if color.is_colour(unit) else unit[..., 0]
+    return np.asarray(unit, dtype=np.float64)
+
+
 def _label(item: Any, index: int) -> str:
     if isinstance(item, (str, Path)):
         return Path(item).name
@@ -146,14 +163,24 @@ def fuse_images(
     return FusedImage(luminance=fused, rgb=rgb, sources=sources)
 
 
-def load_volumes(references: Sequence[Any]) -> tuple[list, list[str]]:
-    """Read paths (kept as they are for SimpleITK images); return images and labels."""
+def load_volumes(
+    references: Sequence[Any], allow_slice_gaps: bool = False
+) -> tuple[list, list[str]]:
+    """Read paths (kept as they are for SimpleITK images); return images and labels.
+
+    Every volume's geometry is checked (:func:`medfusion.geometry.check_geometry`);
+    ``allow_slice_gaps`` lets DICOM series with missing slices through, restacked regularly.
+    """
     from medfusion.io.volumes import read_volume
 
     images, labels = [], []
     for index, item in enumerate(references):
         label = _label(item, index)
-        image = read_volume(item) if isinstance(item, (str, Path)) else item
+        if isinstance(item, (str, Path)):
+            image = read_volume(item, allow_slice_gaps=allow_slice_gaps)
+        else:
+            image = item
+            geometry.check_geometry(image, label)
         if image.GetDimension() != 3:
             raise InputError(f"{label} has {image.GetDimension()} dimensions; expected 3D")
         if image.GetNumberOfComponentsPerPixel() != 1:
@@ -175,6 +202,7 @@ def fuse_volumes(
     progress: ProgressCallback | None = None,
     cancel: CancelFlag = None,
     on_batch: BatchCallback | None = None,
+    allow_slice_gaps: bool = False,
     **method_options: Any,
 ):
     """Fuse co-registered volumes slice by slice; return a float32 ``SimpleITK.Image`` in [0, 1].
@@ -189,6 +217,7 @@ def fuse_volumes(
     callable or a ``threading.Event``) is checked before each batch and stops with
     :class:`CancelledError`. ``on_batch(start, stop, sources, fused)`` sees each batch's
     normalised sources and fused slices (e.g. to compute per-slice metrics while streaming).
+    ``allow_slice_gaps``: accept DICOM series with missing slices (restacked on a regular grid).
     """
     import SimpleITK as sitk
 
@@ -198,7 +227,7 @@ def fuse_volumes(
         raise InputError("give at least two volumes to fuse (a reference and one other)")
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
-    images, labels = load_volumes([reference, *others])
+    images, labels = load_volumes([reference, *others], allow_slice_gaps=allow_slice_gaps)
     policies = intensity.policies_for(len(images), normalisation, ct_window)
     torch_device = resolve_device(device)
     fuse = _build_method(method, torch_device, method_options)
@@ -249,12 +278,14 @@ def check_files(inputs: Sequence[str | Path], output: str | Path) -> str:
     folder, with an extension for that kind, and not one of the inputs.
     """
     from medfusion.io.atomic import check_output_path
+    from medfusion.io.formats import check_path_name
     from medfusion.io.images import check_image_output
     from medfusion.io.volumes import check_volume_output
 
     if len(inputs) < 2:
         raise InputError("give at least two inputs to fuse (a reference and one other)")
     for path in inputs:
+        check_path_name(path)
         if not Path(path).exists():
             raise InputError(f"input not found: {path}")
     kinds = [input_kind(path) for path in inputs]
@@ -289,6 +320,7 @@ def fuse_files(
     progress: ProgressCallback | None = None,
     cancel: CancelFlag = None,
     on_batch: BatchCallback | None = None,
+    allow_slice_gaps: bool = False,
     **method_options: Any,
 ) -> FusedImage | Any:
     """Fuse files (all 2D images or all 3D volumes) and write the result atomically to ``output``.
@@ -314,7 +346,8 @@ def fuse_files(
     result = fuse_volumes(
         inputs[0], list(inputs[1:]), method=method, axis=axis, device=device,
         batch_size=batch_size, normalisation=normalisation or "percentile", ct_window=ct_window,
-        progress=progress, cancel=cancel, on_batch=on_batch, **method_options,
+        progress=progress, cancel=cancel, on_batch=on_batch, allow_slice_gaps=allow_slice_gaps,
+        **method_options,
     )
     write_volume(target, result)
     return result

@@ -134,3 +134,31 @@ def _fmt(values) -> str:
 
 def _box(low: np.ndarray, high: np.ndarray) -> str:
     return "[" + ", ".join(f"{a:.0f}..{b:.0f}" for a, b in zip(low, high, strict=True)) + "] mm"
+
+
+def check_geometry(image, label: str = "input") -> None:
+    """Raise GeometryError when a volume's geometry cannot place it in physical space:
+    spacing not finite and positive, origin not finite, direction not a finite orthonormal
+    matrix (singular, sheared or scaled axes), or no voxel at all."""
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    origin = np.asarray(image.GetOrigin(), dtype=float)
+    dimension = image.GetDimension()
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(dimension, dimension)
+    if min(image.GetSize()) < 1:
+        raise GeometryError(f"{label} has no voxels (size {_fmt(image.GetSize())})")
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise GeometryError(
+            f"{label} has an unusable voxel spacing ({_fmt(tuple(spacing.tolist()))} mm): every "
+            "spacing must be a positive number; fix the file's header"
+        )
+    if not np.all(np.isfinite(origin)):
+        raise GeometryError(f"{label} has a non-finite origin ({_fmt(tuple(origin.tolist()))}); "
+                            "fix the file's header")
+    if not np.all(np.isfinite(direction)):
+        raise GeometryError(f"{label} has a non-finite direction matrix; fix the file's header")
+    if not np.allclose(direction.T @ direction, np.eye(dimension), atol=1e-3):
+        raise GeometryError(
+            f"{label} has a direction matrix that is not orthonormal (singular, sheared or "
+            "scaled axes), so its voxels cannot be placed in physical space; fix the file's "
+            "header"
+        )

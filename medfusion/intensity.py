@@ -6,7 +6,8 @@ Policies (one per input, or one for all):
   the input, estimated once from an evenly strided subsample of at most ~2 million voxels;
   values outside are clipped. Robust to hot spots and outliers (PET, SPECT, MRI).
 - ``ct-window``: a CT display window ``(level, width)`` in HU, e.g. ``(40, 80)`` for brain,
-  ``(400, 1800)`` for bone: ``(v - (level - width/2)) / width`` clipped.
+  ``(400, 1800)`` for bone: ``(v - (level - width/2)) / width`` clipped. Refused for inputs
+  that are not in HU (8-bit grey levels, or no value below -100 HU: no air, no fat).
 - ``minmax``: the full range of the input.
 - ``none``: values taken as they are (already in [0, 1]; 8/16-bit images scaled by their
   storage range), clipped to [0, 1]. The default for 2D images, which are display-ready.
@@ -75,6 +76,25 @@ def check_finite(values: np.ndarray, label: str) -> None:
             )
 
 
+HU_AIR_BOUND = -100.0  # a CT in HU holds air (-1000) or fat (-100) somewhere
+
+
+def check_hounsfield(values: np.ndarray, label: str = "input") -> None:
+    """Raise InputError unless ``values`` look like CT numbers in HU, where a CT window means
+    something: 8-bit grey levels are not HU, and a CT has air or fat (below -100 HU)."""
+    hint = "use --normalise percentile, minmax or none instead of a CT window"
+    if values.dtype == np.uint8:
+        raise InputError(
+            f"{label} holds 8-bit grey levels (0..255), not CT numbers in HU: {hint}"
+        )
+    lowest = float(np.min(values))
+    if lowest > HU_AIR_BOUND:
+        raise InputError(
+            f"{label} does not look like a CT in HU (its lowest value is {lowest:g}; a CT has "
+            f"air or fat below {HU_AIR_BOUND:g} HU): {hint}"
+        )
+
+
 def fit_normaliser(
     values: np.ndarray,
     policy: str = "percentile",
@@ -95,6 +115,7 @@ def fit_normaliser(
     if policy == "ct-window":
         if ct_window is None:
             raise InputError("normalisation 'ct-window' needs a window: --ct-window LEVEL,WIDTH")
+        check_hounsfield(values, label)
         level, width = ct_window
         return Normaliser(level - width / 2.0, level + width / 2.0)
     full_low, full_high = float(np.min(values)), float(np.max(values))

@@ -72,7 +72,7 @@ def test_old_numpy_blocks_instead_of_being_changed():
 
 
 def test_newer_versions_are_kept_never_downgraded():
-    newer = {"numpy": "2.3.1", "SimpleITK": "2.5.7", "pydicom": "3.0.2",
+    newer = {"numpy": "2.3.1", "SimpleITK": "2.5.7", "pydicom": "3.0.2", "nibabel": "5.4.2",
              "torch": "2.13.0+cu126", "monai": "1.7.0", "pytorch-ignite": "0.5.5",
              "scipy": "1.17.1", "pillow": "12.0.0", "PyYAML": "6.0.3", "tqdm": "4.70.1"}
     plan = plan_installation(newer, core_installed="0.1.0")

@@ -76,6 +76,10 @@ def add_fusion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ct-window", metavar="LEVEL,WIDTH",
                         help="CT window in HU, e.g. 40,80 (brain); without --normalise it "
                         "applies to the reference and the others use percentile")
+    parser.add_argument("--allow-slice-gaps", action="store_true",
+                        help="DICOM series with missing slices: fuse them on a regular grid at "
+                        "the slices' real positions, the gap linearly interpolated (default: "
+                        "refuse such a series)")
     parser.add_argument("--progress", default="bar", choices=PROGRESS_MODES,
                         help="bar on stderr (default), JSON lines on stdout, or none")
 
@@ -126,6 +130,7 @@ def engine_options(args: argparse.Namespace, count: int) -> dict[str, Any]:
     return {
         "device": args.device, "axis": args.axis, "batch_size": args.batch_size,
         "normalisation": normalisation, "ct_window": ct_window,
+        "allow_slice_gaps": bool(getattr(args, "allow_slice_gaps", False)),
     }
 
 
@@ -158,10 +163,25 @@ def _compute_metrics():
     return compute_metrics
 
 
-def image_metrics(result) -> dict[str, float]:
-    """Metrics of a fused 2D image against the luminance sources the method saw (8-bit scale)."""
+def image_metrics(result, output: str | Path | None = None,
+                  inputs: list | None = None) -> dict[str, float]:
+    """Metrics of a fused 2D result: the image the user gets (``engine.SCORED_IMAGE``).
+
+    With ``output`` and ``inputs`` (files): the written file against the input files, by the
+    very function ``medfusion metrics`` uses, so both give the same numbers. Without them: the
+    8-bit result in memory (what is written as PNG) against the luminance sources it was fused
+    from (batch, demo).
+    """
+    if output is not None and inputs is not None:
+        from medfusion.cli.metrics import image_file_metrics
+
+        return dict(image_file_metrics(output, inputs))
+    from medfusion.engine import luminance_for_scoring
+
     compute = _compute_metrics()
-    return dict(compute(result.luminance, list(result.sources), data_range=1.0))
+    fused = luminance_for_scoring(result.to_uint8())
+    sources = [np.asarray(source, dtype=np.float64) for source in result.sources]
+    return dict(compute(fused, sources, data_range=1.0))
 
 
 class SliceMetrics:
@@ -260,8 +280,14 @@ def run_fuse(args: argparse.Namespace) -> int:
         info = {"inputs": [str(p) for p in inputs], "output": str(args.output),
                 "method": method.name}
         if isinstance(result, FusedImage):
-            write_metrics(args.metrics, image_metrics(result), info=info)
+            from medfusion.engine import SCORED_IMAGE
+
+            info["scored"] = SCORED_IMAGE
+            write_metrics(args.metrics, image_metrics(result, args.output, inputs), info=info)
+            logger.info("metrics of %s", SCORED_IMAGE)
         else:
+            info["scored"] = ("the fused volume as written (float32), against the sources "
+                              "normalised as fused, per slice with content")
             write_metrics(args.metrics, slice_metrics.summary(), slice_metrics.rows, info)
     if args.progress == "json":
         emit_json({"event": "done", "output": str(args.output)})

@@ -3,9 +3,11 @@
 2D images (PNG, JPEG, TIFF, BMP) are read with :func:`medfusion.io.images.read_image`, scaled
 to [0, 1] by their storage range, colour inputs reduced to their luminance (Y of YCbCr), and
 measured with ``data_range=1`` (every metric works on the equivalent 8-bit grey scale).
-Volumes (NIfTI, NRRD, MHA, DICOM folders) are read with
-:func:`medfusion.io.volumes.read_volume`; they must share one voxel grid (fuse first: the
-fused volume lies on the reference's grid). Sources and target are normalised to [0, 1] like
+The image scored is the fused file as stored (8-bit; for colour, the luminance of its RGB), the
+same as ``medfusion fuse --metrics`` scores. Volumes (NIfTI, NRRD, MHA, DICOM folders) are read
+with :func:`medfusion.io.volumes.read_volume`; their grids are compared in physical space (size,
+spacing, origin, direction) with the fused volume's: a source on another grid is an error, or
+resampled onto the fused grid with ``--resample``. Sources and target are normalised to [0, 1] like
 the fusion does (``--normalisation``, default percentile); the fused volume is taken as it is
 when it already lies in [0, 1] (MedFusion's output) and min-max scaled otherwise. Volumes give
 per-slice values and their mean over slices (``--mask foreground`` skips empty slices).
@@ -56,6 +58,10 @@ def register(subparsers) -> None:
     parser.add_argument("--normalisation", default="percentile",
                         help="volumes: normalisation of sources/target to [0, 1] "
                              "(percentile|minmax|none; default: percentile)")
+    parser.add_argument("--resample", action="store_true",
+                        help="volumes: resample sources/target on another voxel grid onto the "
+                             "fused volume's grid in physical space (linear); without it such a "
+                             "volume is an error")
     parser.add_argument("--per-slice", action="store_true",
                         help="volumes: list every slice's values, then the mean")
     parser.set_defaults(func=run)
@@ -78,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         rows, summary = _volume_metrics(args, names)
         if not args.per_slice:
             rows = []
-    text = format_table(summary, rows, fmt)
+    text = format_table(summary, rows, fmt, scored=_scored(kinds == {"image"}))
     if args.output:
         from medfusion.io.atomic import atomic_output
 
@@ -107,24 +113,25 @@ def _output_format(fmt: str | None, output: str | None) -> str:
     return {".csv": "csv", ".json": "json", ".md": "markdown"}.get(suffix, "markdown")
 
 
-def _luminance01(path: str) -> np.ndarray:
-    """A 2D image as float [0, 1] luminance (Y of YCbCr for colour images)."""
-    from medfusion.color import is_colour, luminance
-    from medfusion.io.images import read_image, to_unit_range
+def _luminance01(path: str | Path) -> np.ndarray:
+    """A 2D image file as float [0, 1] luminance (Y of YCbCr for colour images)."""
+    from medfusion.engine import luminance_for_scoring
+    from medfusion.io.images import read_image
 
-    unit = to_unit_range(read_image(path))
-    if unit.ndim == 3:
-        unit = luminance(unit) if is_colour(unit) else unit[..., 0]
-    return np.asarray(unit, dtype=np.float64)
+    return luminance_for_scoring(read_image(path))
 
 
-def _image_metrics(args: argparse.Namespace, names: list[str] | None) -> dict[str, float]:
+def image_file_metrics(fused_path: str | Path, source_paths: list, target_path=None,
+                       names: list[str] | None = None) -> dict[str, float]:
+    """Metrics of a fused 2D image file against its source files (and a target), as stored:
+    the luminance of each, on [0, 1] (``medfusion.engine.SCORED_IMAGE``). ``medfusion fuse
+    --metrics`` calls this on the file it wrote, so both commands give the same numbers."""
     from medfusion.metrics import compute_metrics
 
-    fused = _luminance01(args.fused)
-    sources = [_luminance01(p) for p in args.sources]
-    target = _luminance01(args.target) if args.target else None
-    for path, image in zip([*args.sources, *([args.target] if args.target else [])],
+    fused = _luminance01(fused_path)
+    sources = [_luminance01(p) for p in source_paths]
+    target = _luminance01(target_path) if target_path else None
+    for path, image in zip([*source_paths, *([target_path] if target_path else [])],
                            [*sources, *([target] if target is not None else [])], strict=True):
         if image.shape != fused.shape:
             raise GeometryError(f"{Path(path).name} is {image.shape[1]}x{image.shape[0]} pixels, "
@@ -132,13 +139,54 @@ def _image_metrics(args: argparse.Namespace, names: list[str] | None) -> dict[st
     return compute_metrics(fused, sources, target=target, names=names, data_range=1.0)
 
 
+def _image_metrics(args: argparse.Namespace, names: list[str] | None) -> dict[str, float]:
+    import logging
+
+    from medfusion.engine import SCORED_IMAGE
+
+    logging.getLogger("medfusion").info("scoring %s", SCORED_IMAGE)
+    return image_file_metrics(args.fused, args.sources, args.target, names)
+
+
 def _volume_array(path: str) -> tuple[np.ndarray, Any]:
     import SimpleITK as sitk
 
+    from medfusion.intensity import check_finite
     from medfusion.io.volumes import read_volume
 
     image = read_volume(path)
-    return sitk.GetArrayFromImage(image).astype(np.float64, copy=False), image
+    array = sitk.GetArrayFromImage(image).astype(np.float64, copy=False)
+    check_finite(array, Path(path).name)
+    return array, image
+
+
+def _on_fused_grid(fused_image, path: str, resample: bool) -> np.ndarray:
+    """A source/target volume as a (z, y, x) array on the fused volume's voxel grid.
+
+    Grids are compared in physical space (size, spacing, origin, direction; as ``fuse`` does):
+    a volume on another grid (e.g. the SPM12 SPECT with its flipped x axis) would be scored
+    mirrored or shifted, so it is an error, unless ``resample`` resamples it onto the fused
+    grid (:func:`medfusion.geometry.align_to_reference`, which refuses non-overlapping ones).
+    """
+    import SimpleITK as sitk
+
+    from medfusion import geometry
+    from medfusion.intensity import check_finite
+    from medfusion.io.volumes import read_volume
+
+    image = read_volume(path)
+    label = Path(path).name
+    if not geometry.same_grid(fused_image, image):
+        if not resample:
+            differences = ", ".join(geometry.grid_differences(fused_image, image)) or "grid"
+            raise GeometryError(
+                f"{label} is not on the fused volume's voxel grid (different {differences}); "
+                "add --resample to resample it onto the fused grid, or fuse first"
+            )
+        image = geometry.align_to_reference(fused_image, image, label)
+    array = sitk.GetArrayFromImage(image).astype(np.float64, copy=False)
+    check_finite(array, label)
+    return array
 
 
 def _volume_metrics(args: argparse.Namespace, names: list[str] | None):
@@ -154,12 +202,7 @@ def _volume_metrics(args: argparse.Namespace, names: list[str] | None):
     others = [*args.sources, *([args.target] if args.target else [])]
     volumes = []
     for path in others:
-        array, image = _volume_array(path)
-        if array.shape != fused.shape or not np.allclose(image.GetSpacing(),
-                                                         reference.GetSpacing()):
-            raise GeometryError(
-                f"{Path(path).name} is not on the fused volume's voxel grid "
-                f"({image.GetSize()} vs {reference.GetSize()}); resample it first")
+        array = _on_fused_grid(reference, path, args.resample)
         normaliser = fit_normaliser(array, args.normalisation, label=Path(path).name)
         volumes.append(np.asarray(normaliser(array), dtype=np.float64))
     low, high = float(fused.min()), float(fused.max())
@@ -184,13 +227,28 @@ def _number(value: float) -> str:
     return f"{value:.6g}"
 
 
-def format_table(summary: dict[str, float], rows: list[dict[str, float]], fmt: str) -> str:
-    """Render metrics as CSV, JSON or a Markdown table (rows: per-slice values, optional)."""
+def _scored(images: bool) -> str:
+    from medfusion.engine import SCORED_IMAGE
+
+    return SCORED_IMAGE if images else SCORED_VOLUME
+
+
+SCORED_VOLUME = ("the fused volume as stored, against the sources normalised to [0, 1] "
+                 "(--normalisation), on the fused voxel grid")
+
+
+def format_table(summary: dict[str, float], rows: list[dict[str, float]], fmt: str,
+                 scored: str | None = None) -> str:
+    """Render metrics as CSV, JSON or a Markdown table (rows: per-slice values, optional).
+
+    ``scored`` (JSON only): which image was scored, in words."""
     if fmt == "json":
         def clean(values: dict[str, float]) -> dict[str, float | None]:
             return {k: (None if not math.isfinite(v) else v) for k, v in values.items()}
 
         payload: dict[str, Any] = {"metrics": clean(summary)}
+        if scored:
+            payload["scored"] = scored
         if rows:
             payload["slices"] = [clean(row) for row in rows]
         return json.dumps(payload, indent=2) + "\n"

@@ -23,12 +23,11 @@ def full_suffix(path: str | Path) -> str:
 def input_kind(path: str | Path) -> str:
     """Return ``"image"`` (2D picture) or ``"volume"`` (3D file or DICOM series folder).
 
-    Unknown extensions count as volumes: SimpleITK then reads them or says why it cannot.
+    Decided by the name (a folder named ``x.png`` counts as an image, so reading it says it is
+    a folder, not a PNG file). Other names count as volumes: the volume reader refuses unknown
+    extensions and content that does not match the extension.
     """
-    candidate = Path(path)
-    if candidate.is_dir():
-        return "volume"
-    return "image" if full_suffix(candidate) in IMAGE_SUFFIXES else "volume"
+    return "image" if full_suffix(path) in IMAGE_SUFFIXES else "volume"
 
 
 def stem(path: str | Path) -> str:

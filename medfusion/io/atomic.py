@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from medfusion.errors import OutputError
 from medfusion.io import full_suffix
+from medfusion.io.formats import check_path_name, output_error
+
+# Longest part of the target's name kept in the temporary file's name (the temporary name adds
+# about 20 characters, so a target near the file system's name limit still gets a temp file).
+_TEMP_NAME_PART = 120
 
 
 def check_output_path(path: str | Path) -> Path:
     """Return ``path`` as a Path after checking that it can be created; raise OutputError if not."""
     target = Path(path)
+    check_path_name(target, OutputError)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"output folder does not exist: {folder} (create it first)")
@@ -30,33 +36,55 @@ def check_output_path(path: str | Path) -> Path:
 
 
 @contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
+def atomic_output(
+    path: str | Path, verify: Callable[[Path], None] | None = None
+) -> Iterator[Path]:
     """Yield a temporary path in the target's folder with the target's extension.
 
     Write the output to the yielded path; when the ``with`` block ends without error the file is
-    renamed onto ``path``. On any exception (including KeyboardInterrupt) the temporary file is
-    deleted and the exception propagates. Raises :class:`OutputError` when the folder is missing.
-    The extension is kept (``.nii.gz`` whole) because writers pick the format from it.
+    checked (not empty; ``verify(temp_path)`` when given, which reads it back and raises
+    :class:`OutputError` if it is incomplete: some writers, such as ITK's, report a full disk
+    only on stderr), flushed to disk and renamed onto ``path``. On any exception (including
+    KeyboardInterrupt) the temporary file is deleted and the exception propagates; an OSError
+    (full disk, quota, ...) becomes a one-line :class:`OutputError`. Raises
+    :class:`OutputError` when the folder is missing. The extension is kept (``.nii.gz`` whole)
+    because writers pick the format from it.
     """
     target = check_output_path(path)
     folder = target.parent if str(target.parent) else Path(".")
     try:
         handle, temporary = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=f".tmp{full_suffix(target)}", dir=folder
+            prefix=f".{target.name[:_TEMP_NAME_PART]}.", suffix=f".tmp{full_suffix(target)}",
+            dir=folder,
         )
     except OSError as error:
         raise OutputError(f"cannot create a file in {folder}: {error.strerror}") from error
     os.close(handle)
     temp_path = Path(temporary)
     try:
-        yield temp_path
-        if not temp_path.is_file() or temp_path.stat().st_size == 0:
-            raise OutputError(f"nothing was written for {target}")
-        _apply_default_permissions(temp_path)
-        os.replace(temp_path, target)
+        try:
+            yield temp_path
+            if not temp_path.is_file() or temp_path.stat().st_size == 0:
+                raise OutputError(f"nothing was written for {target.name}")
+            if verify is not None:
+                verify(temp_path)
+            _flush_to_disk(temp_path)
+            _apply_default_permissions(temp_path)
+            os.replace(temp_path, target)
+        except OSError as error:
+            raise output_error(target, error) from error
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
+
+
+def _flush_to_disk(path: Path) -> None:
+    """fsync the written file, so a full disk or I/O error shows before the rename."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _apply_default_permissions(path: Path) -> None:

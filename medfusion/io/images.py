@@ -15,6 +15,7 @@ import numpy as np
 from medfusion.errors import InputError, OutputError
 from medfusion.io import IMAGE_SUFFIXES, full_suffix
 from medfusion.io.atomic import atomic_output
+from medfusion.io.formats import check_content_matches_name, check_input_file
 
 _PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF",
                 ".bmp": "BMP"}
@@ -28,9 +29,8 @@ def read_image(path: str | Path) -> np.ndarray:
     """
     from PIL import Image, UnidentifiedImageError
 
-    source = Path(path)
-    if not source.is_file():
-        raise InputError(f"input not found: {source}")
+    source = check_input_file(path)
+    check_content_matches_name(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -119,6 +119,25 @@ def write_image(path: str | Path, array: np.ndarray) -> Path:
     if data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[-1] != 3):
         raise OutputError(f"cannot write an array of shape {data.shape} as an image")
     options = {"quality": 95} if image_format == "JPEG" else {}
-    with atomic_output(path) as temporary:
+
+    def verify(written: Path) -> None:
+        _check_written_image(written, data, image_format, Path(path).name)
+
+    with atomic_output(path, verify=verify) as temporary:
         Image.fromarray(data).save(temporary, format=image_format, **options)
     return Path(path)
+
+
+def _check_written_image(written: Path, data: np.ndarray, image_format: str, name: str) -> None:
+    """Decode the written file whole; raise OutputError unless it has the expected size."""
+    from PIL import Image
+
+    try:
+        with Image.open(written) as image:
+            image.load()
+            size, fmt = image.size, image.format
+    except (OSError, SyntaxError, ValueError) as error:
+        raise OutputError(f"{name} was not written completely (disk full?); nothing saved") \
+            from error
+    if size != (data.shape[1], data.shape[0]) or fmt != image_format:
+        raise OutputError(f"{name} was written wrongly ({fmt} {size}); nothing saved")

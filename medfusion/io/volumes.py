@@ -17,8 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from medfusion.errors import InputError, OutputError
-from medfusion.io import full_suffix
+from medfusion.io import dicom_series, full_suffix
 from medfusion.io.atomic import atomic_output
+from medfusion.io.formats import (
+    check_content_matches_name,
+    check_input_file,
+    check_nifti_data,
+    format_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,29 +44,50 @@ def _quiet_itk() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
-def read_volume(path: str | Path):
+# The ITK reader for each extension: SimpleITK never picks another one by content.
+_IMAGE_IO = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".nrrd": "NrrdImageIO",
+             ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO",
+             ".dcm": "GDCMImageIO", ".png": "PNGImageIO", ".jpg": "JPEGImageIO",
+             ".jpeg": "JPEGImageIO", ".tif": "TIFFImageIO", ".tiff": "TIFFImageIO",
+             ".bmp": "BMPImageIO"}
+
+
+def read_volume(path: str | Path, allow_slice_gaps: bool = False):
     """Read a 3D scalar volume (file or DICOM series folder) as a ``SimpleITK.Image``.
 
+    The file read is the file named, whole, with the content its extension says (see
+    :mod:`medfusion.io.formats`); NIfTI voxel data is checked raw for truncation and NaN/inf.
     A 2D file becomes a one-slice volume; a 4D file with one time point is squeezed; colour
-    volumes are refused. Raises :class:`InputError` with a one-line reason on failure.
+    volumes are refused; the geometry must be usable (:func:`medfusion.geometry.check_geometry`).
+    ``allow_slice_gaps``: a DICOM series with missing slices is restacked on a regular grid
+    instead of refused. Raises :class:`InputError` with a one-line reason on failure.
     """
     import SimpleITK as sitk
 
-    source = Path(path)
-    if not source.exists():
-        raise InputError(f"input not found: {source}")
+    from medfusion.geometry import check_geometry
+
+    source = check_input_file(path, folders_allowed=True)
     if source.is_dir():
-        image = _read_dicom_folder(source)
+        image = _read_dicom_folder(source, allow_slice_gaps)
     else:
+        suffix = full_suffix(source)
+        check_content_matches_name(source)
+        if suffix in (".nii", ".nii.gz"):
+            check_nifti_data(source)
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO(_IMAGE_IO[suffix])
+        reader.SetFileName(str(source))
         try:
             with _quiet_itk():
-                image = sitk.ReadImage(str(source))
+                image = reader.Execute()
         except RuntimeError as error:
             raise InputError(
-                f"cannot read volume {source.name}: corrupt or unsupported file "
-                "(expected NIfTI, NRRD, MHA/MHD or DICOM)"
+                f"cannot read volume {source.name}: corrupt, truncated or unsupported "
+                f"{format_name(source)} file"
             ) from error
-    return _as_scalar_3d(image, source.name)
+    image = _as_scalar_3d(image, source.name)
+    check_geometry(image, source.name)
+    return image
 
 
 def _as_scalar_3d(image, label: str):
@@ -105,7 +132,7 @@ def _series_label(reader_cls, files: list[str]) -> str:
     return " ".join(parts)
 
 
-def _read_dicom_folder(folder: Path):
+def _read_dicom_folder(folder: Path, allow_slice_gaps: bool = False):
     import SimpleITK as sitk
 
     with _quiet_itk():
@@ -123,6 +150,10 @@ def _read_dicom_folder(folder: Path):
             "put each series in its own folder and give one"
         )
     files = next(iter(series.values()))
+    dicom_series.check_no_stray_files(folder, files)
+    infos = dicom_series.read_slice_infos(files)
+    dicom_series.check_consistent(infos, folder.name)
+    restack = dicom_series.check_positions(infos, folder.name, allow_slice_gaps)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -133,6 +164,8 @@ def _read_dicom_folder(folder: Path):
         raise InputError(
             f"cannot read the DICOM series in {folder.name}: corrupt or unsupported file"
         ) from error
+    if restack:
+        return dicom_series.restack_regularly(image, infos, folder.name)
     _report_uneven_spacing(reader, len(files), image, folder.name)
     for key in list(image.GetMetaDataKeys()):
         image.EraseMetaData(key)
@@ -178,13 +211,41 @@ def write_volume(path: str | Path, image) -> Path:
     import SimpleITK as sitk
 
     check_volume_output(path)
-    with atomic_output(path) as temporary, _quiet_itk():
+    name = Path(path).name
+
+    def verify(written: Path) -> None:
+        _check_written_volume(written, image, name)
+
+    with atomic_output(path, verify=verify) as temporary, _quiet_itk():
         try:
             sitk.WriteImage(image, str(temporary), useCompression=True)
         except RuntimeError as error:
-            raise OutputError(f"cannot write {Path(path).name}: {str(error).splitlines()[-1]}") \
+            raise OutputError(f"cannot write {name}: {str(error).strip().splitlines()[-1]}") \
                 from error
     return Path(path)
+
+
+def _check_written_volume(written: Path, image, name: str) -> None:
+    """Read the written file back (header and every voxel; ITK reports a full disk only on
+    stderr); raise OutputError unless it is whole and has the image's size."""
+    import SimpleITK as sitk
+
+    try:
+        if full_suffix(written) in (".nii", ".nii.gz"):
+            check_nifti_data(written, OutputError)
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO(_IMAGE_IO[full_suffix(written)])
+        reader.SetFileName(str(written))
+        with _quiet_itk():
+            reader.ReadImageInformation()
+            size = tuple(reader.GetSize())
+            if full_suffix(written) not in (".nii", ".nii.gz"):
+                reader.Execute()  # NRRD and MetaImage raise when their data is cut short
+    except (RuntimeError, OutputError) as error:
+        raise OutputError(f"{name} was not written completely (disk full?); nothing saved") \
+            from error
+    if size[:3] != tuple(image.GetSize())[:3]:
+        raise OutputError(f"{name} was written with size {size}, not {image.GetSize()}")
 
 
 def writable_array_view(image) -> np.ndarray:

@@ -21,6 +21,28 @@ DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "monai_bundle"
 CONFIG = Path("configs") / "inference.json"
 WEIGHTS = Path("models") / "model.pt"
 MIN_SOURCES = 2
+MIN_SIDE = 16  # the network's reflect padding (dilation up to 4) needs slices wider than this
+
+
+def pad_to_network_minimum(batch: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Replicate-pad a (B, K, H, W) batch whose H or W is below :data:`MIN_SIDE` (2x2 images,
+    1xN rows, slices of a 3-slice volume across its short axis), so the network's reflect
+    padding works; returns the padded batch and the (H, W) to crop the result back to."""
+    height, width = int(batch.shape[-2]), int(batch.shape[-1])
+    pad_h, pad_w = max(0, MIN_SIDE - height), max(0, MIN_SIDE - width)
+    if pad_h or pad_w:
+        batch = torch.nn.functional.pad(batch, (0, pad_w, 0, pad_h), mode="replicate")
+    return batch, (height, width)
+
+
+def _weights_error_reason(error: Exception) -> str:
+    """One line saying why torch could not read the weights, without torch's multi-line advice
+    (which suggests ``weights_only=False``: MedFusion never unpickles arbitrary objects)."""
+    text = str(error).strip()
+    if "Weights only load failed" in text:
+        return "the file holds Python objects besides tensors, which MedFusion never unpickles"
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first[:200]
 
 
 def use_bundle_scripts(bundle_dir: str | Path) -> None:
@@ -119,7 +141,8 @@ class CNNFusion:
         try:
             state = torch.load(weights_file, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise ModelError(f"cannot read CNN weights {weights_file}: {error}") from error
+            reason = _weights_error_reason(error)
+            raise ModelError(f"cannot read CNN weights {weights_file}: {reason}") from error
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]
         if not isinstance(state, dict):
@@ -144,7 +167,7 @@ class CNNFusion:
                 f"{batch.shape[1]} channel(s); colour inputs must enter as luminance"
             )
         source_device = batch.device
-        inputs = batch.to(self.device, torch.float32)
+        inputs, (height, width) = pad_to_network_minimum(batch.to(self.device, torch.float32))
         with torch.inference_mode():
             if max(inputs.shape[-2:]) <= self.block_size:
                 # One window covers the slice: the sliding-window blend would only divide the
@@ -152,7 +175,7 @@ class CNNFusion:
                 fused = self.network(inputs)
             else:
                 fused = self.inferer(inputs, self.network)
-        return fused[:, 0].clamp(0.0, 1.0).to(source_device)
+        return fused[:, 0, :height, :width].clamp(0.0, 1.0).to(source_device)
 
 
 def build_method(device: str | torch.device = "cpu", **options: Any) -> CNNFusion:

@@ -50,6 +50,7 @@ class Requirement:
 REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("numpy", "numpy", "1.24", None, SLICER),
     Requirement("SimpleITK", "SimpleITK", "2.3", None, SLICER),
+    Requirement("nibabel", "nibabel", "5", "5.4.2"),
     Requirement("pydicom", "pydicom", "2.4", None, SLICER),
     Requirement("torch", "torch", "2.3", "2.13.0", PYTORCH),
     Requirement("monai", "monai", "1.4", "1.6.1"),
