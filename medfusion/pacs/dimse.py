@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -318,10 +319,12 @@ class DimseClient:
                 ae.add_requested_context(context)
         rejection: list[str] = []
 
-        def on_acse(event: Any) -> None:
-            primitive = event.primitive
-            if getattr(primitive, "result", None) in (0x01, 0x02):
-                rejection.append(f"{primitive.reason_str.lower()}")
+        def on_pdu(event: Any) -> None:
+            # The A-ASSOCIATE-RJ PDU itself, not the primitive: when the peer closes the
+            # connection right after rejecting, pynetdicom may process the close first and
+            # report an abort, but the PDU was received and says why (load-dependent race).
+            if isinstance(event.pdu, A_ASSOCIATE_RJ):
+                rejection.append(event.pdu.reason_str.lower())
 
         assoc = ae.associate(
             s.host,
@@ -330,22 +333,26 @@ class DimseClient:
             max_pdu=s.max_pdu,
             ext_neg=list(roles) if roles else None,
             evt_handlers=[
-                (evt.EVT_ACSE_RECV, on_acse),
+                (evt.EVT_PDU_RECV, on_pdu),
                 (evt.EVT_CONN_OPEN, _no_delay),
                 *(handlers or []),
             ],
         )
         if not assoc.is_established:
-            # pynetdicom may return before setting is_rejected; the A-ASSOCIATE-RJ we saw counts.
+            # The A-ASSOCIATE-RJ PDU we saw counts even when pynetdicom reports an abort.
             if assoc.is_rejected or rejection:
                 reason = rejection[0] if rejection else "no reason given"
                 raise PacsError(
                     f"{self._who} rejected the association ({reason}); check called_aet "
                     f"{s.called_aet!r} and that our AE title {s.calling_aet!r} is known there"
                 )
+            if assoc.is_aborted:
+                raise PacsError(
+                    f"{self._who} aborted the association request (no common presentation "
+                    "context, or it closed the connection)"
+                )
             raise PacsError(
-                f"{self._who} did not accept the association within {s.timeout:g} s "
-                "(no answer, or no common presentation context)"
+                f"{self._who} did not accept the association within {s.timeout:g} s"
             )
         try:
             yield assoc
