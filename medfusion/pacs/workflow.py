@@ -280,6 +280,7 @@ def _deliver(client: PacsClient, study_uid: str, datasets: list[Dataset],
         log.info("study %s: wrote %d instances to %s", study_uid, len(datasets), written)
     if store:
         client.store(datasets)
+        verify_stored(client, study_uid, datasets)
         log.info(
             "study %s: stored series %s (%d instances) on node %s",
             study_uid, series_uid, len(datasets), client.node_name,
@@ -291,6 +292,30 @@ def _deliver(client: PacsClient, study_uid: str, datasets: list[Dataset],
         source_series=tuple(s.series_uid for s in sources),
         stored=store,
         output_dir=written,
+    )
+
+
+def verify_stored(client: PacsClient, study_uid: str, datasets: Sequence[Dataset],
+                  attempts: int = 3, pause_s: float = 0.5) -> None:  # fmt: skip
+    """Ask the PACS for the series just stored; PacsError unless it holds every instance.
+
+    A PACS may acknowledge every C-STORE / STOW-RS and still discard the instances (an incoming
+    filter, a routing rule, a full archive); only a query afterwards shows it. A PACS that
+    indexes with a delay gets a few tries.
+    """
+    series_uid = str(datasets[0].SeriesInstanceUID)
+    sent = {str(ds.SOPInstanceUID) for ds in datasets}
+    held: set[str] = set()
+    for attempt in range(attempts):
+        held = set(client.find_instances(study_uid, series_uid)) & sent
+        if held == sent:
+            return
+        if attempt + 1 < attempts:
+            time.sleep(pause_s)
+    raise PacsError(
+        f"node {client.node_name!r} acknowledged all {len(sent)} instances of the fused series "
+        f"{series_uid} but holds {len(held)} of them when queried: the PACS discarded them "
+        "(an incoming filter or storage rule there?); the fused series is not stored"
     )
 
 
