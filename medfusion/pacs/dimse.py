@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.association import Association
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -355,6 +355,7 @@ class DimseClient:
             else:
                 ae.add_requested_context(context)
         rejection: list[str] = []
+        answered: list[str] = []
 
         def on_pdu(event: Any) -> None:
             # The A-ASSOCIATE-RJ PDU itself, not the primitive: when the peer closes the
@@ -362,6 +363,10 @@ class DimseClient:
             # report an abort, but the PDU was received and says why (load-dependent race).
             if isinstance(event.pdu, A_ASSOCIATE_RJ):
                 rejection.append(event.pdu.reason_str.lower())
+            elif isinstance(event.pdu, A_ASSOCIATE_AC):
+                answered.append("accepted none of the requested presentation contexts")
+            elif isinstance(event.pdu, A_ABORT_RQ):
+                answered.append("aborted the association request")
 
         assoc = ae.associate(
             s.host,
@@ -383,11 +388,8 @@ class DimseClient:
                     f"{self._who} rejected the association ({reason}); check called_aet "
                     f"{s.called_aet!r} and that our AE title {s.calling_aet!r} is known there"
                 )
-            if assoc.is_aborted:
-                raise PacsError(
-                    f"{self._who} aborted the association request (no common presentation "
-                    "context, or it closed the connection)"
-                )
+            if answered:
+                raise PacsError(f"{self._who} {answered[0]}")
             raise PacsError(
                 f"{self._who} did not accept the association within {s.timeout:g} s"
             )
