@@ -395,9 +395,14 @@ class DimseClient:
             )
         try:
             yield assoc
-        finally:
+        except BaseException:
+            # An error, Ctrl-C or SIGTERM mid-operation: abort at once (a release would wait for
+            # the PACS to finish sending) so the caller's cleanup runs without delay.
             if assoc.is_established:
-                assoc.release()
+                assoc.abort()
+            raise
+        if assoc.is_established:
+            assoc.release()
 
 
 class _InstanceWriter:
