@@ -395,6 +395,10 @@ class DimseClient:
             )
         try:
             yield assoc
+        except PacsError:
+            if assoc.is_established:  # the PACS answered; end politely
+                assoc.release()
+            raise
         except BaseException:
             # An error, Ctrl-C or SIGTERM mid-operation: abort at once (a release would wait for
             # the PACS to finish sending) so the caller's cleanup runs without delay.
