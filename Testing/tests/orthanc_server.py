@@ -29,6 +29,7 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,6 +329,10 @@ DROP_PATIENT_ID = "MFDROP0001"
 REFUSE_PATIENT_ID = "MFREFUSE01"
 NO_STORE_AET = "MFNOSTORE"
 NO_STORE_USER = "nostore"
+LONG_VALUES = {
+    "SoftwareVersions": ["scanner software " + "9.1." * 20, "recon 2"],  # LO, 97 > 64
+    "StationName": "STATION-NAME-TOO-LONG",  # SH, 21 > 16
+}
 FAULT_LUA = f"""
 function ReceivedInstanceFilter(dicom, origin, info)
   if string.find(dicom.SeriesDescription or '', 'MedFusion', 1, true) == 1 then
@@ -347,7 +352,8 @@ end
 def faulty_orthanc(
     data_root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OrthancServer]:
-    """The misbehaving Orthanc (above) with two small MR + PT studies: ``drop`` and ``refuse``."""
+    """The misbehaving Orthanc (above) with small MR + PT studies: ``drop``, ``refuse`` and
+    ``long-values`` (source headers with values too long for their VR, as some scanners write)."""
     if not orthanc_available():
         message = f"Orthanc or its DICOMweb plugin not installed ({ORTHANC_BINARY})"
         if os.environ.get("MEDFUSION_REQUIRE_ORTHANC") == "1":
@@ -374,9 +380,13 @@ def faulty_orthanc(
     server.start()
     try:
         spm12 = data_root / "volumes" / "spm12"
-        for key, patient_id in (("drop", DROP_PATIENT_ID), ("refuse", REFUSE_PATIENT_ID)):
+        for key, patient_id, extra in (
+            ("drop", DROP_PATIENT_ID, None),
+            ("refuse", REFUSE_PATIENT_ID, None),
+            ("long-values", "MFLONG0001", LONG_VALUES),
+        ):
             study = build_mr_pet_study(
-                spm12, workdir / key, "TEST^FAULT", patient_id, slab=(40, 48)
+                spm12, workdir / key, "TEST^FAULT", patient_id, slab=(40, 48), extra=extra
             )
             server.upload([path for files in study.files.values() for path in files])
             server.studies[key] = study
@@ -391,6 +401,7 @@ def build_mr_pet_study(
     patient_name: str,
     patient_id: str,
     slab: tuple[int, int] | None = None,
+    extra: dict | None = None,
 ) -> UploadedStudy:
     """MR (T1) and PT (PET) series of one made-up study, written as DICOM files."""
     import SimpleITK as sitk
@@ -425,6 +436,7 @@ def build_mr_pet_study(
             series_uid=series_uid,
             series_number=number,
             description=f"TEST {name[:-4]}",
+            extra=extra,
         )
         series[modality] = series_uid
     return UploadedStudy(study_uid=study["StudyInstanceUID"], series=series, files=files)
@@ -439,6 +451,7 @@ def write_volume_series(
     series_uid: str,
     series_number: int,
     description: str,
+    extra: dict | None = None,
 ) -> list[Path]:
     """One single-frame MR or PT instance per slice, 16-bit with rescale slope."""
     import SimpleITK as sitk
@@ -516,6 +529,10 @@ def write_volume_series(
             radiopharmaceutical.RadionuclideHalfLife = "6586.2"
             radiopharmaceutical.RadiopharmaceuticalStartTime = "093000"
             ds.RadiopharmaceuticalInformationSequence = [radiopharmaceutical]
+        for key, value in (extra or {}).items():  # may break VR rules on purpose
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                setattr(ds, key, value)
         ds.PixelData = stored[k].tobytes()
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -523,7 +540,9 @@ def write_volume_series(
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta = meta
         path = folder / f"{k + 1:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
 

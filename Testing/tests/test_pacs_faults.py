@@ -9,7 +9,13 @@ series is left there and that no temporary files remain.
 
 from __future__ import annotations
 
+import os
+import signal
+import stat
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +30,7 @@ from orthanc_server import (  # noqa: E402
 )
 
 pytest_plugins = ["orthanc_server"]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.pacs
 
 FUSION_ARGS = ["--reference", "modality=MR", "--other", "modality=PT", "--method", "average",
@@ -74,3 +81,99 @@ def test_store_the_pacs_does_not_keep_is_an_error(
     for uid, digests in digests_before.items():
         assert faulty_orthanc.series_digest(uid) == digests  # originals untouched
     assert list(private_tmp.iterdir()) == []  # retrieved DICOM removed
+
+
+def test_source_values_too_long_for_their_vr_are_repaired_quietly(
+    faulty_orthanc, tmp_path: Path, capsys, caplog, monkeypatch
+) -> None:
+    """A source SoftwareVersions (LO) over 64 characters: trimmed, with one debug line and no
+    pydicom warning (it used to warn twice)."""
+    import logging
+    import warnings
+
+    import pydicom
+
+    caplog.set_level(logging.DEBUG)
+    study = faulty_orthanc.studies["long-values"]
+    config = write_node_file(faulty_orthanc, tmp_path / "nodes.toml")
+    out_dir = tmp_path / "fused"
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["-v", "pacs", "fuse", "--config", str(config), "--study", study.study_uid,
+                     *FUSION_ARGS, "--no-store", "--output-dir", str(out_dir)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert [str(w.message) for w in caught if "exceeds the maximum length" in str(w.message)] == []
+    assert [r for r in caplog.records if r.name == "pydicom"] == []
+    repaired = [r.getMessage() for r in caplog.records if "too long for their VR" in r.getMessage()]
+    assert len(repaired) == 1 and repaired[0].startswith("reference header values")
+    assert "trimmed SoftwareVersions, StationName" in repaired[0]
+    files = sorted(out_dir.glob("*.dcm"))
+    assert len(files) == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reading the output back must not warn either
+        first = pydicom.dcmread(files[0])
+        versions = list(first.SoftwareVersions)
+        station = first.StationName
+    assert versions == [("scanner software " + "9.1." * 20)[:64], "recon 2"]
+    assert station == "STATION-NAME-TOO"
+    assert list(private_tmp.iterdir()) == []  # success removes the retrieved DICOM too
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_pacs_fuse_removes_the_retrieved_dicom(
+    signum: int, faulty_orthanc, tmp_path: Path
+) -> None:
+    """Real signal to a real ``python -m medfusion pacs fuse`` while the retrieved series sit in
+    its private temporary folder: the folder goes, the exit code is 128 + signal."""
+    study = faulty_orthanc.studies["drop"]
+    config = write_node_file(faulty_orthanc, tmp_path / "nodes.toml")
+    private_tmp, out_dir = tmp_path / "tmp", tmp_path / "fused"
+    private_tmp.mkdir()
+    digests_before = {uid: faulty_orthanc.series_digest(uid) for uid in study.series.values()}
+    environment = {**os.environ, "TMPDIR": str(private_tmp), "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "medfusion", "pacs", "fuse", "--config", str(config),
+         "--study", study.study_uid, "--reference", "modality=MR", "--other", "modality=PT",
+         "--method", "laplacian", "--no-store", "--output-dir", str(out_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+    )  # fmt: skip
+    try:
+        workdir = _wait_for_workdir(process, private_tmp)
+        # Freeze it so the fusion cannot finish before the signal lands, then signal.
+        process.send_signal(signal.SIGSTOP)
+        mode = stat.S_IMODE(workdir.stat().st_mode)
+        process.send_signal(signum)
+        process.send_signal(signal.SIGCONT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert mode == 0o700  # private: retrieved patient data
+    assert process.returncode == 128 + signum, err
+    expected = "medfusion: terminated" if signum == signal.SIGTERM else "medfusion: cancelled"
+    assert err.strip().splitlines()[-1] == expected
+    assert "Traceback" not in err
+    assert list(private_tmp.iterdir()) == []  # no retrieved DICOM left
+    assert not out_dir.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nodes.toml", "tmp"]
+    for uid, digests in digests_before.items():
+        assert faulty_orthanc.series_digest(uid) == digests
+
+
+def _wait_for_workdir(process: subprocess.Popen, folder: Path, limit_s: float = 180) -> Path:
+    """The ``medfusion-pacs-*`` folder once the first retrieved instance is in it."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        for workdir in folder.glob("medfusion-pacs-*"):
+            if any(workdir.rglob("*.dcm")):
+                return workdir
+        if process.poll() is not None:
+            pytest.fail(f"pacs fuse ended ({process.returncode}) before it retrieved anything: "
+                        f"{process.stderr.read() if process.stderr else ''}")
+        time.sleep(0.002)
+    pytest.fail("pacs fuse did not retrieve anything in time")
