@@ -51,9 +51,11 @@ class CommandLineParser(argparse.ArgumentParser):
     """An argparse parser whose usage errors are one line, ``medfusion: error: ...``, exit 2."""
 
     def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("medfusion").strip()  # "fuse", "pacs fuse" or ""
+        where = f"{command}: " if command else ""
         self.exit(
             EXIT_USAGE,
-            f"medfusion: error: {self.prog}: {message} (see {self.prog} --help)\n",
+            f"medfusion: error: {where}{message} (see {self.prog} --help)\n",
         )
 
 

@@ -306,17 +306,36 @@ def verify_stored(client: PacsClient, study_uid: str, datasets: Sequence[Dataset
     series_uid = str(datasets[0].SeriesInstanceUID)
     sent = {str(ds.SOPInstanceUID) for ds in datasets}
     held: set[str] = set()
+    held = 0
     for attempt in range(attempts):
-        held = set(client.find_instances(study_uid, series_uid)) & sent
-        if held == sent:
+        held = _count_held(client, study_uid, series_uid, sent)
+        if held == len(sent):
             return
         if attempt + 1 < attempts:
             time.sleep(pause_s)
     raise PacsError(
         f"node {client.node_name!r} acknowledged all {len(sent)} instances of the fused series "
-        f"{series_uid} but holds {len(held)} of them when queried: the PACS discarded them "
+        f"{series_uid} but holds {held} of them when queried: the PACS discarded them "
         "(an incoming filter or storage rule there?); the fused series is not stored"
     )
+
+
+def _count_held(client: PacsClient, study_uid: str, series_uid: str, sent: set[str]) -> int:
+    """How many of the ``sent`` instances the PACS holds: by SOPInstanceUID (IMAGE-level query),
+    or, where the PACS refuses instance queries, the series' NumberOfSeriesRelatedInstances."""
+    try:
+        return len(set(client.find_instances(study_uid, series_uid)) & sent)
+    except PacsError as error:
+        log.debug("instance query refused (%s); counting by the series query", error)
+    info = next((s for s in client.find_series(study_uid) if s.series_uid == series_uid), None)
+    if info is None:
+        return 0
+    if info.n_instances is None:
+        raise PacsError(
+            f"node {client.node_name!r} accepted the fused series {series_uid} but answers no "
+            "instance count for it, so the store cannot be verified"
+        )
+    return info.n_instances
 
 
 def _build_method(plan: FusionPlan) -> tuple[Any, Provenance]:
