@@ -440,9 +440,10 @@ def _note_abort(event: Any, aborts: list[str]) -> None:
     """Record an A-ABORT the peer sent (who aborted and why, as pynetdicom words it)."""
     if isinstance(event.pdu, A_ABORT_RQ):
         pdu = event.pdu
-        aborts.append(
-            f"A-ABORT, source: {pdu.source_str.lower()}, reason: {pdu.reason_str.lower()}"
-        )
+        if pdu.source == 0x02:  # the peer's protocol layer: the reason is significant
+            aborts.append(f"A-ABORT from its DICOM protocol layer: {pdu.reason_str.lower()}")
+        else:  # the PACS application itself: PS3.8 gives no reason field
+            aborts.append("A-ABORT")
 
 
 def _accepted(assoc: Association, sop_class_uid: str) -> bool:
