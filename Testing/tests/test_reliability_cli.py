@@ -156,18 +156,25 @@ def test_batch_help_documents_the_list_format(capsys) -> None:
 
 
 # --------------------------------------------------------------------------- exit codes
-def test_usage_errors_exit_2_with_one_line(tmp_path: Path) -> None:
-    """A real process: argparse's exit code and our one-line message, nothing written."""
+def test_usage_errors_exit_2_with_one_line(tmp_path: Path, capsys) -> None:
+    """argparse's exit code and our one-line message, nothing written; once as a real process."""
     output = tmp_path / "out.png"
-    for argv in (["fuse", "only-one.png", "-o", str(output)],
-                 ["fuse", "a.png", "b.png", "-o", str(output), "--method", "nonsense"],
+    done = subprocess.run([sys.executable, "-m", "medfusion", "fuse", "only-one.png", "-o",
+                           str(output)], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    line = _one_error_line(done.stderr)
+    assert line.startswith("medfusion: error: fuse: the following arguments are required")
+    assert line.endswith("(see medfusion fuse --help)") and done.stdout == ""
+    for argv in (["fuse", "a.png", "b.png", "-o", str(output), "--method", "nonsense"],
                  ["pacs", "fuse", "--config", "x.toml"],
+                 ["batch", "-o", str(tmp_path / "out"), "--batch-size", "many"],
                  ["no-such-command"]):  # fmt: skip
-        done = subprocess.run([sys.executable, "-m", "medfusion", *argv], capture_output=True,
-                              text=True, cwd=tmp_path, timeout=120)  # fmt: skip
-        assert done.returncode == 2, (argv, done.stderr)
-        line = _one_error_line(done.stderr)
-        assert "--help" in line and done.stdout == ""
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2, argv
+        captured = capsys.readouterr()
+        assert "--help)" in _one_error_line(captured.err) and captured.out == ""
     assert sorted(tmp_path.iterdir()) == []
 
 
