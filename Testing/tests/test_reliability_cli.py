@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,23 @@ def test_sigterm_handler_is_only_active_while_main_runs(tmp_path: Path, capsys) 
                  "-o", str(tmp_path / "o.png")]) == 1  # fmt: skip
     capsys.readouterr()
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_sigterm_while_an_output_is_written_removes_its_temp_file(tmp_path: Path,
+                                                                  spm12: Path) -> None:  # fmt: skip
+    """A real SIGTERM to this process while the temporary file beside the output exists: the
+    handler ``main`` installs raises, the atomic writer removes the temporary file."""
+    import SimpleITK as sitk
+
+    from medfusion.cli import Terminated, sigterm_raises
+    from medfusion.io.atomic import atomic_output
+
+    target = tmp_path / "fused.nii.gz"
+    with pytest.raises(Terminated), sigterm_raises():
+        with atomic_output(target) as temporary:
+            sitk.WriteImage(sitk.ReadImage(str(spm12 / "T1.nii")), str(temporary))
+            assert temporary.parent == tmp_path and temporary.stat().st_size > 0
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler raises at the next bytecode; never loops long
+                time.sleep(0.01)
+    assert list(tmp_path.iterdir()) == []
