@@ -186,7 +186,9 @@ def check_plan(groups: list[Group], output_dir: Path) -> None:
         target = group.output.resolve()
         shown = group.output.relative_to(output_dir) if group.output.is_relative_to(
             output_dir) else group.output  # fmt: skip
-        if target == root or not target.is_relative_to(root):
+        if target == root:
+            problems.append(f"{group.where}: output {str(shown)!r} is the output folder itself")
+        elif not target.is_relative_to(root):
             problems.append(f"{group.where}: output {str(shown)!r} is outside {output_dir}")
         elif target in inputs:
             owner = inputs[target]
