@@ -29,6 +29,7 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,9 @@ class OrthancServer:
     storage_port: int
     process: subprocess.Popen | None = None
     studies: dict[str, UploadedStudy] = field(default_factory=dict)
+    # Settings merged into the configuration, and a Lua script Orthanc runs (fault tests).
+    extra_config: dict = field(default_factory=dict)
+    lua: str | None = None
 
     @property
     def url(self) -> str:
@@ -107,7 +111,12 @@ class OrthancServer:
             "DicomScpTimeout": 10,
             "HttpTimeout": 30,
             "OverwriteInstances": False,
+            **self.extra_config,
         }
+        if self.lua is not None:
+            script = self.workdir / "filters.lua"
+            script.write_text(self.lua)
+            config["LuaScripts"] = [str(script)]
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=2))
         log = open(self.workdir / "orthanc.log", "wb")  # noqa: SIM115 - lives with the process
@@ -195,6 +204,8 @@ class OrthancServer:
         *,
         retrieve: str = "get",
         called_aet: str = ORTHANC_AET,
+        calling_aet: str = OUR_AET,
+        username: str = USERNAME,
         dicom_port: int | None = None,
         http_port: int | None = None,
         timeout: float = 20.0,
@@ -207,7 +218,7 @@ class OrthancServer:
                         "host": "127.0.0.1",
                         "port": dicom_port or self.dicom_port,
                         "called_aet": called_aet,
-                        "calling_aet": OUR_AET,
+                        "calling_aet": calling_aet,
                         "retrieve": retrieve,
                         "move_destination": OUR_AET,
                         "storage_host": "127.0.0.1",
@@ -216,7 +227,7 @@ class OrthancServer:
                     },
                     "dicomweb": {
                         "url": f"http://127.0.0.1:{http_port or self.http_port}/dicom-web",
-                        "username": USERNAME,
+                        "username": username,
                         "password_env": PASSWORD_ENV,
                         "timeout": timeout,
                     },
@@ -308,12 +319,89 @@ def pacs_studies(
         return orthanc.studies
 
 
+# A second Orthanc that misbehaves on purpose when MedFusion stores a fused series:
+# - it silently drops every MedFusion series (Lua ReceivedInstanceFilter returns false, while
+#   C-STORE and STOW-RS still answer success), except for patient REFUSE_PATIENT_ID, where the
+#   filter fails and Orthanc refuses the instances with a real failure status;
+# - AE title NO_STORE_AET may query and retrieve but not store (DicomModalities AllowStore);
+# - HTTP user NO_STORE_USER may not POST (Lua IncomingHttpRequestFilter: HTTP 403).
+DROP_PATIENT_ID = "MFDROP0001"
+REFUSE_PATIENT_ID = "MFREFUSE01"
+NO_STORE_AET = "MFNOSTORE"
+NO_STORE_USER = "nostore"
+LONG_VALUES = {
+    "SoftwareVersions": ["scanner software " + "9.1." * 20, "recon 2"],  # LO, 97 > 64
+    "StationName": "STATION-NAME-TOO-LONG",  # SH, 21 > 16
+}
+FAULT_LUA = f"""
+function ReceivedInstanceFilter(dicom, origin, info)
+  if string.find(dicom.SeriesDescription or '', 'MedFusion', 1, true) == 1 then
+    if dicom.PatientID == '{REFUSE_PATIENT_ID}' then error('refused by site policy') end
+    return false
+  end
+  return true
+end
+
+function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
+  return not (method == 'POST' and username == '{NO_STORE_USER}')
+end
+"""
+
+
+@pytest.fixture(scope="module")
+def faulty_orthanc(
+    data_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OrthancServer]:
+    """The misbehaving Orthanc (above) with small MR + PT studies: ``drop``, ``refuse`` and
+    ``long-values`` (source headers with values too long for their VR, as some scanners write)."""
+    if not orthanc_available():
+        message = f"Orthanc or its DICOMweb plugin not installed ({ORTHANC_BINARY})"
+        if os.environ.get("MEDFUSION_REQUIRE_ORTHANC") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    os.environ[PASSWORD_ENV] = PASSWORD
+    workdir = tmp_path_factory.mktemp("orthanc-faulty")
+    server = OrthancServer(
+        workdir=workdir,
+        http_port=free_port(),
+        dicom_port=free_port(),
+        storage_port=free_port(),
+        extra_config={
+            "DicomAlwaysAllowStore": False,
+            "DicomModalities": {
+                "medfusion": [OUR_AET, "127.0.0.1", 104],
+                "nostore": {"AET": NO_STORE_AET, "Host": "127.0.0.1", "Port": 104,
+                            "AllowStore": False},
+            },
+            "RegisteredUsers": {USERNAME: PASSWORD, NO_STORE_USER: PASSWORD},
+        },
+        lua=FAULT_LUA,
+    )  # fmt: skip
+    server.start()
+    try:
+        spm12 = data_root / "volumes" / "spm12"
+        for key, patient_id, extra in (
+            ("drop", DROP_PATIENT_ID, None),
+            ("refuse", REFUSE_PATIENT_ID, None),
+            ("long-values", "MFLONG0001", LONG_VALUES),
+        ):
+            study = build_mr_pet_study(
+                spm12, workdir / key, "TEST^FAULT", patient_id, slab=(40, 48), extra=extra
+            )
+            server.upload([path for files in study.files.values() for path in files])
+            server.studies[key] = study
+        yield server
+    finally:
+        server.stop()
+
+
 def build_mr_pet_study(
     spm12: Path,
     folder: Path,
     patient_name: str,
     patient_id: str,
     slab: tuple[int, int] | None = None,
+    extra: dict | None = None,
 ) -> UploadedStudy:
     """MR (T1) and PT (PET) series of one made-up study, written as DICOM files."""
     import SimpleITK as sitk
@@ -348,6 +436,7 @@ def build_mr_pet_study(
             series_uid=series_uid,
             series_number=number,
             description=f"TEST {name[:-4]}",
+            extra=extra,
         )
         series[modality] = series_uid
     return UploadedStudy(study_uid=study["StudyInstanceUID"], series=series, files=files)
@@ -362,6 +451,7 @@ def write_volume_series(
     series_uid: str,
     series_number: int,
     description: str,
+    extra: dict | None = None,
 ) -> list[Path]:
     """One single-frame MR or PT instance per slice, 16-bit with rescale slope."""
     import SimpleITK as sitk
@@ -439,6 +529,10 @@ def write_volume_series(
             radiopharmaceutical.RadionuclideHalfLife = "6586.2"
             radiopharmaceutical.RadiopharmaceuticalStartTime = "093000"
             ds.RadiopharmaceuticalInformationSequence = [radiopharmaceutical]
+        for key, value in (extra or {}).items():  # may break VR rules on purpose
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                setattr(ds, key, value)
         ds.PixelData = stored[k].tobytes()
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -446,7 +540,9 @@ def write_volume_series(
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta = meta
         path = folder / f"{k + 1:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
 

@@ -3,14 +3,24 @@
 Each sub-command lives in its own module with a ``register(subparsers)`` function that adds its
 parser and sets ``func`` (a callable taking the parsed namespace and returning an exit code).
 Heavy imports (torch, SimpleITK, pynetdicom) happen inside those functions so ``--help`` is fast.
+
+Exit codes (the same for every sub-command, also in README and ``medfusion --help``):
+0 success; 1 a user error (input, data, output, PACS: one line ``medfusion: error: ...``);
+2 a usage error (the command line itself: unknown option, missing or malformed argument);
+130 cancelled by SIGINT (Ctrl-C); 143 terminated by SIGTERM. On 1, 130 and 143 every partial
+output and temporary file is removed first.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NoReturn
 
 from medfusion import __version__
 from medfusion.errors import CancelledError, MedFusionError
@@ -18,14 +28,45 @@ from medfusion.errors import CancelledError, MedFusionError
 # Sub-command modules, in the order they appear in ``medfusion --help``.
 _COMMAND_MODULES = ("fuse", "metrics", "pacs", "benchmark")
 
+EXIT_OK = 0
+EXIT_USER_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CANCELLED = 128 + signal.SIGINT  # 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
+
+EXIT_CODES_HELP = (
+    "exit codes: 0 success; 1 user error (bad input, data, output or PACS; one line "
+    "'medfusion: error: ...'); 2 usage error (the command line itself); 130 cancelled "
+    "(SIGINT, Ctrl-C); 143 terminated (SIGTERM). On 1, 130 and 143 no partial output or "
+    "temporary file is left."
+)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so every cleanup runs (``finally``
+    blocks, atomic outputs, temporary folders of retrieved DICOM)."""
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line, ``medfusion: error: ...``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("medfusion").strip()  # "fuse", "pacs fuse" or ""
+        where = f"{command}: " if command else ""
+        self.exit(
+            EXIT_USAGE,
+            f"medfusion: error: {where}{message} (see {self.prog} --help)\n",
+        )
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every sub-command registered."""
     import importlib
 
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="medfusion",
         description="Fuse co-registered CT, MRI, PET and SPECT images and volumes.",
+        epilog=EXIT_CODES_HELP,
     )
     parser.add_argument("--version", action="version", version=f"medfusion {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -35,11 +76,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While active, SIGTERM raises :class:`Terminated` in the main thread (once: a second
+    SIGTERM is ignored so it cannot interrupt the cleanup of the first)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the process exit code.
+    """Run the command line; return the process exit code (see the module doc).
 
     User errors (:class:`MedFusionError`) print one line ``medfusion: error: ...`` on stderr and
-    return 1; a cancel (Ctrl-C) returns 130. Anything else is a bug and keeps its traceback.
+    return 1; usage errors exit 2; Ctrl-C returns 130 and SIGTERM 143, both after cleaning up.
+    Anything else is a bug and keeps its traceback.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -49,10 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return int(args.func(args) or 0)
+        with sigterm_raises():
+            return int(args.func(args) or 0)
+    except Terminated:
+        print("medfusion: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except (CancelledError, KeyboardInterrupt):
         print("medfusion: cancelled", file=sys.stderr)
-        return 130
+        return EXIT_CANCELLED
     except MedFusionError as error:
         print(f"medfusion: error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR

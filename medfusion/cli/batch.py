@@ -2,10 +2,12 @@
 
 Groups come from folders (``DIR_REF DIR_OTHER...``: every entry of DIR_REF with the entries of
 the same name in the other folders; DICOM series sub-folders count as entries) or from a list
-file (``--list``): CSV with a header, the first column(s) the inputs (reference first) and an
-optional ``output`` column; or JSON, a list of ``{"inputs": [...], "output": "..."}`` objects or of
-plain input lists. Relative input paths are relative to the list file; outputs go under
-OUT_DIR. A failing item is reported and skipped; the exit code is 1 if any item failed.
+file (``--list``, format in :data:`LIST_FORMAT_HELP`). A failing item is reported and skipped;
+the exit code is 1 if any item failed.
+
+Before any work the whole plan is checked: every output must lie inside OUT_DIR, no output may
+be an input of the batch (or lie inside an input folder), and no two groups may write the same
+file. Otherwise the batch is refused, naming the offending rows, and nothing is written.
 """
 
 from __future__ import annotations
@@ -23,6 +25,24 @@ from medfusion.io import IMAGE_SUFFIXES, VOLUME_SUFFIXES, full_suffix, stem
 
 logger = logging.getLogger("medfusion")
 
+LIST_FORMAT_HELP = """\
+group list (--list FILE):
+  CSV: a header line, then one group per line: the input columns first (reference first,
+  any header names), and an optional column named "output":
+      reference,other,output
+      mri/case1.nii.gz,pet/case1.nii.gz,case1.nii.gz
+      mri/case2.nii.gz,pet/case2.nii.gz,
+  JSON: a list of groups, each {"inputs": [REF, OTHER, ...], "output": NAME} ("output"
+  optional) or a plain list of inputs:
+      [{"inputs": ["mri/case1.nii.gz", "pet/case1.nii.gz"], "output": "case1.nii.gz"},
+       ["mri/case2.nii.gz", "pet/case2.nii.gz"]]
+  Relative inputs are relative to the list file. An output is a file name (or relative path)
+  inside OUT_DIR; without one it is named after the reference (DICOM and MHD inputs get
+  .nii.gz / .mha). Outputs must stay inside OUT_DIR (no absolute paths, no ..), must not be
+  an input of the batch, and must differ from each other; otherwise the whole list is refused
+  before any work, naming the rows.
+"""
+
 
 @dataclass
 class Group:
@@ -31,6 +51,7 @@ class Group:
     name: str
     inputs: list[Path]
     output: Path
+    where: str = ""  # how the user finds it: "line 3 of groups.csv", "entry a.nii"
 
 
 def register(subparsers: Any) -> None:
@@ -43,6 +64,8 @@ def register(subparsers: Any) -> None:
         description="Fuse each entry of DIR_REF with the entries of the same name in every "
         "DIR_OTHER (or the groups of --list) into OUT_DIR/<name>. Failed items are reported "
         "and skipped; the exit code is 1 if any failed.",
+        epilog=LIST_FORMAT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("folders", nargs="*", metavar="DIR",
                         help="DIR_REF DIR_OTHER [DIR_OTHER ...]")
@@ -82,7 +105,8 @@ def groups_from_folders(folders: list[str], output_dir: Path) -> list[Group]:
     if not entries:
         raise InputError(f"no images, volumes or DICOM folders found in {roots[0]}")
     return [
-        Group(entry.name, [root / entry.name for root in roots], output_dir / output_name(entry))
+        Group(entry.name, [root / entry.name for root in roots], output_dir / output_name(entry),
+              where=f"entry {entry.name}")
         for entry in entries
     ]
 
@@ -102,52 +126,107 @@ def groups_from_list(list_file: str, output_dir: Path) -> list[Group]:
     except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as error:
         raise InputError(f"cannot parse group list {path.name}: {error}") from error
     groups = []
-    for number, (inputs, output) in enumerate(records, start=1):
+    for where, inputs, output in records:
         if len(inputs) < 2:
-            raise InputError(f"group {number} of {path.name} has fewer than two inputs")
+            raise InputError(f"{where} of {path.name} has fewer than two inputs")
         resolved = [p if Path(p).is_absolute() else path.parent / p for p in map(Path, inputs)]
         name = output or output_name(resolved[0])
-        groups.append(Group(Path(name).name, resolved, output_dir / name))
+        groups.append(Group(Path(name).name, resolved, output_dir / name,
+                            where=f"{where} of {path.name}"))
     if not groups:
         raise InputError(f"group list {path.name} is empty")
     return groups
 
 
-def _json_records(path: Path) -> list[tuple[list[str], str | None]]:
+Record = tuple[str, list[str], "str | None"]  # (where in the file, inputs, output or None)
+
+
+def _json_records(path: Path) -> list[Record]:
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, list):
         raise InputError(f"{path.name}: expected a JSON list of groups")
-    records = []
-    for item in data:
+    records: list[Record] = []
+    for number, item in enumerate(data, start=1):
+        where = f"group {number}"
         if isinstance(item, dict) and isinstance(item.get("inputs"), list):
-            records.append(([str(p) for p in item["inputs"]], item.get("output")))
+            output = item.get("output")
+            if output is not None and not isinstance(output, str):
+                raise InputError(f"{where} of {path.name}: output must be a file name")
+            records.append((where, [str(p) for p in item["inputs"]], output or None))
         elif isinstance(item, list):
-            records.append(([str(p) for p in item], None))
+            records.append((where, [str(p) for p in item], None))
         else:
             raise InputError(f"{path.name}: each group must be a list or an object with inputs")
     return records
 
 
-def _csv_records(path: Path) -> list[tuple[list[str], str | None]]:
+def _csv_records(path: Path) -> list[Record]:
+    records: list[Record] = []
     with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    records = []
-    for row in rows:
-        output = (row.pop("output", None) or "").strip() or None
-        inputs = [value.strip() for value in row.values() if value and value.strip()]
-        records.append((inputs, output))
+        reader = csv.DictReader(handle)
+        for row in reader:
+            where = f"line {reader.line_num}"
+            output = (row.pop("output", None) or "").strip() or None
+            extra = row.pop(None, None)  # more cells than header columns
+            values = [*row.values(), *(extra or [])]
+            inputs = [value.strip() for value in values if value and value.strip()]
+            records.append((where, inputs, output))
     return records
+
+
+def check_plan(groups: list[Group], output_dir: Path) -> None:
+    """Refuse the batch (OutputError naming the rows) unless every output lies inside
+    ``output_dir``, is no input of the batch (nor inside an input folder), and is unique."""
+    root = output_dir.resolve()
+    inputs = {group_input.resolve(): group for group in groups for group_input in group.inputs}
+    input_folders = [path for path in inputs if path.is_dir()]
+    problems: list[str] = []
+    first_writer: dict[Path, Group] = {}
+    for group in groups:
+        target = group.output.resolve()
+        shown = group.output.relative_to(output_dir) if group.output.is_relative_to(
+            output_dir) else group.output  # fmt: skip
+        if target == root:
+            problems.append(f"{group.where}: output {str(shown)!r} is the output folder itself")
+        elif not target.is_relative_to(root):
+            problems.append(f"{group.where}: output {str(shown)!r} is outside {output_dir}")
+        elif target in inputs:
+            owner = inputs[target]
+            problems.append(
+                f"{group.where}: output {str(shown)!r} is an input of "
+                f"{'the same group' if owner is group else owner.where}"
+            )
+        elif any(target.is_relative_to(folder) for folder in input_folders):
+            problems.append(f"{group.where}: output {str(shown)!r} is inside an input folder")
+        elif target in first_writer:
+            problems.append(
+                f"{group.where}: output {str(shown)!r} is also the output of "
+                f"{first_writer[target].where}"
+            )
+        else:
+            first_writer[target] = group
+    if problems:
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise OutputError(
+            f"batch refused, nothing was fused: {'; '.join(problems[:5])}{more}"
+        )
 
 
 def collect_groups(folders: list[str], list_file: str | None, output_dir: str) -> list[Group]:
     """Groups from ``--list`` or from folders; creates OUT_DIR (its parent must exist)."""
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"-o must be a folder, but {out} is a file")
     if not out.parent.is_dir():
         raise OutputError(f"output folder's parent does not exist: {out.parent}")
     if list_file and folders:
         raise InputError("give either folders or --list, not both")
     groups = groups_from_list(list_file, out) if list_file else groups_from_folders(folders, out)
-    out.mkdir(exist_ok=True)
+    check_plan(groups, out)
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create the output folder {out}: {error.strerror}") from None
     return groups
 
 
@@ -178,6 +257,7 @@ def run_batch(args: argparse.Namespace) -> int:
         for done, group in enumerate(groups, start=1):
             slice_metrics = SliceMetrics() if args.metrics else None
             try:
+                group.output.parent.mkdir(parents=True, exist_ok=True)  # inside OUT_DIR
                 result = fuse_files(
                     group.inputs, group.output, method=method, on_batch=slice_metrics,
                     **engine_options(args, len(group.inputs)),

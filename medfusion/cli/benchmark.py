@@ -70,7 +70,8 @@ def register(subparsers) -> None:
         action="append",
         default=[],
         metavar="DIR",
-        help="another MONAI bundle to compare as a CNN method (repeatable)",
+        help="another MONAI bundle to compare as a CNN method (repeatable); its configs run "
+        "Python code ($ expressions): use only trusted folders",
     )
     parser.add_argument(
         "--metrics",

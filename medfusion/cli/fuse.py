@@ -60,7 +60,8 @@ def add_fusion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="cnn", choices=available_methods(),
                         help="fusion method (default: cnn, the MONAI bundle's network)")
     parser.add_argument("--bundle", metavar="DIR",
-                        help="MONAI bundle folder for --method cnn (default: the shipped one)")
+                        help="MONAI bundle folder for --method cnn (default: the shipped one); "
+                        "its configs run Python code ($ expressions): use only trusted folders")
     parser.add_argument("--block-size", type=int, help="CNN block size i (sliding-window roi)")
     parser.add_argument("--overlap", type=float, help="CNN sliding-window overlap, 0..1")
     parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"),

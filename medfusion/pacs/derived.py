@@ -22,18 +22,23 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom import config as dicom_config
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import MAX_VALUE_LEN
 
 from medfusion import __version__
 from medfusion.errors import GeometryError, InputError, OutputError
@@ -43,6 +48,12 @@ DESCRIPTION_PREFIX = "MedFusion fusion"
 _POSITION_TOLERANCE_MM = 0.05
 
 # Elements that describe the reference's pixels or provenance and would be wrong on the copy.
+log = logging.getLogger(__name__)
+
+# Free-text VRs whose over-long values are cut to the maximum length; any other over-long value
+# (a code string, number or UID cannot be cut without changing its meaning) is emptied.
+_TRIMMABLE_VRS = ("LO", "SH", "ST", "LT")
+
 _DROPPED = (
     "PixelData", "FloatPixelData", "DoubleFloatPixelData", "NumberOfFrames",
     "LargestImagePixelValue", "SmallestImagePixelValue", "LargestPixelValueInSeries",
@@ -190,8 +201,9 @@ def build_derived_series(
     )
     low, high = float(array.min()), float(array.max())
     output = []
+    repaired: dict[str, set[str]] = {"trimmed": set(), "emptied": set()}
     for index, (source, plane) in enumerate(zip(ordered, array, strict=True)):
-        ds = _clean_copy(source)
+        ds = _clean_copy(source, repaired)
         ds.SOPInstanceUID = generate_uid()
         ds.SeriesInstanceUID = series_uid
         ds.SeriesNumber = series_number
@@ -199,7 +211,7 @@ def build_derived_series(
         ds.SeriesDescription = description
         ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
         ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
-        image_type = [str(v) for v in source.get("ImageType", [])]
+        image_type = [str(v) for v in ds.get("ImageType", [])]
         ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:3]]
         ds.DerivationDescription = derivation
         ds.DerivationCodeSequence = [_code("110001", "DCM", "Image Processing")]
@@ -207,7 +219,7 @@ def build_derived_series(
         ds.SourceImageSequence = [item for item, _series in sources]
         ds.ReferencedSeriesSequence = _referenced_series(sources)
         ds.ContributingEquipmentSequence = [
-            *source.get("ContributingEquipmentSequence", []),
+            *ds.get("ContributingEquipmentSequence", []),
             _equipment(provenance, now),
         ]
         ds.BurnedInAnnotation = "NO"
@@ -218,6 +230,12 @@ def build_derived_series(
         _set_pixels(ds, rescale.encode(plane), rescale, low, high)
         ds.file_meta = _file_meta(ds)
         output.append(ds)
+    if repaired["trimmed"] or repaired["emptied"]:
+        log.debug(
+            "reference header values too long for their VR: trimmed %s; emptied %s",
+            ", ".join(sorted(repaired["trimmed"])) or "none",
+            ", ".join(sorted(repaired["emptied"])) or "none",
+        )
     return output
 
 
@@ -288,17 +306,59 @@ def _fused_array(fused: Any, ordered: Sequence[Dataset]) -> np.ndarray:
     return np.asarray(array, dtype=np.float64)
 
 
-def _clean_copy(source: Dataset) -> Dataset:
-    ds = copy.deepcopy(source)
-    ds.remove_private_tags()
-    for tag in list(ds.keys()):
-        group = tag.group
-        if 0x6000 <= group <= 0x60FF or 0x5000 <= group <= 0x50FF:
-            del ds[tag]
-    for keyword in _DROPPED:
-        if keyword in ds:
-            delattr(ds, keyword)
+def _clean_copy(source: Dataset, repaired: dict[str, set[str]]) -> Dataset:
+    """A copy of a reference instance without private tags, overlays, the ``_DROPPED``
+    attributes, and without values that break their VR's length (see :func:`_repair_lengths`)."""
+    with _lenient_reading():
+        ds = copy.deepcopy(source)
+        ds.remove_private_tags()
+        for tag in list(ds.keys()):
+            group = tag.group
+            if 0x6000 <= group <= 0x60FF or 0x5000 <= group <= 0x50FF:
+                del ds[tag]
+        for keyword in _DROPPED:
+            if keyword in ds:
+                delattr(ds, keyword)
+        _repair_lengths(ds, repaired)
     return ds
+
+
+@contextmanager
+def _lenient_reading() -> Iterator[None]:
+    """Decode copied header values without pydicom's warnings: bad values are repaired (and
+    reported once, at debug level) by :func:`_repair_lengths` instead."""
+    settings = dicom_config.settings
+    previous = settings.reading_validation_mode
+    settings.reading_validation_mode = dicom_config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode = previous
+
+
+def _repair_lengths(ds: Dataset, repaired: dict[str, set[str]]) -> None:
+    """Cut over-long free-text values (LO, SH, ST, LT) to their VR's maximum and empty other
+    over-long values, in ``ds`` and its sequences; note the keywords in ``repaired``."""
+    for element in list(ds):
+        if element.VR == "SQ":
+            for item in element.value or []:
+                _repair_lengths(item, repaired)
+            continue
+        limit = MAX_VALUE_LEN.get(element.VR)
+        if limit is None or element.value is None:
+            continue
+        multiple = isinstance(element.value, (list, MultiValue))
+        values = list(element.value) if multiple else [element.value]
+        if all(len(str(value)) <= limit for value in values):
+            continue
+        name = element.keyword or str(element.tag)
+        if element.VR in _TRIMMABLE_VRS and all(isinstance(v, str) for v in values):
+            cut = [value[:limit].rstrip() for value in values]
+            element.value = cut if multiple else cut[0]
+            repaired["trimmed"].add(name)
+        else:  # emptied, not deleted: the attribute may be required (type 2) in its module
+            element.value = None
+            repaired["emptied"].add(name)
 
 
 def _set_pixels(ds: Dataset, stored: np.ndarray, rescale: Rescale, low: float,

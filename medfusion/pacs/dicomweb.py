@@ -30,6 +30,7 @@ from medfusion.pacs.records import (
     StudyQuery,
     check_uid,
     series_from_answer,
+    store_status_text,
     study_from_answer,
 )
 
@@ -140,6 +141,15 @@ class DicomWebClient:
         ]
         return [item for item in series if item.series_uid]
 
+    def find_instances(self, study_uid: str, series_uid: str) -> list[str]:
+        """QIDO-RS ``/studies/{st}/series/{se}/instances``: the SOPInstanceUIDs of one series."""
+        check_uid(study_uid, "study UID")
+        check_uid(series_uid, "series UID")
+        answers = self._qido(
+            f"/studies/{study_uid}/series/{series_uid}/instances", {}, "QIDO-RS", missing_ok=True
+        )
+        return [uid for uid in (_value(item, "SOPInstanceUID") for item in answers) if uid]
+
     # -- retrieve -------------------------------------------------------------------------
 
     def retrieve_series(self, study_uid: str, series_uid: str, folder: Path) -> list[Path]:
@@ -203,6 +213,10 @@ class DicomWebClient:
         answer = _json_or_empty(response)
         failed = _sequence(answer, "FailedSOPSequence")
         stored = _sequence(answer, "ReferencedSOPSequence")
+        log.debug(
+            "STOW-RS answer: HTTP %d, %d referenced, %d failed",
+            response.status_code, len(stored), len(failed),
+        )  # fmt: skip
         if (
             response.status_code in (401, 403)
             or response.status_code >= 500
@@ -211,11 +225,15 @@ class DicomWebClient:
             self._raise_for_status(response, "STOW-RS")
         if failed or response.status_code == 409:
             reasons = sorted(
-                {f"0x{int(_value(item, 'FailureReason') or 0):04X}" for item in failed}
+                {
+                    f"0x{code:04X} ({store_status_text(code)})"
+                    for code in (int(_value(item, "FailureReason") or 0) for item in failed)
+                }
             )
             raise PacsError(
                 f"{self._who} refused {len(failed) or len(datasets)} of {len(datasets)} instances "
-                f"(STOW-RS failure reason {', '.join(reasons) or response.status_code}); "
+                f"(STOW-RS HTTP {response.status_code}"
+                f"{', failure reason ' + ', '.join(reasons) if reasons else ''}); "
                 f"{len(stored)} were stored"
             )
         warnings = tuple(

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -38,6 +39,7 @@ from medfusion.pacs.records import (
     check_uid,
     parse_int,
     series_from_answer,
+    store_status_text,
     study_from_answer,
 )
 
@@ -120,6 +122,18 @@ class DimseClient:
             for answer in self._find(identifier)
         ]
         return [item for item in series if item.series_uid]
+
+    def find_instances(self, study_uid: str, series_uid: str) -> list[str]:
+        """C-FIND at IMAGE level: the SOPInstanceUIDs of one series."""
+        check_uid(study_uid, "study UID")
+        check_uid(series_uid, "series UID")
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "IMAGE"
+        identifier.StudyInstanceUID = study_uid
+        identifier.SeriesInstanceUID = series_uid
+        identifier.SOPInstanceUID = ""
+        answers = self._find(identifier)
+        return [str(a.SOPInstanceUID) for a in answers if a.get("SOPInstanceUID")]
 
     # -- retrieve -------------------------------------------------------------------------
 
@@ -229,25 +243,49 @@ class DimseClient:
         contexts = [(uid, transfer_syntaxes) for uid in sop_classes]
         stored = 0
         warnings: list[str] = []
-        with self._association(contexts) as assoc:
+        aborts: list[str] = []
+        handlers = [(evt.EVT_PDU_RECV, lambda event: _note_abort(event, aborts))]
+        with self._association(contexts, handlers=handlers) as assoc:
+            refused = [uid for uid in sop_classes if not _accepted(assoc, uid)]
+            if refused:
+                raise PacsError(
+                    f"{self._who} does not accept {_sop_name(refused[0])} for storage "
+                    f"(presentation context rejected); nothing was stored"
+                )
             for index, dataset in enumerate(datasets):
                 status = assoc.send_c_store(dataset)
                 if not status or "Status" not in status:
-                    raise PacsError(
-                        f"{self._who} stopped answering during C-STORE after {stored} of "
-                        f"{len(datasets)} instances; the new series may be incomplete there"
-                    )
+                    raise PacsError(self._no_store_status(aborts, stored, len(datasets)))
                 code = int(status.Status)
                 if code in _STORE_WARNINGS:
                     warnings.append(f"instance {index + 1}: status 0x{code:04X}")
                 elif code != 0x0000:
+                    comment = str(status.get("ErrorComment", "") or "").strip()
                     raise PacsError(
                         f"{self._who} refused instance {index + 1} of {len(datasets)} "
-                        f"(C-STORE status 0x{code:04X}); {stored} were stored"
+                        f"(C-STORE status 0x{code:04X}: {store_status_text(code)}"
+                        f"{'; ' + comment if comment else ''}); {stored} were stored"
                     )
                 stored += 1
         log.info("C-STORE to node %s: %d instances", self.node_name, stored)
         return StoreResult(sent=len(datasets), stored=stored, warnings=tuple(warnings))
+
+    def _no_store_status(self, aborts: list[str], stored: int, total: int) -> str:
+        """Why a C-STORE got no status: the PACS aborted (say so, and what it said) or no
+        answer came within the timeout."""
+        done = f"{stored} of {total} instances were stored"
+        if aborts:
+            hint = (
+                f"; it may not allow AE title {self.settings.calling_aet!r} to store"
+                if stored == 0 else ""
+            )
+            return (
+                f"{self._who} aborted the association during C-STORE ({aborts[0]}){hint}; "
+                f"{done}"
+            )
+        return (
+            f"{self._who} did not answer a C-STORE within {self.settings.timeout:g} s; {done}"
+        )
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -317,11 +355,18 @@ class DimseClient:
             else:
                 ae.add_requested_context(context)
         rejection: list[str] = []
+        answered: list[str] = []
 
-        def on_acse(event: Any) -> None:
-            primitive = event.primitive
-            if getattr(primitive, "result", None) in (0x01, 0x02):
-                rejection.append(f"{primitive.reason_str.lower()}")
+        def on_pdu(event: Any) -> None:
+            # The A-ASSOCIATE-RJ PDU itself, not the primitive: when the peer closes the
+            # connection right after rejecting, pynetdicom may process the close first and
+            # report an abort, but the PDU was received and says why (load-dependent race).
+            if isinstance(event.pdu, A_ASSOCIATE_RJ):
+                rejection.append(event.pdu.reason_str.lower())
+            elif isinstance(event.pdu, A_ASSOCIATE_AC):
+                answered.append("accepted none of the requested presentation contexts")
+            elif isinstance(event.pdu, A_ABORT_RQ):
+                answered.append("aborted the association request")
 
         assoc = ae.associate(
             s.host,
@@ -330,28 +375,38 @@ class DimseClient:
             max_pdu=s.max_pdu,
             ext_neg=list(roles) if roles else None,
             evt_handlers=[
-                (evt.EVT_ACSE_RECV, on_acse),
+                (evt.EVT_PDU_RECV, on_pdu),
                 (evt.EVT_CONN_OPEN, _no_delay),
                 *(handlers or []),
             ],
         )
         if not assoc.is_established:
-            # pynetdicom may return before setting is_rejected; the A-ASSOCIATE-RJ we saw counts.
+            # The A-ASSOCIATE-RJ PDU we saw counts even when pynetdicom reports an abort.
             if assoc.is_rejected or rejection:
                 reason = rejection[0] if rejection else "no reason given"
                 raise PacsError(
                     f"{self._who} rejected the association ({reason}); check called_aet "
                     f"{s.called_aet!r} and that our AE title {s.calling_aet!r} is known there"
                 )
+            if answered:
+                raise PacsError(f"{self._who} {answered[0]}")
             raise PacsError(
-                f"{self._who} did not accept the association within {s.timeout:g} s "
-                "(no answer, or no common presentation context)"
+                f"{self._who} did not accept the association within {s.timeout:g} s"
             )
         try:
             yield assoc
-        finally:
-            if assoc.is_established:
+        except PacsError:
+            if assoc.is_established:  # the PACS answered; end politely
                 assoc.release()
+            raise
+        except BaseException:
+            # An error, Ctrl-C or SIGTERM mid-operation: abort at once (a release would wait for
+            # the PACS to finish sending) so the caller's cleanup runs without delay.
+            if assoc.is_established:
+                assoc.abort()
+            raise
+        if assoc.is_established:
+            assoc.release()
 
 
 class _InstanceWriter:
@@ -379,6 +434,26 @@ class _InstanceWriter:
         except Exception as error:  # any failure is reported to the PACS and to the caller
             self.errors.append(f"{type(error).__name__}: {error}")
             return 0xA700
+
+
+def _note_abort(event: Any, aborts: list[str]) -> None:
+    """Record an A-ABORT the peer sent (who aborted and why, as pynetdicom words it)."""
+    if isinstance(event.pdu, A_ABORT_RQ):
+        pdu = event.pdu
+        if pdu.source == 0x02:  # the peer's protocol layer: the reason is significant
+            aborts.append(f"A-ABORT from its DICOM protocol layer: {pdu.reason_str.lower()}")
+        else:  # the PACS application itself: PS3.8 gives no reason field
+            aborts.append("A-ABORT")
+
+
+def _accepted(assoc: Association, sop_class_uid: str) -> bool:
+    return any(cx.abstract_syntax == sop_class_uid for cx in assoc.accepted_contexts)
+
+
+def _sop_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    return UID(uid).name or uid
 
 
 def _multi(value: Any) -> tuple[str, ...]:

@@ -102,6 +102,9 @@ class PacsClient(Protocol):
     def store(self, datasets: Sequence[Dataset]) -> StoreResult:
         """Send instances to the node; raise PacsError unless all were accepted."""
 
+    def find_instances(self, study_uid: str, series_uid: str) -> list[str]:
+        """SOPInstanceUIDs the node holds for one series (empty when it holds none)."""
+
 
 def check_uid(uid: str, what: str = "UID") -> str:
     """Return ``uid`` if it is a syntactically valid DICOM UID, else raise InputError."""
@@ -149,3 +152,15 @@ def parse_int(value: object) -> int | None:
         return int(str(value).strip())
     except ValueError:
         return None
+
+
+def store_status_text(code: int) -> str:
+    """The Storage Service Class meaning of a C-STORE status (PS3.4 B.2.3)."""
+    from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
+
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code) or GENERAL_STATUS.get(code)
+    if meaning is None:
+        if 0xC000 <= code <= 0xCFFF:
+            return "cannot understand"
+        return "unknown status"
+    return meaning[1].rstrip(".").lower()

@@ -280,6 +280,7 @@ def _deliver(client: PacsClient, study_uid: str, datasets: list[Dataset],
         log.info("study %s: wrote %d instances to %s", study_uid, len(datasets), written)
     if store:
         client.store(datasets)
+        verify_stored(client, study_uid, datasets)
         log.info(
             "study %s: stored series %s (%d instances) on node %s",
             study_uid, series_uid, len(datasets), client.node_name,
@@ -292,6 +293,49 @@ def _deliver(client: PacsClient, study_uid: str, datasets: list[Dataset],
         stored=store,
         output_dir=written,
     )
+
+
+def verify_stored(client: PacsClient, study_uid: str, datasets: Sequence[Dataset],
+                  attempts: int = 3, pause_s: float = 0.5) -> None:  # fmt: skip
+    """Ask the PACS for the series just stored; PacsError unless it holds every instance.
+
+    A PACS may acknowledge every C-STORE / STOW-RS and still discard the instances (an incoming
+    filter, a routing rule, a full archive); only a query afterwards shows it. A PACS that
+    indexes with a delay gets a few tries.
+    """
+    series_uid = str(datasets[0].SeriesInstanceUID)
+    sent = {str(ds.SOPInstanceUID) for ds in datasets}
+    held: set[str] = set()
+    held = 0
+    for attempt in range(attempts):
+        held = _count_held(client, study_uid, series_uid, sent)
+        if held == len(sent):
+            return
+        if attempt + 1 < attempts:
+            time.sleep(pause_s)
+    raise PacsError(
+        f"node {client.node_name!r} acknowledged all {len(sent)} instances of the fused series "
+        f"{series_uid} but holds {held} of them when queried: the PACS discarded them "
+        "(an incoming filter or storage rule there?); the fused series is not stored"
+    )
+
+
+def _count_held(client: PacsClient, study_uid: str, series_uid: str, sent: set[str]) -> int:
+    """How many of the ``sent`` instances the PACS holds: by SOPInstanceUID (IMAGE-level query),
+    or, where the PACS refuses instance queries, the series' NumberOfSeriesRelatedInstances."""
+    try:
+        return len(set(client.find_instances(study_uid, series_uid)) & sent)
+    except PacsError as error:
+        log.debug("instance query refused (%s); counting by the series query", error)
+    info = next((s for s in client.find_series(study_uid) if s.series_uid == series_uid), None)
+    if info is None:
+        return 0
+    if info.n_instances is None:
+        raise PacsError(
+            f"node {client.node_name!r} accepted the fused series {series_uid} but answers no "
+            "instance count for it, so the store cannot be verified"
+        )
+    return info.n_instances
 
 
 def _build_method(plan: FusionPlan) -> tuple[Any, Provenance]:
