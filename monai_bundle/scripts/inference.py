@@ -214,7 +214,7 @@ class LoadSourcesd(MapTransform):
         return self._volumes(d, sources)
 
     def _images(self, d: dict, sources: list[str]) -> dict:
-        planes, chromas = zip(*(_read_image(p) for p in sources))
+        planes, chromas = zip(*(_read_image(p) for p in sources), strict=True)
         shapes = {p.shape for p in planes}
         if len(shapes) != 1:
             raise ValueError(f"sources of {d.get('name', sources[0])} differ in size: "
