@@ -6,7 +6,8 @@ in it. Installing torch into every one would take minutes, so torch (the pinned
 ``torch==2.13.0``, the CPU build that pip finds here) and numpy are installed once into a
 *torch layer* that is reused between test runs, and each fresh environment sees that layer
 through one ``.pth`` line, as it would see a torch installed by the user before MedFusion (in
-Slicer: by the PyTorch extension). The layer holds nothing but torch, numpy and their own
+Slicer: by the PyTorch extension); ``python -m pip`` also comes from the layer and installs
+into the fresh environment. The layer holds nothing but torch, numpy and their own
 dependencies; it is rebuilt when its Python or torch version changes.
 """
 
@@ -71,9 +72,10 @@ class PythonEnv:
                                f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
 
 
-def _create(root: Path) -> PythonEnv:
-    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, env=clean_environ(),
-                   capture_output=True, timeout=300)
+def _create(root: Path, with_pip: bool = True) -> PythonEnv:
+    options = [] if with_pip else ["--without-pip"]
+    subprocess.run([sys.executable, "-m", "venv", *options, str(root)], check=True,
+                   env=clean_environ(), capture_output=True, timeout=300)
     return PythonEnv(root)
 
 
@@ -100,7 +102,7 @@ def torch_layer() -> PythonEnv:
 def fresh_env(root: Path, *requirements: str) -> PythonEnv:
     """A new venv at ``root`` that sees the torch layer, with ``requirements`` installed."""
     layer_site = torch_layer().site_packages
-    env = _create(root)
+    env = _create(root, with_pip=False)  # pip, like torch, comes from the layer (and installs here)
     (env.site_packages / "_torch_layer.pth").write_text(f"{layer_site}\n")
     if requirements:
         env.pip_install(*requirements)
