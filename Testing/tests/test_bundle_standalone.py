@@ -29,10 +29,10 @@ LEFT_OUT = ("itk",)  # optional, large; the NIfTI volumes here are read by nibab
 
 
 def metadata_requirements() -> list[str]:
-    """``name==version`` for MONAI and every required and optional package of metadata.json."""
+    """``name==version`` for MONAI and every required and extra package of metadata.json."""
     meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     packages = {"monai": meta["monai_version"], **meta["required_packages_version"],
-                **meta.get("optional_packages_version", {})}
+                **meta["extra_packages_version"]}
     return [f"{name}=={version}" for name, version in packages.items() if name not in LEFT_OUT]
 
 
@@ -94,6 +94,7 @@ def test_inference_on_a_user_datalist(bundle_env, bundle, user_data, tmp_path, a
     done = run_bundle(bundle_env, bundle, "--config_file", "configs/inference.json",
                       "--datalist", str(user_data / "datalist.json"), "--output_dir", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "deprecated name" not in done.stderr  # metadata.json reads cleanly in MONAI
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["pet_mri.png", sorted((aanlib / "CT-MRI" / "CT").iterdir())[0].name, "t1.nii.gz"])
 
