@@ -13,12 +13,14 @@ dependencies; it is rebuilt when its Python or torch version changes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,18 +81,16 @@ def _create(root: Path, with_pip: bool = True) -> PythonEnv:
     return PythonEnv(root)
 
 
-def torch_layer() -> PythonEnv:
-    """The cached environment with only torch and numpy (built on first use, atomically)."""
-    tag = f"{TORCH.replace('==', '-')}-py{sys.version_info.major}{sys.version_info.minor}"
+def _cached(tag: str, build) -> PythonEnv:
+    """The cached environment ``tag``, built by ``build(env)`` on first use (atomically)."""
     layer = CACHE / tag
     if (layer / "ready").is_file():
         return PythonEnv(layer)
     CACHE.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=CACHE))
     try:
-        env = _create(building)
-        env.pip_install(*LAYER_PACKAGES)
-        (building / "ready").write_text(" ".join(LAYER_PACKAGES) + "\n")
+        build(building)
+        (building / "ready").write_text(tag + "\n")
         if layer.exists():  # a half-built layer from an interrupted run
             shutil.rmtree(layer)
         building.rename(layer)  # a venv may move: python -m pip is all that is run in it
@@ -99,11 +99,43 @@ def torch_layer() -> PythonEnv:
     return PythonEnv(layer)
 
 
-def fresh_env(root: Path, *requirements: str) -> PythonEnv:
-    """A new venv at ``root`` that sees the torch layer, with ``requirements`` installed."""
-    layer_site = torch_layer().site_packages
-    env = _create(root, with_pip=False)  # pip, like torch, comes from the layer (and installs here)
-    (env.site_packages / "_torch_layer.pth").write_text(f"{layer_site}\n")
+def _python_tag() -> str:
+    return f"py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def torch_layer() -> PythonEnv:
+    """The cached environment with only torch and numpy (and pip, which installs elsewhere)."""
+    def build(root: Path) -> None:
+        _create(root).pip_install(*LAYER_PACKAGES)
+
+    return _cached(f"{TORCH.replace('==', '-')}-{_python_tag()}", build)
+
+
+def package_layer(name: str, requirements: Sequence[str]) -> PythonEnv:
+    """A cached layer over the torch layer that holds exactly what ``requirements`` bring.
+
+    Keyed by the requirement list, so a changed pin builds a new layer. Tests that check an
+    installation itself (the wheel's, the Slicer module's first-use step) still install into
+    their fresh environment; a layer only spares re-downloading the same third-party packages.
+    """
+    key = hashlib.sha256("\n".join([TORCH, *sorted(requirements)]).encode()).hexdigest()[:12]
+
+    def build(root: Path) -> None:
+        _link_layers(_create(root, with_pip=False), [torch_layer()]).pip_install(*requirements)
+
+    return _cached(f"{name}-{key}-{_python_tag()}", build)
+
+
+def _link_layers(env: PythonEnv, layers: Sequence[PythonEnv]) -> PythonEnv:
+    lines = "".join(f"{layer.site_packages}\n" for layer in layers)
+    (env.site_packages / "_medfusion_test_layers.pth").write_text(lines)
+    return env
+
+
+def fresh_env(root: Path, *requirements: str, layers: Sequence[PythonEnv] = ()) -> PythonEnv:
+    """A new venv at ``root`` that sees the torch layer (and ``layers``), then installs
+    ``requirements`` into itself. pip, like torch, comes from the torch layer."""
+    env = _link_layers(_create(root, with_pip=False), [torch_layer(), *layers])
     if requirements:
         env.pip_install(*requirements)
     return env

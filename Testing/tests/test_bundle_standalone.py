@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from packaging_envs import PythonEnv, assert_cannot_import_medfusion, fresh_env
+from packaging_envs import PythonEnv, assert_cannot_import_medfusion, fresh_env, package_layer
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ def metadata_requirements() -> list[str]:
 @pytest.fixture(scope="module")
 def bundle_env(tmp_path_factory: pytest.TempPathFactory) -> PythonEnv:
     root = tmp_path_factory.mktemp("bundle-env")
-    env = fresh_env(root / "venv", *metadata_requirements())
+    env = fresh_env(root / "venv", layers=[package_layer("bundle-deps", metadata_requirements())])
     assert_cannot_import_medfusion(env, root)
     return env
 

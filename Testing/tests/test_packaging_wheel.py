@@ -15,11 +15,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from packaging_envs import PythonEnv, assert_cannot_import_medfusion, clean_environ, fresh_env
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+from packaging_envs import (
+    PythonEnv,
+    assert_cannot_import_medfusion,
+    clean_environ,
+    fresh_env,
+    package_layer,
+)
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 PET_MRI = "25015.png"
+
+
+def core_dependencies() -> list[str]:
+    """The third-party dependencies that pyproject.toml declares (torch is in the torch layer)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return [d for d in project["dependencies"] if not d.startswith("torch")]
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +53,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def wheel_env(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> PythonEnv:
     root = tmp_path_factory.mktemp("wheel-env")
-    env = fresh_env(root / "venv")
+    env = fresh_env(root / "venv", layers=[package_layer("core-deps", core_dependencies())])
     assert_cannot_import_medfusion(env, root)
-    env.pip_install(str(wheel))
+    env.pip_install(str(wheel))  # resolves the wheel's dependencies, installs medfusion here
     return env
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from packaging_envs import PythonEnv, assert_cannot_import_medfusion, fresh_env
+from packaging_envs import PythonEnv, assert_cannot_import_medfusion, fresh_env, package_layer
 from test_slicer_module import _cmake_records
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,7 +81,7 @@ def test_catalog_entry_matches_the_cmake_metadata(tmp_path: Path):
 def slicer_python(tmp_path_factory: pytest.TempPathFactory) -> PythonEnv:
     """A PythonSlicer stand-in: Slicer's own packages and torch, nothing of MedFusion."""
     root = tmp_path_factory.mktemp("slicer-python")
-    env = fresh_env(root / "venv", "SimpleITK", "pydicom")
+    env = fresh_env(root / "venv", layers=[package_layer("slicer-own", ["SimpleITK", "pydicom"])])
     assert_cannot_import_medfusion(env, root)
     return env
 
