@@ -22,6 +22,8 @@ import SimpleITK as sitk
 from packaging_envs import PythonEnv, assert_cannot_import_medfusion, fresh_env, package_layer
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # fresh environments and real installs: minutes
+
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "monai_bundle"
 CROP = 48

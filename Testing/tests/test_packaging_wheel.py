@@ -29,6 +29,8 @@ from packaging_envs import (
 )
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # fresh environments and real installs: minutes
+
 REPO = Path(__file__).resolve().parents[2]
 PET_MRI = "25015.png"
 

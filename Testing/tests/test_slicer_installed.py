@@ -140,6 +140,7 @@ def _slab(path: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_first_use_installs_then_the_runner_fuses_with_cnn(installed, slicer_python, spm12,
                                                            tmp_path):
     work = tmp_path / "elsewhere"
