@@ -32,7 +32,12 @@ from FuseVolumesLib import (
     plan_installation,
     read_metrics_csv,
 )
-from FuseVolumesLib.dependencies import CORE, find_core_source, installed_version
+from FuseVolumesLib.dependencies import (
+    CORE,
+    find_core_source,
+    installed_version,
+    run_installation,
+)
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -70,6 +75,10 @@ class FuseVolumes(ScriptedLoadableModule):
             " metrics. Volumes from Slicer's DICOM database work like any other volume; the"
             " fused volume can be exported as a DICOM series in the reference's study."
             " The inputs must already be registered: the physical extents must overlap."
+            " Needs Slicer 5.10 or later (Python 3.12). On first use the module asks once, then"
+            " installs the Python packages it needs: the MedFusion core and CNN bundle shipped"
+            " with the extension, torch through the PyTorch extension, the others from the"
+            " package index; Slicer's numpy, SimpleITK and pydicom are never changed."
         )
         self.parent.acknowledgementText = _(
             "MedFusion uses MONAI, PyTorch and SimpleITK. The background-process design follows"
@@ -388,7 +397,13 @@ class FuseVolumesLogic(ScriptedLoadableModuleLogic):
         )
 
     def ensureDependencies(self, statusLabel=None, askConfirmation: bool = True) -> bool:
-        """Install what is missing, after asking; False when the user declined or it failed."""
+        """Install what is missing, after asking once; False when the user declined.
+
+        The core comes from the folder shipped with the extension (``FuseVolumesCore``), torch
+        from the PyTorch extension, the other packages from the package index at the versions
+        MedFusion was tested with; numpy, SimpleITK and pydicom of Slicer are never changed.
+        A progress dialog shows each step.
+        """
         plan = self.dependencyPlan()
         if plan.satisfied:
             return True
@@ -397,33 +412,40 @@ class FuseVolumesLogic(ScriptedLoadableModuleLogic):
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
                 plan.describe(), windowTitle=_("Install MedFusion's Python packages?")):
             return False
+        steps = len(plan.pip_commands("constraints.txt")) + (1 if plan.torch_step else 0)
+        dialog = slicer.util.createProgressDialog(
+            labelText=_("Installing MedFusion's Python packages..."), maximum=steps, value=0)
 
-        def say(text):
+        def say(text, step=None):
             logging.info(text)
             if statusLabel is not None:
                 statusLabel.text = text
+            dialog.labelText = text
+            if step is not None:
+                dialog.value = step
             slicer.app.processEvents()
 
-        with slicer.util.WaitCursor():
-            torchStep = plan.torch_step
-            if torchStep is not None:
-                say(_("Installing PyTorch with the PyTorch extension (several minutes)..."))
-                import PyTorchUtils
+        try:
+            with slicer.util.WaitCursor():
+                done = 0
+                if plan.torch_step is not None:
+                    say(_("Installing PyTorch with the PyTorch extension (several minutes)..."), 0)
+                    import PyTorchUtils
 
-                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-                minimum = f">={torchStep.requirement.minimum}"
-                if torchLogic.installTorch(askConfirmation=askConfirmation,
-                                           torchVersionRequirement=minimum) is None:
-                    raise RuntimeError(_("PyTorch was not installed; MedFusion needs it."))
-                plan = self.dependencyPlan()  # torch is now frozen at the installed version
-            constraintsFile = Path(tempfile.mkdtemp(prefix="FuseVolumes-pip-")) / "constraints.txt"
-            constraintsFile.write_text(plan.constraints_text(), encoding="utf-8")
-            try:
-                for arguments in plan.pip_commands(constraintsFile):
-                    say(_("Installing: pip {arguments}").format(arguments=" ".join(arguments)))
-                    slicer.util.pip_install(arguments[1:])
-            finally:
-                shutil.rmtree(constraintsFile.parent, ignore_errors=True)
+                    torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+                    minimum = f">={plan.torch_step.requirement.minimum}"
+                    # already asked once above: the PyTorch extension does not ask again
+                    if torchLogic.installTorch(askConfirmation=False,
+                                               torchVersionRequirement=minimum) is None:
+                        raise RuntimeError(_("PyTorch was not installed; MedFusion needs it."))
+                    done = 1
+                    plan = self.dependencyPlan()  # torch is now frozen at the installed version
+                run_installation(
+                    plan, pip=lambda arguments: slicer.util.pip_install(arguments[1:]),
+                    progress=lambda step, total, text: say(
+                        f"{text} ({done + step}/{done + total})...", done + step - 1))
+        finally:
+            dialog.close()
         remaining = self.dependencyPlan()
         if not remaining.satisfied:
             raise RuntimeError(_("Installation finished but packages are still missing:\n")
@@ -671,6 +693,10 @@ class FuseVolumesTest(ScriptedLoadableModuleTest):
 
     def runTest(self) -> None:
         self.setUp()
+        self.test_FuseVolumes_dependencies()
+        self.setUp()
+        self.test_FuseVolumes_cnn()
+        self.setUp()
         self.test_FuseVolumes_average()
         self.setUp()
         self.test_FuseVolumes_cancel()
@@ -699,19 +725,42 @@ class FuseVolumesTest(ScriptedLoadableModuleTest):
         other = self._makeVolume("MR", sphere)
         return reference, other
 
+    def test_FuseVolumes_dependencies(self) -> None:
+        """First use, as a user meets it: install what is missing (as the module would after
+        asking), from the core shipped with the extension; Slicer's numpy is left as it is."""
+        import numpy
+
+        self.delayDisplay("Installing MedFusion's Python packages (first use; minutes)")
+        numpyBefore = numpy.__version__
+        logic = FuseVolumesLogic()
+        self.assertTrue(logic.ensureDependencies(askConfirmation=False))
+        self.assertTrue(logic.dependencyPlan().satisfied)
+        self.assertEqual(installed_version(REQUIREMENTS[0]), numpyBefore)
+        self.delayDisplay("Dependencies installed")
+
+    def test_FuseVolumes_cnn(self) -> None:
+        """The default method, the shipped CNN bundle, end to end through the background process."""
+        self._fuseAndCheck("cnn")
+        self.delayDisplay("CNN fusion passed")
+
     def test_FuseVolumes_average(self) -> None:
+        self._fuseAndCheck("average")
+        self.delayDisplay("Average fusion passed")
+
+    def _fuseAndCheck(self, method: str) -> None:
         import numpy as np
 
-        self.delayDisplay("Fusing two small volumes with the average method")
+        self.delayDisplay(f"Fusing two small volumes with the {method} method")
         reference, other = self._scene()
         logic = FuseVolumesLogic()
+        self.assertTrue(logic.ensureDependencies(askConfirmation=False))
         parameters = logic.getParameterNode()
         parameters.referenceVolume = reference
         parameters.otherVolume1 = other
-        parameters.method = "average"
+        parameters.method = method
         parameters.device = "cpu"
         self.assertIsNone(logic.inputProblem(parameters))
-        result = logic.process(parameters, timeout=300)
+        result = logic.process(parameters, timeout=600)
         self.assertTrue(result.ok, result.message)
 
         output = parameters.outputVolume
@@ -736,7 +785,6 @@ class FuseVolumesTest(ScriptedLoadableModuleTest):
         self.assertEqual(shNode.GetItemParent(shNode.GetItemByDataNode(output)),
                          shNode.GetItemParent(shNode.GetItemByDataNode(reference)))
         self.assertTrue(np.isfinite(fused).all())
-        self.delayDisplay("Average fusion passed")
 
     def test_FuseVolumes_cancel(self) -> None:
         self.delayDisplay("Starting a fusion and cancelling it")

@@ -108,7 +108,7 @@ def test_inference_workflow_with_shipped_weights(tiny_aanlib: Path, tmp_path: Pa
     assert len(written) == 3  # one validation pair per pair type
     for path in written:
         pair, name = path.parent.name, path.name
-        fused = np.asarray(Image.open(path), dtype=np.float32)
+        fused = np.asarray(Image.open(path).convert("L"), dtype=np.float32)  # PET/SPECT: colour
         mri = np.asarray(Image.open(tiny_aanlib / pair / "MRI" / name).convert("L"), np.float32)
         assert fused.shape == mri.shape
         assert fused.std() > 5.0  # real content, not a constant image

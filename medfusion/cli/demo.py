@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 
 from medfusion.errors import InputError, ModelError, OutputError
+from medfusion.resources import demo_dir
 
 logger = logging.getLogger("medfusion")
 
-DEMO_DIR = Path(__file__).resolve().parents[2] / "Resources" / "demo"
+DEMO_DIR = demo_dir()  # package data: medfusion/demo (see medfusion.resources)
 DEMO_INPUTS = ("mri.png", "pet.png")
 FALLBACK = "laplacian"
 
@@ -27,7 +28,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="fuse the shipped PET-MRI sample; write fused image, panel and metrics",
-        description="Fuse the Whole Brain Atlas PET-MRI pair shipped under Resources/demo and "
+        description="Fuse the Whole Brain Atlas PET-MRI pair shipped with MedFusion and "
         "write fused.png, panel.png (sources beside the result) and metrics.json.",
     )
     parser.add_argument("-o", "--output-dir", default="medfusion-demo",
@@ -69,7 +70,8 @@ def run_demo(args: argparse.Namespace) -> int:
     inputs = [DEMO_DIR / name for name in DEMO_INPUTS]
     for path in inputs:
         if not path.is_file():
-            raise InputError(f"demo sample not found: {path} (run from a source checkout)")
+            raise InputError(f"demo sample not found: {path} (the installation is incomplete: "
+                             "reinstall medfusion)")
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from medfusion.errors import InputError, ModelError
+from medfusion.resources import bundle_dir as shipped_bundle_dir
 
-DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "monai_bundle"
+DEFAULT_BUNDLE = shipped_bundle_dir()  # package data: medfusion/bundle (see medfusion.resources)
 CONFIG = Path("configs") / "inference.json"
 WEIGHTS = Path("models") / "model.pt"
 MIN_SOURCES = 2

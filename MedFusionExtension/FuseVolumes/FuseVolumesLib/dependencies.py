@@ -11,7 +11,8 @@ Slicer's Python is shared by every module, so installing is cautious:
   that matches the GPU driver; only without that extension is the pinned wheel used;
 - missing packages are installed at the exact versions MedFusion was tested with.
 
-Nothing here runs pip: the plan lists the steps, the module asks the user and then runs them.
+The plan lists the steps; the module asks the user once, then :func:`run_installation` runs them
+through the pip runner it is given (``slicer.util.pip_install`` in Slicer), reporting progress.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,13 +194,30 @@ class InstallPlan:
         return "\n".join(lines)
 
 
+SHIPPED_CORE = "FuseVolumesCore"
+
+
+def _is_core_source(folder: Path) -> bool:
+    project = folder / "pyproject.toml"
+    return (project.is_file() and (folder / "medfusion" / "__init__.py").is_file()
+            and re.search(r'^name\s*=\s*"medfusion"', project.read_text(encoding="utf-8"), re.M)
+            is not None)
+
+
 def find_core_source(start: str | Path) -> Path | None:
-    """The MedFusion checkout (folder with pyproject.toml) above ``start``, if any."""
-    for folder in Path(start).resolve().parents:
-        project = folder / "pyproject.toml"
-        if project.is_file() and (folder / "medfusion" / "__init__.py").is_file():
-            if re.search(r'^name\s*=\s*"medfusion"', project.read_text(encoding="utf-8"), re.M):
-                return folder
+    """The MedFusion source tree to install the core from, for the module file ``start``.
+
+    An installed extension ships it beside the module (``FuseVolumesCore/``, laid out by the
+    module's CMake lists: pyproject.toml, the package, its bundle and demo sample); a developer
+    running the module from a checkout gets the checkout above the module file.
+    """
+    start = Path(start).resolve()
+    shipped = (start if start.is_dir() else start.parent) / SHIPPED_CORE
+    if _is_core_source(shipped):
+        return shipped
+    for folder in start.parents:
+        if _is_core_source(folder):
+            return folder
     return None
 
 
@@ -235,3 +255,41 @@ def plan_installation(
         spec = str(core_source) if core_source is not None else CORE.spec
         plan.steps.append(InstallStep(CORE, core_installed, PIP, spec))
     return plan
+
+
+def run_installation(
+    plan: InstallPlan,
+    pip: Callable[[list[str]], object],
+    progress: Callable[[int, int, str], None] | None = None,
+) -> None:
+    """Run the plan's pip commands (after torch is there) with ``pip(arguments)``.
+
+    ``pip`` gets the arguments after ``python -m pip`` and raises when pip fails.
+    ``progress(step, steps, text)`` is called before each command. The shipped core is copied to
+    a temporary folder first: pip builds a source tree in place, and the extension's own folder
+    may be read-only (and must stay as installed).
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="FuseVolumes-install-"))
+    try:
+        constraints = workdir / "constraints.txt"
+        constraints.write_text(plan.constraints_text(), encoding="utf-8")
+        core_step = plan.core_step
+        staged_core = None
+        if core_step is not None and plan.core_source is not None:
+            staged_core = workdir / "medfusion-src"
+            shutil.copytree(plan.core_source, staged_core,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "build",
+                                                          "*.egg-info"))
+        commands = plan.pip_commands(constraints)
+        for index, arguments in enumerate(commands, start=1):
+            if staged_core is not None and arguments[-1] == str(plan.core_source):
+                arguments = [*arguments[:-1], str(staged_core)]
+                text = "Installing the MedFusion core shipped with the extension"
+            else:
+                names = [a.split("==")[0] for a in arguments[3:]]
+                text = "Installing " + ", ".join(names)
+            if progress is not None:
+                progress(index, len(commands), text)
+            pip(arguments)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
