@@ -21,7 +21,7 @@ from medfusion.metrics.structural import _edge_preservation, _sobel_strength_ori
 
 
 def per_source_qabf(fused: object, *sources: object, data_range: float = GREY_MAX) -> list[float]:
-    """``[Q^{S/F} for S in sources]``, each in [0, ~0.975]; NaN (with a warning) for a flat source."""
+    """``[Q^{S/F} for S in sources]``, each in [0, ~0.975]; NaN (+ warning) for a flat source."""
     image, checked = prepare(fused, sources, data_range)
     g_f, a_f = _sobel_strength_orientation(image)
     values: list[float] = []

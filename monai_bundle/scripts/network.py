@@ -49,6 +49,8 @@ class FusionNet(nn.Module):
     ) -> None:
         super().__init__()
         self.block_exponent = check_block_exponent(block_exponent)
+        self.base_pool = BASE_POOL
+        self.stats = STATS
         self.min_sources = int(min_sources)
         self.max_prior = nn.Parameter(torch.tensor(float(max_prior)))
         self.encoder = nn.Sequential(
@@ -70,11 +72,11 @@ class FusionNet(nn.Module):
         """Return the fused image ``(B, 1, H, W)`` in [0, 1]."""
         if x.dim() != 4 or x.shape[1] < self.min_sources:
             raise ValueError(
-                f"FusionNet expects (B, K>={self.min_sources}, H, W) input, got {tuple(x.shape)}"
+                f"FusionNet expects (B, K>={self.min_sources}, H, W) input, got {x.shape}"
             )
-        b, k, h, w = x.shape
-        block = 2**self.block_exponent
-        multiple = max(block, BASE_POOL)
+        b, k, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        block = 1 << self.block_exponent
+        multiple = max(block, self.base_pool)
         pad_h, pad_w = (-h) % multiple, (-w) % multiple
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
@@ -85,12 +87,12 @@ class FusionNet(nn.Module):
         mean, square = moments[:, :k], moments[:, k:]
         stats = torch.stack([mean, (square - mean * mean).clamp_min(0.0).sqrt()], dim=2)
         hb, wb = stats.shape[-2:]
-        feats = self.encoder(stats.reshape(b * k, STATS, hb, wb)).reshape(b, k, -1, hb, wb)
+        feats = self.encoder(stats.reshape(b * k, self.stats, hb, wb)).reshape(b, k, -1, hb, wb)
         pooled = torch.cat([feats.amax(dim=1), feats.mean(dim=1)], dim=1)
         per_source = torch.cat([feats, pooled.unsqueeze(1).expand(-1, k, -1, -1, -1)], dim=2)
         maps = self.head(per_source.reshape(b * k, -1, hb, wb)).reshape(b, k * 2, hb, wb)
-        coarse = mean if block == BASE_POOL else F.avg_pool2d(x, BASE_POOL)
-        if block == BASE_POOL:  # one upsampling pass for the maps and the base layer
+        coarse = mean if block == self.base_pool else F.avg_pool2d(x, self.base_pool)
+        if block == self.base_pool:  # one upsampling pass for the maps and the base layer
             up = F.interpolate(torch.cat([maps, coarse], dim=1), size=(hp, wp),
                                mode="bilinear", align_corners=False)
             maps, base = up[:, : 2 * k], up[:, 2 * k :]

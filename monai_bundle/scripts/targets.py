@@ -75,8 +75,7 @@ def choose_target(sources: np.ndarray, tolerance: float = TOLERANCE) -> tuple[st
     Scored with the bundle's torch forms of the metrics (``scripts.losses``; they agree with
     ``medfusion.metrics`` to about 1e-3) on the 8-bit rounded candidates, all in one batch.
     """
-    from scripts.losses import (edge_preservation, per_source_edge_preservation,
-                                visual_fidelity)
+    from scripts.losses import edge_preservation, per_source_edge_preservation, visual_fidelity
 
     batch = torch.from_numpy(sources[None].astype(np.float32))
     fusions = candidate_fusions(batch)
