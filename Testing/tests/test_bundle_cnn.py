@@ -138,7 +138,7 @@ def test_corrupt_weights_file(bundle_copy: Path) -> None:
 
 def test_weights_for_a_wider_network(bundle_copy: Path) -> None:
     config = bundle_copy / "configs" / "inference.json"
-    config.write_text(config.read_text().replace('"features": 12', '"features": 16'))
+    config.write_text(config.read_text().replace('"features": 24', '"features": 16'))
     with pytest.raises(ModelError, match="do not match"):
         get_method("cnn", bundle_dir=bundle_copy)
 

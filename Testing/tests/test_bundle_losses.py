@@ -75,7 +75,7 @@ def test_weaker_edge_term_rewards_keeping_both_sources(losses, ct_mri: torch.Ten
     assert only_mri == pytest.approx(1 - share, abs=0.02)  # soft minimum ~ the minimum
 
 
-def test_targets_keep_the_candidate_with_the_best_weaker_share(losses, ct_mri: torch.Tensor) -> None:
+def test_targets_keep_the_candidate_with_the_best_weaker_share(losses, ct_mri) -> None:
     from scripts.targets import TOLERANCE, choose_target
 
     rule, pixels, scores = choose_target(ct_mri[0].numpy())
