@@ -22,6 +22,7 @@ import slicer
 import vtk
 from FuseVolumesLib import (
     AXES,
+    BLOCK_EXPONENTS,
     DEVICES,
     METHODS,
     REQUIREMENTS,
@@ -99,7 +100,8 @@ class FuseVolumesParameterNode:
     otherVolume1..3: the volumes fused with it (at least one).
     method: the bundle's CNN or a classical method for comparison.
     bundleFolder: a MONAI bundle folder; empty means the bundle shipped with MedFusion.
-    blockSize, batchSize: 0 means the core's default.
+    blockExponent: the CNN's block size exponent i (2^i x 2^i pixel blocks) or "default".
+    batchSize: 0 means the core's default.
     device: auto (GPU when available), cpu or cuda.
     outputVolume, metricsTable: where the results go (created when empty).
     """
@@ -110,7 +112,7 @@ class FuseVolumesParameterNode:
     otherVolume3: vtkMRMLScalarVolumeNode
     method: Annotated[str, Choice(METHODS)] = "cnn"
     bundleFolder: str = ""
-    blockSize: Annotated[int, WithinRange(0, 4096)] = 0
+    blockExponent: Annotated[str, Choice(BLOCK_EXPONENTS)] = "default"
     axis: Annotated[str, Choice(AXES)] = "axial"
     device: Annotated[str, Choice(DEVICES)] = "auto"
     batchSize: Annotated[int, WithinRange(0, 1024)] = 0
@@ -237,7 +239,7 @@ class FuseVolumesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateModelWidgets(self, index=None) -> None:
         isCnn = self.ui.methodComboBox.currentText == "cnn"
         self.ui.bundlePathLineEdit.enabled = isCnn
-        self.ui.blockSizeSpinBox.enabled = isCnn
+        self.ui.blockExponentComboBox.enabled = isCnn
 
     def onBundlePathChanged(self, path: str) -> None:
         if self._parameterNode is not None and self._parameterNode.bundleFolder != path:
@@ -514,7 +516,8 @@ class FuseVolumesLogic(ScriptedLoadableModuleLogic):
                 metrics=workDir / "metrics.csv",
                 method=parameters.method,
                 bundle_dir=Path(parameters.bundleFolder) if parameters.bundleFolder else None,
-                block_size=parameters.blockSize,
+                block_exponent=(None if parameters.blockExponent == "default"
+                                else int(parameters.blockExponent)),
                 axis=parameters.axis,
                 device=parameters.device,
                 batch_size=parameters.batchSize,

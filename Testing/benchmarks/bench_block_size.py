@@ -1,22 +1,28 @@
-"""Precision / speed of the CNN versus the paper's block size ``i`` (sliding-window roi, overlap).
+"""Speed and precision of the CNN versus the paper's block size exponent ``i`` (2^i x 2^i blocks).
 
-For each block size and overlap: mean seconds per 256x256 slice (batch of one, CPU unless
-``--device``), mean QAB/F and VIF (``medfusion.metrics`` on 0-255 luminance) over validation
-pairs, and the mean absolute difference to whole-slice inference (0-255). Prints a Markdown table.
+For each ``i``: the network's FLOPs on one 512x512 pair (``torch.utils.flop_counter``: the
+convolutions), the median seconds per 512^2 slice of the default ``cnn`` path
+(``get_method("cnn", block_exponent=i)``, batch of one, runs interleaved so a busy machine
+slows all alike), the FLOP/s this reaches, and the ratio to this CPU's FLOP limit, measured
+here as the throughput of a 64->64 3x3 convolution (the best case for the CPU's kernels).
+With ``--limit N`` it also scores N validation pairs (256^2): QAB/F, VIF and the weaker
+source's share min_S Q^{S/F}. Prints a Markdown table.
 
-    python Testing/benchmarks/bench_block_size.py --limit 30
+    python Testing/benchmarks/bench_block_size.py --threads 2 --repeats 15 --limit 0
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "monai_bundle"))
@@ -28,41 +34,72 @@ import medfusion.metrics as fm  # noqa: E402
 from medfusion.methods import get_method  # noqa: E402
 
 
+def flop_limit(repeats: int = 5) -> float:
+    """FLOP/s of a 64->64 3x3 convolution on a 2 x 64 x 128 x 128 input (best of ``repeats``)."""
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).eval()
+    x = torch.rand(2, 64, 128, 128)
+    flops = 2 * 64 * 64 * 9 * 2 * 128 * 128
+    with torch.inference_mode():
+        conv(x)
+        best = min(_timed(lambda: conv(x)) for _ in range(repeats))
+    return flops / best
+
+
+def _timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     data = os.environ.get("MEDFUSION_DATA", str(REPO.parent / "shared" / "data"))
     parser.add_argument("--dataset_dir", default=os.path.join(data, "aanlib"))
-    parser.add_argument("--limit", type=int, default=30, help="validation pairs (0: all)")
-    parser.add_argument("--blocks", default="32,64,128,256")
-    parser.add_argument("--overlaps", default="0,0.25,0.5")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--exponents", default="0,1,2,3,4,5,6")
+    parser.add_argument("--repeats", type=int, default=9, help="timed runs per i")
+    parser.add_argument("--limit", type=int, default=-1,
+                        help="validation pairs to score (0: all, -1: none)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    groups = subsample(build_groups(args.dataset_dir, "validation"), args.limit)
+    exponents = [int(e) for e in args.exponents.split(",")]
+    groups = build_groups(args.dataset_dir, "validation")
     load = LoadFusionGroupd()
-    batches = [load(g)["image"][None] for g in groups]
-    reference = get_method("cnn", device=args.device, block_size=256, overlap=0.0)
-    whole = [reference(b.to(args.device)).cpu() for b in batches]
-    print(f"{len(batches)} validation pairs, device {args.device}, {args.threads} threads\n")
-    print("| block i | overlap | s / slice | QAB/F | VIF | mean abs diff to whole slice |")
-    print("|---|---|---|---|---|---|")
-    for block in (int(b) for b in args.blocks.split(",")):
-        overlaps = [0.0] if block >= 256 else [float(o) for o in args.overlaps.split(",")]
-        for overlap in overlaps:
-            method = get_method("cnn", device=args.device, block_size=block, overlap=overlap)
-            method(batches[0].to(args.device))  # warm-up
-            seconds, q, v, diff = 0.0, [], [], []
-            for batch, ref in zip(batches, whole, strict=True):
-                start = time.perf_counter()
-                fused = method(batch.to(args.device)).cpu()
-                seconds += time.perf_counter() - start
-                f, s = fused[0].numpy() * 255.0, batch[0].numpy() * 255.0
-                q.append(fm.qabf(f, *s, data_range=255.0))
-                v.append(fm.vif(f, *s, data_range=255.0))
-                diff.append(float((fused - ref).abs().mean()) * 255.0)
-            print(f"| {block} | {overlap:.2f} | {seconds / len(batches):.4f} | "
-                  f"{np.mean(q):.4f} | {np.mean(v):.4f} | {np.mean(diff):.3f} |")
+    pair = load(groups[0])["image"][None]
+    slice_512 = torch.nn.functional.interpolate(pair, size=(512, 512), mode="bilinear")
+    methods = {i: get_method("cnn", block_exponent=i) for i in exponents}
+    flops = {}
+    for i, method in methods.items():
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            method(slice_512)
+        flops[i] = counter.get_total_flops()
+    times: dict[int, list[float]] = {i: [] for i in exponents}
+    for _ in range(args.repeats):  # interleaved
+        for i, method in methods.items():
+            times[i].append(_timed(lambda m=method: m(slice_512)))
+    limit = flop_limit()
+    scored = [] if args.limit < 0 else subsample(groups, args.limit)
+    batches = [load(g)["image"][None] for g in scored]
+    print(f"512x512 pair, {args.threads} threads; FLOP limit (64->64 3x3 conv): "
+          f"{limit / 1e9:.1f} GFLOP/s; {len(batches)} validation pairs scored\n")
+    print("| i | block | GFLOP / 512^2 | s / 512^2 (median) | GFLOP/s | x FLOP-limit time |"
+          " QAB/F | VIF | min_S Q^S/F |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for i in exponents:
+        seconds = statistics.median(times[i])
+        quality = ["", "", ""]
+        if batches:
+            q, v, w = [], [], []
+            for batch in batches:
+                f = methods[i](batch)[0].numpy() * 255.0
+                s = batch[0].numpy() * 255.0
+                q.append(fm.qabf(f, *s))
+                v.append(fm.vif(f, *s))
+                w.append(fm.weaker_source_share(f, *s))
+            quality = [f"{np.mean(q):.4f}", f"{np.mean(v):.4f}", f"{np.mean(w):.4f}"]
+        ratio = seconds / max(flops[i] / limit, 1e-12)
+        print(f"| {i} | {2**i}x{2**i} | {flops[i] / 1e9:.3f} | {seconds:.4f} | "
+              f"{flops[i] / seconds / 1e9:.1f} | {ratio:.1f} | " + " | ".join(quality) + " |")
 
 
 if __name__ == "__main__":

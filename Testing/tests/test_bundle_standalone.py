@@ -179,7 +179,7 @@ def test_evaluation_without_medfusion(bundle_env, bundle, tiny_atlas, tmp_path):
     done = run_bundle(bundle_env, bundle, "--config_file",
                       "['configs/train.json','configs/evaluate.json']",
                       "--dataset_dir", str(tiny_atlas), "--output_dir", str(out),
-                      "--block_size", "32")
+                      "--block_exponent", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = (out / "metrics.csv").read_text().splitlines()
     scores = dict(line.split(",") for line in lines)
@@ -194,7 +194,7 @@ def test_training_writes_a_run_folder_not_the_shipped_weights(bundle_env, bundle
     before = hashlib.sha256(shipped.read_bytes()).hexdigest()
     done = run_bundle(bundle_env, bundle, "training", "--config_file", "configs/train.json",
                       "--dataset_dir", str(tiny_atlas), "--run_name", "test-run", "--epochs", "1",
-                      "--block_size", "32", "--patches_per_image", "2", "--batch_size", "2",
+                      "--block_exponent", "2", "--patch_size", "32", "--patches_per_image", "2", "--batch_size", "2",
                       "--num_threads", "1")
     assert done.returncode == 0, done.stderr[-3000:]
     run = bundle / "runs" / "test-run"

@@ -53,7 +53,8 @@ def _train_overrides(dataset: Path, out: Path) -> dict:
         "output_dir": str(out / "logs"),
         "epochs": 1,
         "val_interval": 1,
-        "block_size": 32,
+        "target_dir": str(out / "targets"),
+        "patch_size": 32,
         "patches_per_image": 2,
         "batch_size": 2,
         "num_threads": 1,
@@ -89,6 +90,10 @@ def test_config_workflow_trains_one_epoch(tiny_aanlib: Path, tmp_path: Path) -> 
     saved = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert "max_prior" in saved and any(k.startswith("encoder.") for k in saved)
     assert any((tmp_path / "logs").glob("events.out.tfevents*"))
+    # supervised: every training group got a fused target, built from the training split only
+    index = json.loads((tmp_path / "targets" / "targets.json").read_text())
+    assert len(index) == 3 and len(list((tmp_path / "targets").rglob("*.png"))) == 3
+    assert all(entry["rule"] in entry["scores"] for entry in index.values())
 
 
 def test_inference_workflow_with_shipped_weights(tiny_aanlib: Path, tmp_path: Path) -> None:
@@ -99,7 +104,7 @@ def test_inference_workflow_with_shipped_weights(tiny_aanlib: Path, tmp_path: Pa
         workflow_type="infer",
         dataset_dir=str(tiny_aanlib),
         output_dir=str(tmp_path / "fused"),
-        block_size=32,
+        block_exponent=2,
     )
     workflow.initialize()
     workflow.run()

@@ -139,7 +139,7 @@ def test_benchmark_on_a_user_folder(wheel_env: PythonEnv, outside: Path, aanlib:
             shutil.copy(aanlib / "PET-MRI" / modality / name, data / "PET-MRI" / modality / name)
     done = medfusion(wheel_env, outside, "benchmark", str(data), "-o", "report",
                      "--methods", "cnn,average,max", "--metrics", "QABF,SSIM",
-                     "--perturbations", "gaussian:0.05", "--block-sizes", "128",
+                     "--perturbations", "gaussian:0.05", "--block-exponents", "3",
                      "--speed-images", "0", "--workers", "1", "--no-progress",
                      "--device", "cpu")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -194,7 +194,7 @@ def test_choices_match_the_core_cli():
     options = {a.dest: a for a in fuse._actions}  # noqa: SLF001
     assert set(options["method"].choices) == set(METHODS)
     assert set(options["axis"].choices) == set(AXES)
-    for flag in ("bundle", "block_size", "batch_size", "metrics", "progress", "device"):
+    for flag in ("bundle", "block_exponent", "batch_size", "metrics", "progress", "device"):
         assert flag in options, f"medfusion fuse lost --{flag.replace('_', '-')}"
     assert "json" in options["progress"].choices
     assert DEVICES == ("auto", "cpu", "cuda")

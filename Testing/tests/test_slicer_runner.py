@@ -176,15 +176,15 @@ def test_runner_falls_back_to_cpu_when_cuda_is_absent(tmp_path):
 
 def test_build_command_only_sends_cnn_options_to_cnn(tmp_path):
     base = dict(reference=tmp_path / "a.nrrd", others=[tmp_path / "b.nrrd"],
-                output=tmp_path / "o.nrrd", bundle_dir=tmp_path / "bundle", block_size=64,
+                output=tmp_path / "o.nrrd", bundle_dir=tmp_path / "bundle", block_exponent=2,
                 batch_size=4, metrics=tmp_path / "m.csv")
     cnn = build_fuse_command(FuseRequest(**base, method="cnn"), python="py")
     assert cnn[:4] == ["py", "-m", "medfusion", "fuse"]
     assert cnn[cnn.index("--bundle") + 1] == str(tmp_path / "bundle")
-    assert cnn[cnn.index("--block-size") + 1] == "64"
+    assert cnn[cnn.index("--block-exponent") + 1] == "2"
     assert cnn[-2:] == ["--progress", "json"]
     average = build_fuse_command(FuseRequest(**base, method="average"), python="py")
-    assert "--bundle" not in average and "--block-size" not in average
+    assert "--bundle" not in average and "--block-exponent" not in average
     assert average[average.index("--batch-size") + 1] == "4"
     defaults = build_fuse_command(FuseRequest(base["reference"], base["others"], base["output"]))
     assert "--batch-size" not in defaults and "--metrics" not in defaults

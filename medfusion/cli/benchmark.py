@@ -21,14 +21,14 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def _sizes(text: str) -> tuple[int, ...]:
+def _exponents(text: str) -> tuple[int, ...]:
     try:
-        sizes = tuple(int(part) for part in _names(text))
+        exponents = tuple(int(part) for part in _names(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"block sizes must be integers: {text!r}") from None
-    if any(size < 8 for size in sizes):
-        raise argparse.ArgumentTypeError(f"block sizes must be at least 8 pixels: {text!r}")
-    return sizes
+        raise argparse.ArgumentTypeError(f"block exponents must be integers: {text!r}") from None
+    if any(not 0 <= e <= 6 for e in exponents):
+        raise argparse.ArgumentTypeError(f"block exponents must be in 0..6: {text!r}")
+    return exponents
 
 
 def register(subparsers) -> None:
@@ -93,10 +93,11 @@ def register(subparsers) -> None:
         help="metrics of the block-size and robustness studies (default: QABF,VIF,SSIM,MI)",
     )
     parser.add_argument(
-        "--block-sizes",
-        type=_sizes,
-        default=(32, 64, 128, 256),
-        help="CNN block sizes to study (default: 32,64,128,256; '' to skip)",
+        "--block-exponents",
+        type=_exponents,
+        default=(0, 1, 2, 3, 4),
+        help="CNN block size exponents i to study, blocks of 2^i pixels "
+        "(default: 0,1,2,3,4; '' to skip)",
     )
     parser.add_argument(
         "--perturbations",
@@ -156,7 +157,7 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--rank-metrics", ",".join(args.rank_metrics)]
     if args.study_metrics:
         parts += ["--study-metrics", ",".join(args.study_metrics)]
-    parts += ["--block-sizes", ",".join(map(str, args.block_sizes)) or "''"]
+    parts += ["--block-exponents", ",".join(map(str, args.block_exponents)) or "''"]
     parts += ["--perturbations", *(args.perturbations or ["none"])]
     if args.max_groups:
         parts += ["--max-groups", str(args.max_groups)]
@@ -189,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         rank_metrics=args.rank_metrics,
         study_metrics=args.study_metrics,
-        block_sizes=args.block_sizes,
+        block_exponents=args.block_exponents,
         perturbations=tuple(parse_perturbations(tokens)),
         max_groups=args.max_groups,
         study_groups=args.study_groups,

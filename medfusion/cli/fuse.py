@@ -25,7 +25,7 @@ from medfusion.errors import OutputError
 logger = logging.getLogger("medfusion")
 
 PROGRESS_MODES = ("bar", "json", "none")
-CNN_OPTIONS = ("bundle_dir", "block_size", "overlap")
+CNN_OPTIONS = ("bundle_dir", "block_exponent")
 
 
 # --------------------------------------------------------------------------- parsers
@@ -62,8 +62,9 @@ def add_fusion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", metavar="DIR",
                         help="MONAI bundle folder for --method cnn (default: the shipped one); "
                         "its configs run Python code ($ expressions): use only trusted folders")
-    parser.add_argument("--block-size", type=int, help="CNN block size i (sliding-window roi)")
-    parser.add_argument("--overlap", type=float, help="CNN sliding-window overlap, 0..1")
+    parser.add_argument("--block-exponent", type=int, choices=range(0, 7), metavar="I",
+                        help="CNN block size exponent i: decides on 2^i x 2^i pixel blocks, "
+                             "0..6 (smaller: more precise, slower; default: the bundle's, 3)")
     parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"),
                         help="volumes: slicing plane in patient space (default: axial)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
@@ -141,8 +142,7 @@ def build_method(args: argparse.Namespace):
 
     options: dict[str, Any] = {}
     if args.method == "cnn":
-        options = {"bundle_dir": args.bundle, "block_size": args.block_size,
-                   "overlap": args.overlap}
+        options = {"bundle_dir": args.bundle, "block_exponent": args.block_exponent}
     return get_method(args.method, device=args.device, **options)
 
 

@@ -70,8 +70,8 @@ def register(subparsers: Any) -> None:
         default="percentile",
         help="intensity normalisation policy (see medfusion fuse --help)",
     )
-    fusion.add_argument("--block-size", type=int, help="CNN sliding-window size")
-    fusion.add_argument("--overlap", type=float, help="CNN sliding-window overlap in [0, 1)")
+    fusion.add_argument("--block-exponent", type=int, choices=range(0, 7), metavar="I",
+                        help="CNN block size exponent i (2^i x 2^i pixel blocks, 0..6)")
     fusion.add_argument(
         "--no-store",
         action="store_true",
@@ -138,7 +138,7 @@ def _plan(args: argparse.Namespace):
     from medfusion.pacs.selection import SeriesSelector
     from medfusion.pacs.workflow import FusionPlan
 
-    options = {"block_size": args.block_size, "overlap": args.overlap}
+    options = {"block_exponent": args.block_exponent}
     return FusionPlan(
         reference=SeriesSelector.parse(args.reference),
         others=tuple(SeriesSelector.parse(text) for text in args.other),

@@ -63,9 +63,9 @@ def resolve_device(device: str | Any = "auto"):
 def get_method(name: str, device: str | Any = "cpu", **options: Any) -> FusionMethod:
     """Build the fusion method ``name`` for ``device``.
 
-    Classical methods take no options (CNN-only options such as ``block_size`` are ignored for
-    them). ``cnn`` takes ``bundle_dir``, ``block_size``, ``overlap``. A missing or broken bundle
-    raises :class:`ModelError` whose message names the classical fallback.
+    Classical methods take no options (CNN-only options such as ``block_exponent`` are ignored
+    for them). ``cnn`` takes ``bundle_dir``, ``block_exponent``, ``memory_budget_mb``. A missing
+    or broken bundle raises :class:`ModelError` whose message names the classical fallback.
     """
     torch_device = resolve_device(device)
     if name in CLASSICAL_METHODS:

@@ -1,9 +1,11 @@
 """The ``cnn`` fusion method: the MONAI bundle's network, loaded through ``monai.bundle``.
 
 There is no second copy of the network here: the bundle's ``configs/inference.json`` defines
-``network_def`` and ``inferer`` (a sliding window whose ``roi_size`` is the paper's block size
-``i``), ``ConfigParser`` builds them, and ``models/model.pt`` is read with
-``torch.load(weights_only=True)``. Every problem with the bundle becomes a one-line
+``network_def`` (its ``block_exponent`` is the paper's block size ``i``: the network decides on
+blocks of ``2^i x 2^i`` pixels), ``ConfigParser`` builds it, and ``models/model.pt`` is read with
+``torch.load(weights_only=True)``. Memory is bounded by a separate *tile*: slices run whole, in
+batches, as long as the estimated working memory fits ``memory_budget_mb``; larger inputs run in
+row strips with a halo (the same result). Every problem with the bundle becomes a one-line
 :class:`~medfusion.errors.ModelError`.
 """
 
@@ -65,17 +67,36 @@ def use_bundle_scripts(bundle_dir: str | Path) -> None:
     sys.path.insert(0, root)
 
 
-def _check_block(block_size: Any, overlap: Any) -> tuple[int, float]:
+MAX_BLOCK_EXPONENT = 6
+# working memory of the network per source pixel (float32 maps alive at the peak) and the halo
+# of a row strip in blocks (the block CNN's receptive field plus the bilinear upsampling)
+BYTES_PER_SOURCE_PIXEL = 4 * 12
+HALO_BLOCKS = 8
+
+
+def _check_exponent(value: Any) -> int:
     try:
-        block, lap = int(block_size), float(overlap)
+        exponent = int(value)
     except (TypeError, ValueError):
-        message = f"block size {block_size!r} / overlap {overlap!r} are not numbers"
-        raise InputError(message) from None
-    if block < 8:
-        raise InputError(f"block size must be at least 8 pixels, got {block}")
-    if not 0.0 <= lap < 1.0:
-        raise InputError(f"overlap must be in [0, 1), got {lap}")
-    return block, lap
+        raise InputError(f"block exponent must be an integer 0..{MAX_BLOCK_EXPONENT}, "
+                         f"got {value!r}") from None
+    if exponent != value and str(value).strip() != str(exponent):
+        raise InputError(f"block exponent must be an integer 0..{MAX_BLOCK_EXPONENT}, "
+                         f"got {value!r}")
+    if not 0 <= exponent <= MAX_BLOCK_EXPONENT:
+        raise InputError(f"block exponent must be in 0..{MAX_BLOCK_EXPONENT} (blocks of "
+                         f"1..{2**MAX_BLOCK_EXPONENT} pixels), got {exponent}")
+    return exponent
+
+
+def _check_budget(value: Any) -> float:
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"memory budget must be a number of MB, got {value!r}") from None
+    if not budget > 0:
+        raise InputError(f"memory budget must be positive, got {value!r} MB")
+    return budget
 
 
 class CNNFusion:
@@ -85,8 +106,10 @@ class CNNFusion:
         bundle_dir: bundle folder (``configs/inference.json``, ``models/model.pt``); default
             the shipped ``monai_bundle/``.
         device: torch device for the network.
-        block_size: sliding-window size ``i`` in pixels; default the bundle's ``block_size``.
-        overlap: sliding-window overlap in [0, 1); default the bundle's ``overlap``.
+        block_exponent: the paper's block size ``i`` (blocks of ``2^i x 2^i`` pixels, 0..6):
+            smaller is more precise and slower; default the bundle's ``block_exponent``.
+        memory_budget_mb: working memory allowed per network call; sets the memory tile
+            (slices per call, row strips for huge slices); default the bundle's value.
     """
 
     name = "cnn"
@@ -95,8 +118,8 @@ class CNNFusion:
         self,
         bundle_dir: str | Path | None = None,
         device: str | torch.device = "cpu",
-        block_size: int | None = None,
-        overlap: float | None = None,
+        block_exponent: int | None = None,
+        memory_budget_mb: float | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir if bundle_dir is not None else DEFAULT_BUNDLE).resolve()
         self.device = torch.device(device)
@@ -108,18 +131,20 @@ class CNNFusion:
             raise ModelError(f"not a MONAI bundle (no {CONFIG}): {self.bundle_dir}")
         if not weights_file.is_file():
             raise ModelError(f"CNN bundle has no trained weights ({WEIGHTS}): {self.bundle_dir}")
-        parser = self._parser(config_file, block_size, overlap)
-        self.block_size, self.overlap = _check_block(parser["block_size"], parser["overlap"])
-        parser["block_size"], parser["overlap"] = self.block_size, self.overlap
+        parser = self._parser(config_file, block_exponent)
+        self.block_exponent = _check_exponent(parser["block_exponent"])
+        parser["block_exponent"] = self.block_exponent
+        budget = memory_budget_mb if memory_budget_mb is not None else parser.get(
+            "memory_budget_mb", 512)
+        self.memory_budget_mb = _check_budget(budget)
         try:
             network = parser.get_parsed_content("network_def", instantiate=True)
-            self.inferer = parser.get_parsed_content("inferer", instantiate=True)
         except Exception as error:  # any config/code problem of a foreign bundle
             message = f"cannot build the network of bundle {self.bundle_dir}: {error}"
             raise ModelError(message) from error
         self.network = self._load_weights(network, weights_file).to(self.device).eval()
 
-    def _parser(self, config_file: Path, block_size: int | None, overlap: float | None):
+    def _parser(self, config_file: Path, block_exponent: int | None):
         from monai.bundle import ConfigParser
 
         use_bundle_scripts(self.bundle_dir)
@@ -128,14 +153,12 @@ class CNNFusion:
             parser.read_config(str(config_file))
         except Exception as error:
             raise ModelError(f"cannot read bundle config {config_file}: {error}") from error
-        for key in ("network_def", "inferer", "block_size", "overlap"):
+        for key in ("network_def", "block_exponent"):
             if key not in parser:
                 raise ModelError(f"bundle config {config_file} defines no '{key}'")
         parser["bundle_root"] = str(self.bundle_dir)
-        if block_size is not None:
-            parser["block_size"] = block_size
-        if overlap is not None:
-            parser["overlap"] = overlap
+        if block_exponent is not None:
+            parser["block_exponent"] = _check_exponent(block_exponent)
         return parser
 
     def _load_weights(self, network: torch.nn.Module, weights_file: Path) -> torch.nn.Module:
@@ -170,13 +193,38 @@ class CNNFusion:
         source_device = batch.device
         inputs, (height, width) = pad_to_network_minimum(batch.to(self.device, torch.float32))
         with torch.inference_mode():
-            if max(inputs.shape[-2:]) <= self.block_size:
-                # One window covers the slice: the sliding-window blend would only divide the
-                # network's output by its own weights, so skip it (same result, ~25 % faster).
-                fused = self.network(inputs)
-            else:
-                fused = self.inferer(inputs, self.network)
+            fused = self._run_tiled(inputs)
         return fused[:, 0, :height, :width].clamp(0.0, 1.0).to(source_device)
+
+    def tile(self, sources: int, height: int, width: int) -> tuple[int, int]:
+        """The memory tile for slices of ``height x width`` with ``sources`` sources:
+        ``(slices per network call, rows per strip)``; ordinary slices run whole."""
+        per_slice = BYTES_PER_SOURCE_PIXEL * sources * height * width
+        budget = self.memory_budget_mb * 2**20
+        if per_slice <= budget:
+            return max(1, int(budget // per_slice)), height
+        align = max(2**self.block_exponent, 4)
+        rows = int(budget // (BYTES_PER_SOURCE_PIXEL * sources * width)) - 2 * self._halo()
+        return 1, max(align, rows // align * align)
+
+    def _halo(self) -> int:
+        return HALO_BLOCKS * max(2**self.block_exponent, 4)
+
+    def _run_tiled(self, inputs: torch.Tensor) -> torch.Tensor:
+        b, k, h, w = inputs.shape
+        slices, rows = self.tile(k, h, w)
+        if rows >= h:
+            parts = [self.network(inputs[i : i + slices]) for i in range(0, b, slices)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        halo = self._halo()
+        fused = inputs.new_empty((b, 1, h, w))
+        for i in range(b):
+            for top in range(0, h, rows):
+                start, stop = max(0, top - halo), min(h, top + rows + halo)
+                strip = self.network(inputs[i : i + 1, :, start:stop])
+                fused[i : i + 1, :, top : top + rows] = strip[:, :, top - start : top - start
+                                                              + min(rows, h - top)]
+        return fused
 
 
 def build_method(device: str | torch.device = "cpu", **options: Any) -> CNNFusion:

@@ -19,6 +19,11 @@ from medfusion.metrics.information import (
     normalized_mutual_information,
     qncie,
 )
+from medfusion.metrics.per_source import (
+    per_source_qabf,
+    stronger_source_share,
+    weaker_source_share,
+)
 from medfusion.metrics.statistics import (
     average_gradient,
     correlation_coefficient,
@@ -54,7 +59,9 @@ __all__ = [
     "available_metrics", "average_gradient", "compute_metrics", "correlation_coefficient",
     "cross_entropy", "direction", "edge_intensity", "energy_of_gradient", "entropy",
     "feature_mutual_information", "fmi", "mean_intensity", "mse", "mutual_information", "nmi",
-    "normalized_mutual_information", "piella_q0", "piella_qe", "piella_qw", "psnr", "q0",
+    "normalized_mutual_information", "per_source_qabf", "piella_q0", "piella_qe", "piella_qw",
+    "psnr", "q0",
     "qabf", "qe", "qncie", "qw", "relative_error", "resolve_name", "rmse", "scd",
-    "spatial_frequency", "ssim", "standard_deviation", "vif", "volume_metrics",
+    "spatial_frequency", "ssim", "standard_deviation", "stronger_source_share", "vif",
+    "volume_metrics", "weaker_source_share",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from medfusion.metrics import fidelity, information, statistics, structural
+from medfusion.metrics import fidelity, information, per_source, statistics, structural
 from medfusion.metrics import vif as vif_module
 from medfusion.metrics._common import (
     GREY_MAX,
@@ -89,6 +89,10 @@ _SPECS = (
     _spec("QE", structural.piella_qe, "fusion", "higher", "Piella's edge-dependent quality"),
     _spec("QABF", structural.qabf, "fusion", "higher", "Xydeas-Petrovic edge preservation",
           ("QAB/F", "Q_ABF", "Q^AB/F")),
+    _spec("QSF_MIN", per_source.weaker_source_share, "fusion", "higher",
+          "weaker source's edge preservation min_S Q^{S/F}", ("MIN_QSF", "Q^{S/F}_MIN")),
+    _spec("QSF_MAX", per_source.stronger_source_share, "fusion", "higher",
+          "stronger source's edge preservation max_S Q^{S/F}", ("MAX_QSF",)),
     _spec("VIF", vif_module.vif, "fusion", "higher", "pixel-domain VIF, summed over sources",
           ("VIFP",)),
     _spec("MSE", fidelity.mse, "fusion", "lower", "mean squared error, mean over sources",

@@ -103,16 +103,41 @@ def _block_section(results: BenchmarkResults) -> list[str]:
         return ["_Skipped: " + (results.block_size_note or "no block-size aware method") + "_"]
     metrics = results.study_metrics
     rows = [
-        [r["method"], r["block_size"], r["s_per_image"]] + [r.get(m) for m in metrics]
+        [r["method"], r["block_exponent"], f"{r['block_pixels']}²", r["s_per_512_slice"],
+         r["s_per_image"]] + [r.get(m) for m in metrics]
         for r in results.block_size
     ]
     return [
-        f"On {results.study_group_count} groups (fixed seeded subset). The CNN runs in "
-        "sliding windows of `block_size`² pixels with the bundle's overlap.",
+        f"On {results.study_group_count} groups (fixed seeded subset). The CNN decides on "
+        "blocks of 2^i × 2^i pixels (`--block-exponent i`; one set of weights for every i): "
+        "its block network runs on (H/2^i) × (W/2^i) positions, so a smaller i follows "
+        "structures more precisely and a larger i is faster. *s / 512² slice*: median seconds "
+        "of one 512 × 512 slice (a study group resized), *s/image*: median seconds per "
+        "study group (256², including reading and colour handling).",
         "",
-        table(["method", "block size", "s/image"] + metrics, rows, text_columns=1),
+        table(["method", "i", "block", "s / 512² slice", "s/image"] + metrics, rows,
+              text_columns=1),
         "",
         f"![block size]({results.figures['block_size']})",
+    ]
+
+
+def _three_source_section(results: BenchmarkResults) -> list[str]:
+    case = results.three_sources
+    metrics = case["metrics"]
+    rows = [[method] + [case["summary"][method][m] for m in metrics] for method in case["summary"]]
+    best = {}
+    for m in metrics:
+        values = {k: case["summary"][k][m] for k in case["summary"]}
+        best[m] = max(values, key=values.get)
+    return [
+        case["description"],
+        "",
+        table(["method"] + metrics, rows, text_columns=1),
+        "",
+        "Best per metric: " + ", ".join(f"{m} `{best[m]}`" for m in metrics) + ".",
+        "",
+        f"![three sources]({case['figure']})" if case.get("figure") else "",
     ]
 
 
@@ -223,6 +248,8 @@ def render(results: BenchmarkResults) -> str:
         out += [f"![metric means]({results.figures['metrics']})", ""]
     out += ["## Mean rank", "", _rank_table(results), ""]
     out += ["## Block size", ""] + _block_section(results) + [""]
+    if results.three_sources:
+        out += ["## Three sources", ""] + _three_source_section(results) + [""]
     out += ["## Robustness to input disturbances", ""] + _robustness_section(results)
     out += ["## Speed and memory", ""] + _speed_section(results) + [""]
     out += ["## Image panels", ""]
@@ -234,6 +261,17 @@ def render(results: BenchmarkResults) -> str:
     out.append("")
     for title, path in results.panels:
         out += [f"**{title}**", "", f"![{title}]({path})", ""]
+    if results.worst_panels:
+        out += ["### The CNN's worst groups by weaker-source share", ""]
+        out.append(
+            f"The {len(results.worst_panels)} groups where `{results.panel_method}` keeps the "
+            "smallest share of its weaker-kept source's edges (lowest QSF_MIN = min_S Q^{S/F}) "
+            "over all pair types; the zoom (yellow box) is the 64 × 64 window where that "
+            "source loses the most edge strength under the CNN."
+        )
+        out.append("")
+        for title, path in results.worst_panels:
+            out += [f"**{title}**", "", f"![{title}]({path})", ""]
     if results.timings:
         spent = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in results.timings.items())
         out += [f"Run time per stage: {spent}.", ""]

@@ -6,7 +6,8 @@ Layout::
     REPORT_DIR/metrics.csv        one row per (group, method): every metric
     REPORT_DIR/summary.csv        mean, std, n per (pair type, method, metric)
     REPORT_DIR/ranks.csv          mean rank per (pair type, method)
-    REPORT_DIR/block_size.csv     per (method, block size, group): study metrics
+    REPORT_DIR/block_size.csv     per (method, block exponent i): s per 512² slice, quality
+    REPORT_DIR/block_size_groups.csv  per (method, i, group): study metrics
     REPORT_DIR/robustness.csv     per (kind, level, group, method): study metrics
     REPORT_DIR/speed.csv          per (method, device): s/image, peak MiB
     REPORT_DIR/results.json       all summaries, the configuration and the environment
@@ -67,13 +68,28 @@ def _write_tables(results: BenchmarkResults, folder: Path) -> None:
     ]
     write_csv(folder / "ranks.csv", rank_rows, ["pair_type", "method", "mean_rank"])
     results.files["ranks.csv"] = f"mean rank over {', '.join(results.rank_metrics)}"
-    if results.block_size_rows:
+    if results.block_size:
         write_csv(
             folder / "block_size.csv",
-            results.block_size_rows,
-            ["method", "block_size", "pair_type", "group", *study],
+            results.block_size,
+            ["method", "block_exponent", "block_pixels", "s_per_512_slice", "s_per_image",
+             "groups", *study],
         )
-        results.files["block_size.csv"] = "block-size study, per group"
+        results.files["block_size.csv"] = (
+            "block-size study: per block exponent i, seconds per 512² slice and per image, "
+            "mean quality")
+    if results.block_size_rows:
+        write_csv(
+            folder / "block_size_groups.csv",
+            results.block_size_rows,
+            ["method", "block_exponent", "pair_type", "group", *study],
+        )
+        results.files["block_size_groups.csv"] = "block-size study, per group"
+    if results.three_sources:
+        case = results.three_sources
+        write_csv(folder / "three_sources.csv", case["rows"],
+                  ["slice", "method", *case["metrics"]])
+        results.files["three_sources.csv"] = "3-source case (SPM12 T1 + T2 + PET), per slice"
     if results.robustness_rows:
         write_csv(
             folder / "robustness.csv",
@@ -108,6 +124,7 @@ def _write_json(results: BenchmarkResults, folder: Path) -> None:
             },
             "mean_rank": results.ranks,
             "block_size": results.block_size,
+            "three_sources": (results.three_sources or {}).get("summary", {}),
             "robustness": results.robustness,
             "speed": results.speed,
             "study_groups": results.study_group_count,
@@ -136,22 +153,23 @@ def _write_figures(results: BenchmarkResults, folder: Path) -> None:
     )
     results.figures["metrics"] = f"{FIGURES}/metrics.png"
     if results.block_size:
-        sizes = sorted({r["block_size"] for r in results.block_size})
+        sizes = sorted({r["block_exponent"] for r in results.block_size})
         series = {}
+        keys = ["s_per_512_slice", *results.study_metrics]
         for method in dict.fromkeys(r["method"] for r in results.block_size):
-            by_size = {r["block_size"]: r for r in results.block_size if r["method"] == method}
-            series[method] = {
-                k: [by_size[s][k] for s in sizes] for k in ["s_per_image", *results.study_metrics]
+            by_size = {
+                r["block_exponent"]: r for r in results.block_size if r["method"] == method
             }
+            series[method] = {k: [by_size[s][k] for s in sizes] for k in keys}
         figures.curves(
             sizes,
             series,
-            ["s_per_image", *results.study_metrics],
+            keys,
             fig_dir / "block_size.png",
-            xlabel="block size (pixels)",
-            title="CNN quality and time vs block size",
-            titles={"s_per_image": "seconds per image"},
-            log_x=True,
+            xlabel="block exponent i (blocks of 2^i x 2^i pixels)",
+            title="CNN quality and time vs block exponent i",
+            titles={"s_per_512_slice": "seconds per 512² slice"},
+            log_x=False,
             colours=colours,
         )
         results.figures["block_size"] = f"{FIGURES}/block_size.png"
@@ -177,6 +195,11 @@ def _write_figures(results: BenchmarkResults, folder: Path) -> None:
             colours=colours,
         )
         results.figures["robustness"][kind] = f"{FIGURES}/{name}"
+    panel = results.three_sources.get("panel") if results.three_sources else None
+    if panel:
+        figures.image_panel(panel["sources"], panel["fused"], fig_dir / "three_sources.png",
+                            title="SPM12 T1 + PET + SPECT, axial slice 45")
+        results.three_sources["figure"] = f"{FIGURES}/three_sources.png"
     if results.speed:
         figures.speed_bars(results.speed, fig_dir / "speed.png", colours=colours)
         results.figures["speed"] = f"{FIGURES}/speed.png"
@@ -201,12 +224,38 @@ def _write_panels(
         results.panels.append((group.label, f"{FIGURES}/{name}"))
 
 
+def _write_worst_panels(
+    results: BenchmarkResults,
+    folder: Path,
+    groups: Sequence[Group],
+    specs: Sequence[MethodSpec],
+    device: str,
+) -> None:
+    """Panels of the CNN's worst groups by weaker-source share, zoomed where the weaker-kept
+    source loses the most edge strength under the CNN."""
+    from medfusion.report.zoom import worst_edge_window
+
+    for group in groups:
+        loaded = load_group(group)
+        sources = dict(zip(group.modalities, loaded.sources, strict=True))
+        fusions = {spec.label: fuse(loaded, spec, device) for spec in specs}
+        cnn = fusions[results.panel_method].luminance
+        zoom = worst_edge_window(cnn, loaded.luminances)
+        name = f"worst_{_safe(group.label)}.png"
+        figures.image_panel(
+            sources, {k: v.display for k, v in fusions.items()}, folder / FIGURES / name,
+            title=f"{group.label} (zoom: where the weaker source loses most edges)", zoom=zoom,
+        )
+        results.worst_panels.append((group.label, f"{FIGURES}/{name}"))
+
+
 def write_report(
     results: BenchmarkResults,
     folder: Path,
     panel_groups: Sequence[Group],
     specs: Sequence[MethodSpec],
     device: str,
+    worst_groups: Sequence[Group] = (),
 ) -> Path:
     """Write every file of the report folder; return the path of ``report.md``."""
     folder = Path(folder)
@@ -215,4 +264,5 @@ def write_report(
     _write_json(results, folder)
     _write_figures(results, folder)
     _write_panels(results, folder, panel_groups, specs, device)
+    _write_worst_panels(results, folder, worst_groups, specs, device)
     return write_text(folder / "report.md", markdown.render(results))

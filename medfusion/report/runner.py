@@ -56,8 +56,10 @@ DEFAULT_METHODS = ("cnn", "gff", "laplacian", "average", "max")
 ALWAYS_METHODS = ("max", "average")
 PREFERRED_RANK_METRICS = ("QABF", "VIF", "SSIM", "MI", "FMI", "EN", "SD", "SF")
 # Block size and robustness: reference-based and fast (FMI costs ~0.3 CPU-s per 256² image).
-DEFAULT_STUDY_METRICS = ("QABF", "VIF", "SSIM", "MI")
-DEFAULT_BLOCK_SIZES = (32, 64, 128, 256)
+DEFAULT_STUDY_METRICS = ("QABF", "VIF", "QSF_MIN", "SSIM", "MI")
+DEFAULT_BLOCK_EXPONENTS = (0, 1, 2, 3, 4)
+TIMING_SIZE = 512  # the block-size study times the CNN on slices of this size
+WORST_PANELS = 3  # panels of the CNN's worst groups by the weaker source's share
 
 
 @dataclass
@@ -73,7 +75,8 @@ class BenchmarkConfig:
     metrics: tuple[str, ...] | None = None  # None: every registered metric
     rank_metrics: tuple[str, ...] | None = None  # None: the preferred ones that exist
     study_metrics: tuple[str, ...] | None = None  # None: DEFAULT_STUDY_METRICS that exist
-    block_sizes: tuple[int, ...] = DEFAULT_BLOCK_SIZES
+    block_exponents: tuple[int, ...] = DEFAULT_BLOCK_EXPONENTS
+    three_sources: bool = True  # the 3-source case from the SPM12 templates, when found
     perturbations: tuple[PerturbationSpec, ...] = tuple(
         PerturbationSpec(k, DEFAULT_LEVELS[k]) for k in KINDS
     )
@@ -111,6 +114,8 @@ class BenchmarkResults:
     panels: list[tuple[str, str]] = field(default_factory=list)
     panel_metric: str = ""
     panel_method: str = ""
+    worst_panels: list[tuple[str, str]] = field(default_factory=list)
+    three_sources: dict = field(default_factory=dict)
     figures: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -313,52 +318,91 @@ def quality_stage(
     return stage.rows
 
 
+def time_per_slice(
+    item: LoadedGroup, spec: MethodSpec, device: str, size: int = TIMING_SIZE, repeats: int = 5
+) -> float:
+    """Median seconds of the method on the group's sources resized to ``size``² (one slice)."""
+    import torch
+
+    method = build_method(spec, device)
+    planes = [torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32)) for s in item.luminances]
+    batch = torch.nn.functional.interpolate(
+        torch.stack(planes)[None], size=(size, size), mode="bilinear", align_corners=False
+    ).to(device)
+    method(batch)  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        method(batch)
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds))
+
+
 def block_size_stage(
     groups: Sequence[Group],
     specs: Sequence[MethodSpec],
-    block_sizes: Sequence[int],
+    block_exponents: Sequence[int],
     metrics: Sequence[str],
     device: str,
     pool: Executor | None = None,
     progress: bool = False,
 ) -> tuple[list[dict], list[dict]]:
-    """CNN methods at each block size: per-group rows and a per-size summary with s/image.
+    """CNN methods at each block exponent ``i`` (blocks of ``2^i`` pixels): per-group rows and a
+    per-``i`` summary with seconds per image, seconds per 512² slice and the study metrics.
 
-    The fusions of one block size are timed while no score runs (the queue is drained first),
+    The fusions of one exponent are timed while no score runs (the queue is drained first),
     so the seconds are not slowed down by the metric workers.
     """
     loaded = [load_group(g) for g in groups]
     summary = []
-    total = len(groups) * len(specs) * len(block_sizes)
+    total = len(groups) * len(specs) * len(block_exponents)
     with _Stage(total, "block size", metrics, pool, progress) as stage:
         for spec in specs:
-            for block_size in block_sizes:
-                sized = spec.with_options(block_size=int(block_size))
+            for exponent in block_exponents:
+                sized = spec.with_options(block_exponent=int(exponent))
                 stage.scorer.drain()
                 fuse(loaded[0], sized, device)  # warm-up: the first call pays set-up costs
                 timed = [_timed_fuse(item, sized, device) for item in loaded]
+                per_slice = time_per_slice(loaded[0], sized, device)
                 first = len(stage.rows)
                 for item, (fusion, _) in zip(loaded, timed, strict=True):
                     row = {
                         "method": spec.label,
-                        "block_size": int(block_size),
+                        "block_exponent": int(exponent),
                         "pair_type": item.group.pair_type,
                         "group": item.group.label,
                     }
                     stage.add(row, item, fusion.luminance)
-                summary.append((spec.label, int(block_size), [t for _, t in timed], first))
+                summary.append(
+                    (spec.label, int(exponent), [t for _, t in timed], per_slice, first)
+                )
     entries = []
-    for label, block_size, seconds, first in summary:
+    for label, exponent, seconds, per_slice, first in summary:
         rows = stage.rows[first : first + len(loaded)]
         entry = {
             "method": label,
-            "block_size": block_size,
+            "block_exponent": exponent,
+            "block_pixels": 2**exponent,
+            "s_per_512_slice": per_slice,
             "s_per_image": float(np.median(seconds)),
             "groups": len(loaded),
         }
         entry.update({m: summarise(r[m] for r in rows)[0] for m in metrics})
         entries.append(entry)
     return stage.rows, entries
+
+
+def worst_groups(
+    groups: Sequence[Group], rows: Sequence[dict], method: str, metric: str, count: int
+) -> list[Group]:
+    """The ``count`` groups where ``method`` scores lowest on ``metric`` (all pair types)."""
+    by_label = {g.label: g for g in groups}
+    scored = sorted(
+        (r[metric], r["group"])
+        for r in rows
+        if r["method"] == method and r.get(metric) is not None and math.isfinite(r[metric])
+    )
+    return [by_label[label] for _, label in scored[:count]]
 
 
 def _eligible(item: LoadedGroup, kind: str) -> bool:
@@ -587,19 +631,21 @@ def _studies(
 ) -> None:
     """Block-size and robustness studies on the seeded subset (results filled in place)."""
     cnn_specs = [s for s in specs if s.name == "cnn"]
-    if cnn_specs and config.block_sizes:
+    if cnn_specs and config.block_exponents:
         with _timed(results.timings, "block size", log):
             results.block_size_rows, results.block_size = block_size_stage(
                 subset,
                 cnn_specs,
-                config.block_sizes,
+                config.block_exponents,
                 results.study_metrics,
                 device,
                 pool=pool,
                 progress=config.progress,
             )
     else:
-        results.block_size_note = "no CNN method in this run" if not cnn_specs else "no block size"
+        results.block_size_note = (
+            "no CNN method in this run" if not cnn_specs else "no block exponent"
+        )
     if config.perturbations:
         with _timed(results.timings, "robustness", log):
             results.robustness_rows, results.robustness = robustness_stage(
@@ -675,6 +721,14 @@ def run_benchmark(
     results.panel_method = next((s.label for s in specs if s.name == "cnn"), labels[0])
     results.panel_metric = rank_metrics[0]
     panel_groups = representative_groups(groups, rows, results.panel_method, results.panel_metric)
+    worst = []
+    if "QSF_MIN" in metrics and any(s.name == "cnn" for s in specs):
+        worst = worst_groups(groups, rows, results.panel_method, "QSF_MIN", WORST_PANELS)
+    if config.three_sources and any(s.name == "cnn" for s in specs):
+        from medfusion.report.three_sources import three_source_case
+
+        with _timed(timings, "three sources", log):
+            results.three_sources = three_source_case(config.dataset, specs, device)
     with _timed(timings, "report", log):
-        output.write_report(results, config.output_dir, panel_groups, specs, device)
+        output.write_report(results, config.output_dir, panel_groups, specs, device, worst)
     return results

@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=0)
     parser.add_argument("--methods", default="max,average,laplacian,cnn")
     parser.add_argument("--bundle_dir", default=None)
-    parser.add_argument("--block_size", type=int, default=None)
-    parser.add_argument("--overlap", type=float, default=None)
+    parser.add_argument("--block_exponent", type=int, default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -107,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.methods.split(","):
         opts = {}
         if name == "cnn":
-            opts = {"bundle_dir": args.bundle_dir, "block_size": args.block_size,
-                    "overlap": args.overlap}
+            opts = {"bundle_dir": args.bundle_dir, "block_exponent": args.block_exponent}
         methods[name] = get_method(name, device="cpu", **opts)
     groups = subsample(build_groups(args.dataset_dir, args.split), args.limit)
     table = evaluate(methods, groups)

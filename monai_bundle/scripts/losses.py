@@ -9,6 +9,8 @@ The label tensor packs ``[sources (K), target (1), has_target (1)]`` along the c
 - ``gradient``: L1 between |grad F| and max_k |grad x_k| (keeps the strongest edges);
 - ``intensity``: L1 between F and max_k x_k (keeps salient bright structures, e.g. PET uptake);
 - ``edge``: 1 - a differentiable Q^{AB/F} (Xydeas & Petrovic edge preservation);
+- ``weaker_edge``: 1 - a soft minimum over sources of Q^{S/F} (the weaker source's share of
+  its edges that survives; keeps both sources, not only the one with the strongest edges);
 - ``vif``: 1 - differentiable pixel-domain VIF (summed over sources) / K.
 """
 
@@ -109,12 +111,28 @@ def edge_preservation(
     Same sigmoid constants as Xydeas & Petrovic (2000); the strength ratio uses a small epsilon
     so the gradient exists on flat regions.
     """
+    num, den = _edge_terms(fused, sources, eps)
+    return num.sum(dim=1) / den.sum(dim=1).clamp_min(eps)
+
+
+def per_source_edge_preservation(
+    fused: torch.Tensor, sources: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Differentiable Q^{S/F} per sample and source -> ``(B, K)`` (see
+    ``medfusion.metrics.per_source``): edge preservation against one source, weighted by it."""
+    num, den = _edge_terms(fused, sources, eps)
+    return num / den.clamp_min(eps)
+
+
+def _edge_terms(
+    fused: torch.Tensor, sources: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-source numerator and denominator ``(B, K)`` of the Q^{AB/F} sums."""
     b, k, h, w = sources.shape
     fx, fy = sobel(fused)
     g_f = torch.sqrt(fx**2 + fy**2 + eps)
     a_f = torch.atan(fy / (fx + eps))
-    num = torch.zeros(b, device=fused.device, dtype=fused.dtype)
-    den = torch.zeros_like(num)
+    nums, dens = [], []
     for i in range(k):
         sx, sy = sobel(sources[:, i : i + 1])
         g_s = torch.sqrt(sx**2 + sy**2 + eps)
@@ -124,9 +142,9 @@ def edge_preservation(
         q_g = 0.9994 / (1 + torch.exp(-15 * (ratio - 0.5)))
         q_a = 0.9879 / (1 + torch.exp(-22 * (orient - 0.8)))
         weight = g_s - math.sqrt(eps)
-        num = num + (q_g * q_a * weight).sum(dim=(1, 2, 3))
-        den = den + weight.sum(dim=(1, 2, 3))
-    return num / den.clamp_min(eps)
+        nums.append((q_g * q_a * weight).sum(dim=(1, 2, 3)))
+        dens.append(weight.sum(dim=(1, 2, 3)))
+    return torch.stack(nums, dim=1), torch.stack(dens, dim=1)
 
 
 class FusionLoss(nn.Module):
@@ -141,6 +159,8 @@ class FusionLoss(nn.Module):
         intensity: float = 1.0,
         edge: float = 1.0,
         vif: float = 0.0,
+        weaker_edge: float = 0.0,
+        softmin_temperature: float = 0.02,
     ) -> None:
         super().__init__()
         self.w = {
@@ -151,7 +171,9 @@ class FusionLoss(nn.Module):
             "intensity": intensity,
             "edge": edge,
             "vif": vif,
+            "weaker_edge": weaker_edge,
         }
+        self.softmin_temperature = float(softmin_temperature)
         self.last_terms: dict[str, float] = {}
 
     def forward(self, fused: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -179,8 +201,14 @@ class FusionLoss(nn.Module):
             terms["gradient"] = (g_f - torch.stack(g_s).amax(dim=0)).abs().mean()
         if self.w["intensity"]:
             terms["intensity"] = (fused - sources.amax(dim=1, keepdim=True)).abs().mean()
-        if self.w["edge"]:
-            terms["edge"] = 1 - edge_preservation(fused, sources).mean()
+        if self.w["edge"] or self.w["weaker_edge"]:
+            num, den = _edge_terms(fused, sources, 1e-6)
+            terms["edge"] = 1 - (num.sum(dim=1) / den.sum(dim=1).clamp_min(1e-6)).mean()
+            if self.w["weaker_edge"]:
+                share = num / den.clamp_min(1e-6)
+                t = self.softmin_temperature
+                soft_min = -t * torch.logsumexp(-share / t, dim=1) + t * math.log(k)
+                terms["weaker_edge"] = 1 - soft_min.mean()
         if self.w["vif"]:
             terms["vif"] = 1 - visual_fidelity(fused, sources).mean() / k
         total = sum(self.w[name] * value for name, value in terms.items())

@@ -1,69 +1,72 @@
-"""K-source fusion CNN (Li et al. 2021 style supervised fusion, generalised to K >= 2 inputs).
+"""Block fusion CNN with the paper's block size ``i`` (Li et al. 2021), for K >= 2 sources.
 
-Why this design: a weight-shared encoder sees every source the same way, features are pooled
-across sources by max and mean (order-free, so 2, 3 or more modalities work with one set of
-weights), and the decoder predicts one soft weight map per source plus a small residual detail
-term. The fused image is ``sum_k w_k * x_k + r`` clamped to [0, 1]: it stays close to the
-sources' intensities while the residual can sharpen edges. Fully convolutional, so any slice
-size works; about 4 k parameters.
+Why this design: the network decides, block by block, how much of each source to keep. Each
+source is split into a smooth *base* (local mean) and a *detail* layer at full resolution;
+block statistics (mean, mean |detail|, mean detail^2 over ``2^i x 2^i`` pixels) feed a small
+CNN that runs at the block grid, with weights shared by all sources and features pooled across
+sources by max and mean (order-free: 2, 3 or more modalities with one set of weights). Per
+source it predicts a selection logit and a detail gain, which are upsampled bilinearly to
+pixels (smooth maps: no block seams). The fused image is::
+
+    F = sum_k w_k * base_k + sum_k c_k * detail_k,   w = softmax_k(up(logit_k) + beta * x_k),
+    c_k = w_k + (1 - w_k) * sigmoid(up(gain_k))
+
+so it starts as a soft pixel maximum (``beta * x_k``) and learns where to re-inject the
+details of the source that is not selected (what keeps the weaker source's edges).
+
+Block exponent ``i``: the CNN runs on ``(H / 2^i) x (W / 2^i)`` positions, so its work falls
+4x per step of ``i``; a small ``i`` follows structures more precisely, a large ``i`` is faster.
+One set of weights serves every ``i`` (training draws ``i`` at random per batch).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-
-def _conv(in_ch: int, out_ch: int, dilation: int = 1) -> nn.Sequential:
-    """3x3 convolution (same padding) followed by LeakyReLU."""
-    return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, 3, padding=dilation, dilation=dilation, padding_mode="reflect"),
-        nn.LeakyReLU(0.1, inplace=True),
-    )
+MAX_BLOCK_EXPONENT = 6
+STATS = 2  # block mean and block variance of each source
+BASE_POOL = 4  # the base layer is the bilinear upsampling of 4x4 block means
 
 
 class FusionNet(nn.Module):
-    """Fuse ``(B, K, H, W)`` co-registered single-channel sources into ``(B, 1, H, W)``.
+    """Fuse ``(B, K, H, W)`` co-registered single-channel sources in [0, 1] into ``(B, 1, H, W)``.
 
     Args:
-        features: channels of the per-source encoder.
-        dilations: dilation of each encoder 3x3 layer (sets the receptive field).
+        block_exponent: ``i``; the CNN works on blocks of ``2^i x 2^i`` pixels (0..6).
+        features: channels of the block CNN.
         min_sources: inputs with fewer channels are rejected (fusion needs at least two).
-        max_prior: initial weight of each source's intensity in its logit (soft maximum).
+        max_prior: initial ``beta`` (weight of each source's intensity in its selection logit).
     """
 
     def __init__(
         self,
-        features: int = 12,
-        dilations: tuple[int, ...] = (1, 2, 4),
+        block_exponent: int = 2,
+        features: int = 24,
         min_sources: int = 2,
         max_prior: float = 8.0,
     ) -> None:
         super().__init__()
+        self.block_exponent = check_block_exponent(block_exponent)
+        self.base_pool = BASE_POOL
+        self.stats = STATS
         self.min_sources = int(min_sources)
-        # logit_k += max_prior * x_k: at initialisation the weights pick the brighter source
-        # (a soft pixel maximum, a strong baseline); training learns where to deviate from it
         self.max_prior = nn.Parameter(torch.tensor(float(max_prior)))
-        layers: list[nn.Module] = []
-        in_ch = 1
-        for d in dilations:
-            layers.append(_conv(in_ch, features, d))
-            in_ch = features
-        self.encoder = nn.Sequential(*layers)
-        # per-source weight logits from (own features, max over sources, mean over sources)
-        self.weight_head = nn.Sequential(
+        self.encoder = nn.Sequential(
+            nn.Conv2d(STATS, features, 3, padding=1),
+            nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(features, features, 3, padding=2, dilation=2),
+            nn.LeakyReLU(0.1, inplace=True),
+        )
+        self.head = nn.Sequential(
             nn.Conv2d(3 * features, features, 1),
             nn.LeakyReLU(0.1, inplace=True),
-            nn.Conv2d(features, 1, 3, padding=1, padding_mode="reflect"),
+            nn.Conv2d(features, 2, 3, padding=1),
         )
-        # residual detail from the pooled features and the sources' max / mean intensity
-        self.detail_head = nn.Sequential(
-            nn.Conv2d(2 * features + 2, features, 1),
-            nn.LeakyReLU(0.1, inplace=True),
-            nn.Conv2d(features, 1, 3, padding=1, padding_mode="reflect"),
-        )
-        nn.init.zeros_(self.detail_head[-1].weight)  # start as a pure weighted selection
-        nn.init.zeros_(self.detail_head[-1].bias)
+        nn.init.zeros_(self.head[-1].weight)  # start as the soft pixel maximum
+        with torch.no_grad():
+            self.head[-1].bias.copy_(torch.tensor([0.0, -2.0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the fused image ``(B, 1, H, W)`` in [0, 1]."""
@@ -72,16 +75,55 @@ class FusionNet(nn.Module):
                 f"FusionNet expects (B, K>={self.min_sources}, H, W) input, got {x.shape}"
             )
         b, k, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
-        feats = self.encoder(x.reshape(b * k, 1, h, w)).reshape(b, k, -1, h, w)
-        f_max = feats.amax(dim=1)
-        f_mean = feats.mean(dim=1)
-        pooled = torch.cat([f_max, f_mean], dim=1)
-        per_source = torch.cat(
-            [feats, pooled.unsqueeze(1).expand(-1, k, -1, -1, -1)], dim=2
-        ).reshape(b * k, -1, h, w)
-        logits = self.weight_head(per_source).reshape(b, k, h, w) + self.max_prior * x
-        weights = torch.softmax(logits, dim=1)
-        base = (weights * x).sum(dim=1, keepdim=True)
-        stats = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
-        detail = self.detail_head(torch.cat([pooled, stats], dim=1))
-        return (base + detail).clamp(0.0, 1.0)
+        block = 1 << self.block_exponent
+        multiple = max(block, self.base_pool)
+        pad_h, pad_w = (-h) % multiple, (-w) % multiple
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        hp, wp = x.shape[-2:]
+        moments = torch.cat([x, x * x], dim=1)  # (B, 2K, H, W)
+        if block > 1:
+            moments = F.avg_pool2d(moments, block)
+        mean, square = moments[:, :k], moments[:, k:]
+        stats = torch.stack([mean, (square - mean * mean).clamp_min(0.0).sqrt()], dim=2)
+        hb, wb = stats.shape[-2:]
+        feats = self.encoder(stats.reshape(b * k, self.stats, hb, wb)).reshape(b, k, -1, hb, wb)
+        pooled = torch.cat([feats.amax(dim=1), feats.mean(dim=1)], dim=1)
+        per_source = torch.cat([feats, pooled.unsqueeze(1).expand(-1, k, -1, -1, -1)], dim=2)
+        maps = self.head(per_source.reshape(b * k, -1, hb, wb)).reshape(b, k * 2, hb, wb)
+        coarse = mean if block == self.base_pool else F.avg_pool2d(x, self.base_pool)
+        if block == self.base_pool:  # one upsampling pass for the maps and the base layer
+            up = F.interpolate(torch.cat([maps, coarse], dim=1), size=(hp, wp),
+                               mode="bilinear", align_corners=False)
+            maps, base = up[:, : 2 * k], up[:, 2 * k :]
+        else:
+            base = F.interpolate(coarse, size=(hp, wp), mode="bilinear", align_corners=False)
+            if block > 1:
+                maps = F.interpolate(maps, size=(hp, wp), mode="bilinear", align_corners=False)
+        maps = maps.reshape(b, k, 2, hp, wp)
+        weights = torch.softmax(torch.addcmul(maps[:, :, 0], self.max_prior, x), dim=1)
+        # c_k = w_k + extra_k: the unselected share (1 - w_k) of source k's detail comes back
+        # as much as sigmoid(gain_k) says; F = sum_k c_k x_k - extra_k base_k
+        extra = (1.0 - weights) * torch.sigmoid(maps[:, :, 1])
+        fused = ((weights + extra) * x - extra * base).sum(dim=1, keepdim=True)
+        return fused[..., :h, :w].clamp(0.0, 1.0)
+
+
+def check_block_exponent(value: object) -> int:
+    """``value`` as a valid block exponent ``i`` (an integer 0..6), else ``ValueError``."""
+    try:
+        exponent = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"block exponent must be an integer 0..{MAX_BLOCK_EXPONENT}, "
+                         f"got {value!r}") from None
+    if exponent != value and not (isinstance(value, str) and value.strip() == str(exponent)):
+        raise ValueError(f"block exponent must be an integer 0..{MAX_BLOCK_EXPONENT}, "
+                         f"got {value!r}")
+    if not 0 <= exponent <= MAX_BLOCK_EXPONENT:
+        raise ValueError(f"block exponent must be in 0..{MAX_BLOCK_EXPONENT}, got {exponent}")
+    return exponent
+
+
+def set_block_exponent(network: nn.Module, exponent: int) -> None:
+    """Switch a built network to blocks of ``2^exponent`` pixels (same weights)."""
+    network.block_exponent = check_block_exponent(exponent)

@@ -1,6 +1,7 @@
 """Ignite metrics for the bundle's validation: fused ``pred`` against the ``image`` sources.
 
-``FusionScoreMetric`` (the CheckpointSaver key metric, Q^{AB/F} + VIF / K),
+``FusionScoreMetric`` (the CheckpointSaver key metric, Q^{AB/F} + min_S Q^{S/F} + VIF / K),
+``WeakerSourceShareMetric`` (min_S Q^{S/F}),
 ``EdgePreservationMetric`` (Q^{AB/F}) and ``VisualFidelityMetric`` (VIF) run in torch with the
 loss's functions (they match ``medfusion.metrics`` to 1e-3), so validation stays fast on CPU;
 ``FusionQualityMetric`` averages any ``medfusion.metrics`` function on 0-255 luminance.
@@ -14,7 +15,7 @@ import torch
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
-from scripts.losses import edge_preservation, visual_fidelity
+from scripts.losses import edge_preservation, per_source_edge_preservation, visual_fidelity
 
 SOURCE_FREE = {"entropy", "standard_deviation", "spatial_frequency", "average_gradient"}
 
@@ -84,9 +85,19 @@ class VisualFidelityMetric(_MeanMetric):
         return visual_fidelity(pred, image).tolist()
 
 
+class WeakerSourceShareMetric(_MeanMetric):
+    """Mean min_S Q^{S/F}: the edge preservation of the worst-kept source, in [0, 1]."""
+
+    def _scores(self, pred: torch.Tensor, image: torch.Tensor) -> list[float]:
+        return per_source_edge_preservation(pred, image).amin(dim=1).tolist()
+
+
 class FusionScoreMetric(_MeanMetric):
-    """Checkpoint key metric: Q^{AB/F} + VIF / K per image (the two measures to win)."""
+    """Checkpoint key metric: Q^{AB/F} + min_S Q^{S/F} + VIF / K per image (the measures to
+    win: edges overall, edges of the worst-kept source, visual information)."""
 
     def _scores(self, pred: torch.Tensor, image: torch.Tensor) -> list[float]:
         k = image.shape[1]
-        return (edge_preservation(pred, image) + visual_fidelity(pred, image) / k).tolist()
+        share = per_source_edge_preservation(pred, image).amin(dim=1)
+        return (edge_preservation(pred, image) + share
+                + visual_fidelity(pred, image) / k).tolist()

@@ -11,7 +11,7 @@ Python. The module builds on them:
 - :mod:`.dependencies`: which Python packages are missing and how to install them safely.
 """
 
-from .command import AXES, DEVICES, METHODS, FuseRequest, build_fuse_command
+from .command import AXES, BLOCK_EXPONENTS, DEVICES, METHODS, FuseRequest, build_fuse_command
 from .dependencies import (
     REQUIREMENTS,
     InstallPlan,
@@ -26,6 +26,7 @@ from .runner import FusionProcess, FusionResult
 
 __all__ = [
     "AXES",
+    "BLOCK_EXPONENTS",
     "DEVICES",
     "METHODS",
     "REQUIREMENTS",

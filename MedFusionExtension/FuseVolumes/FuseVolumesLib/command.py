@@ -15,6 +15,8 @@ from pathlib import Path
 METHODS: tuple[str, ...] = ("cnn", "gff", "laplacian", "average", "max")
 AXES: tuple[str, ...] = ("axial", "coronal", "sagittal")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+# the CNN's block size exponent i (blocks of 2^i x 2^i pixels); "default": the bundle's
+BLOCK_EXPONENTS: tuple[str, ...] = ("default", "0", "1", "2", "3", "4", "5", "6")
 MIN_INPUTS = 2
 MAX_INPUTS = 4
 
@@ -23,8 +25,9 @@ MAX_INPUTS = 4
 class FuseRequest:
     """What to fuse and how: the panel's parameters as file paths and plain values.
 
-    ``block_size`` and ``batch_size`` of 0 mean "the core's default"; ``bundle_dir`` of None
-    means the shipped bundle. ``bundle_dir`` and ``block_size`` only matter for ``cnn``.
+    ``block_exponent`` of None and ``batch_size`` of 0 mean "the core's default"; ``bundle_dir``
+    of None means the shipped bundle. ``bundle_dir`` and ``block_exponent`` only matter for
+    ``cnn``.
     """
 
     reference: Path
@@ -33,7 +36,7 @@ class FuseRequest:
     metrics: Path | None = None
     method: str = "cnn"
     bundle_dir: Path | None = None
-    block_size: int = 0
+    block_exponent: int | None = None
     axis: str = "axial"
     device: str = "auto"
     batch_size: int = 0
@@ -52,8 +55,10 @@ class FuseRequest:
             raise ValueError(f"Unknown slice axis {self.axis!r}; choose one of {AXES}.")
         if not (self.device in DEVICES or self.device.startswith("cuda:")):
             raise ValueError(f"Unknown device {self.device!r}; choose auto, cpu or cuda.")
-        if self.block_size < 0 or self.batch_size < 0:
-            raise ValueError("Block size and batch size must be positive (0: default).")
+        if self.block_exponent is not None and str(self.block_exponent) not in BLOCK_EXPONENTS:
+            raise ValueError(f"Block exponent must be one of 0..6, got {self.block_exponent!r}.")
+        if self.batch_size < 0:
+            raise ValueError("Batch size must be positive (0: default).")
         paths = [Path(self.reference), *map(Path, self.others)]
         if len({p.resolve() for p in paths}) != len(paths):
             raise ValueError("The same volume is selected twice; pick different volumes.")
@@ -71,8 +76,8 @@ def build_fuse_command(request: FuseRequest, python: str | None = None) -> list[
     if request.method == "cnn":
         if request.bundle_dir is not None:
             command += ["--bundle", str(request.bundle_dir)]
-        if request.block_size:
-            command += ["--block-size", str(request.block_size)]
+        if request.block_exponent is not None:
+            command += ["--block-exponent", str(request.block_exponent)]
     command += ["--axis", request.axis, "--device", request.device]
     if request.batch_size:
         command += ["--batch-size", str(request.batch_size)]
