@@ -15,6 +15,7 @@ from pathlib import Path
 METHODS: tuple[str, ...] = ("cnn", "gff", "laplacian", "average", "max")
 AXES: tuple[str, ...] = ("axial", "coronal", "sagittal")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+REGISTER_KINDS: tuple[str, ...] = ("none", "rigid", "affine")
 MIN_INPUTS = 2
 MAX_INPUTS = 4
 
@@ -38,6 +39,8 @@ class FuseRequest:
     device: str = "auto"
     batch_size: int = 0
     extra_args: Sequence[str] = field(default_factory=tuple)
+    register: str = "none"  # none | rigid | affine: align the others to the reference first
+    transforms_dir: Path | None = None  # where the registration transforms are written
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a user-facing message when the request cannot run."""
@@ -52,6 +55,8 @@ class FuseRequest:
             raise ValueError(f"Unknown slice axis {self.axis!r}; choose one of {AXES}.")
         if not (self.device in DEVICES or self.device.startswith("cuda:")):
             raise ValueError(f"Unknown device {self.device!r}; choose auto, cpu or cuda.")
+        if self.register not in REGISTER_KINDS:
+            raise ValueError(f"Unknown registration {self.register!r}; choose {REGISTER_KINDS}.")
         if self.block_size < 0 or self.batch_size < 0:
             raise ValueError("Block size and batch size must be positive (0: default).")
         paths = [Path(self.reference), *map(Path, self.others)]
@@ -78,5 +83,9 @@ def build_fuse_command(request: FuseRequest, python: str | None = None) -> list[
         command += ["--batch-size", str(request.batch_size)]
     if request.metrics is not None:
         command += ["--metrics", str(request.metrics)]
+    if request.register != "none":
+        command += ["--register", request.register]
+        if request.transforms_dir is not None:
+            command += ["--save-transforms", str(request.transforms_dir)]
     command += ["--progress", "json", *request.extra_args]
     return command
