@@ -145,7 +145,7 @@ def _resampled_pair(spm: Path, size: tuple[int, int, int], spacing: tuple[float,
                           sitk.sitkFloat32)
     moving = sitk.Resample(moving_src, grid, sitk.Transform(), sitk.sitkLinear, 0.0,
                            sitk.sitkFloat32)
-    points = registration._subsample(content_points(fixed_src))
+    points = registration._subsample(content_points(fixed))  # the fixed volume's own content
     truth = random_rigid(rng, points.mean(axis=0))
     return fixed, move_header(moving, truth), truth, points
 
