@@ -47,7 +47,7 @@ KINDS = ("none", "rigid", "affine")
 INITIALISERS = ("identity", "moments", "geometry")
 # Thresholds of the check, set from measurement (docs/registration.md): aligned template pairs
 # of different contrasts (e.g. T2 with PET or EPI) have mutual-information optima up to 7 mm
-# and 4.3 deg away from their true alignment, so lower thresholds would raise false alarms.
+# and 3.2 deg away from their true alignment, so lower thresholds would raise false alarms.
 OFFSET_THRESHOLD_MM = 8.0
 ROTATION_THRESHOLD_DEG = 5.0
 CHECK_SPACING_MM = 4.0  # voxel size of the quick check
@@ -116,7 +116,8 @@ def _binned(image, spacing_mm: float):
     """``image`` as float32 averaged into bins of about ``spacing_mm`` (no change if finer)."""
     import SimpleITK as sitk
 
-    factors = [max(1, int(round(spacing_mm / s))) for s in image.GetSpacing()]
+    factors = [min(size, max(1, int(round(spacing_mm / s))))  # never wider than the axis
+               for s, size in zip(image.GetSpacing(), image.GetSize(), strict=True)]
     image = _as_float(image)
     return sitk.BinShrink(image, factors) if max(factors) > 1 else image
 
@@ -441,8 +442,9 @@ def align_for_fusion(reference, moving, label: str = "input", kind: str = "none"
         if check:
             try:
                 outcome.before = check_alignment(reference, moving, label)
-            except MedFusionError as error:
-                logger.info("alignment check of %s skipped: %s", label, error)
+            except (MedFusionError, RuntimeError) as error:  # advice only: never fails a fusion
+                logger.info("alignment check of %s skipped: %s", label, str(error).strip()
+                            .splitlines()[-1] if str(error).strip() else error)
             if outcome.before is not None and outcome.before.misaligned:
                 outcome.warnings.append(outcome.before.message(fix_hint))
                 logger.warning("%s", outcome.warnings[-1])
@@ -457,7 +459,7 @@ def align_for_fusion(reference, moving, label: str = "input", kind: str = "none"
         if check:
             try:
                 outcome.after = check_alignment(reference, aligned, label)
-            except MedFusionError as error:
+            except (MedFusionError, RuntimeError) as error:
                 logger.info("alignment check of registered %s skipped: %s", label, error)
             if outcome.after is not None and outcome.after.misaligned:
                 outcome.warnings.append(outcome.after.message("--register affine"))
