@@ -232,6 +232,9 @@ def draw_panel(fixed, pictures, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
     plt.close(figure)
+    from PIL import Image
+
+    Image.open(path).convert("RGB").quantize(colors=128).save(path, optimize=True)  # ~4x smaller
     print(f"panel written to {path}\n")
 
 
