@@ -343,7 +343,8 @@ def estimate_transform(reference, moving, kind: str = "rigid", label: str = "inp
     """The transform (reference points -> moving points) that aligns ``moving`` to ``reference``.
 
     ``kind``: ``rigid`` (Euler3D) or ``affine`` (rigid first, then a 12-parameter affine).
-    Volumes above :data:`REGISTER_MAX_VOXELS` are binned to a coarser working grid first.
+    Each volume is first binned to a working grid of about :data:`REGISTER_MAX_VOXELS` (see
+    :func:`_working_spacing`; axes already coarser are kept), so big volumes stay fast.
     """
     import SimpleITK as sitk
 
