@@ -203,6 +203,9 @@ def fuse_volumes(
     cancel: CancelFlag = None,
     on_batch: BatchCallback | None = None,
     allow_slice_gaps: bool = False,
+    register: str = "none",
+    check_alignment: bool = True,
+    on_alignment: Callable[[Any], None] | None = None,
     **method_options: Any,
 ):
     """Fuse co-registered volumes slice by slice; return a float32 ``SimpleITK.Image`` in [0, 1].
@@ -218,9 +221,12 @@ def fuse_volumes(
     :class:`CancelledError`. ``on_batch(start, stop, sources, fused)`` sees each batch's
     normalised sources and fused slices (e.g. to compute per-slice metrics while streaming).
     ``allow_slice_gaps``: accept DICOM series with missing slices (restacked on a regular grid).
+    ``register`` (``none``, ``rigid``, ``affine``), ``check_alignment`` and ``on_alignment``:
+    see :func:`medfusion.registration.align_for_fusion` (misaligned inputs are warned about).
     """
     import SimpleITK as sitk
 
+    from medfusion import registration
     from medfusion.io.volumes import copy_metadata, writable_array_view
 
     if not others:
@@ -239,7 +245,9 @@ def fuse_volumes(
         if _is_cancelled(cancel):
             raise CancelledError("fusion cancelled")
         if index > 0:
-            image = geometry.align_to_reference(ref_image, image, label)
+            image = registration.align_for_fusion(
+                ref_image, image, label, kind=register, check=check_alignment,
+                on_alignment=on_alignment)
             images[index] = image  # keep the resampled image alive while its view is used
         view = sitk.GetArrayViewFromImage(image)
         intensity.check_finite(view, label)
@@ -321,6 +329,9 @@ def fuse_files(
     cancel: CancelFlag = None,
     on_batch: BatchCallback | None = None,
     allow_slice_gaps: bool = False,
+    register: str = "none",
+    check_alignment: bool = True,
+    on_alignment: Callable[[Any], None] | None = None,
     **method_options: Any,
 ) -> FusedImage | Any:
     """Fuse files (all 2D images or all 3D volumes) and write the result atomically to ``output``.
@@ -334,6 +345,9 @@ def fuse_files(
 
     kind = check_files(inputs, output)
     target = Path(output)
+    if kind == "image" and register != "none":
+        raise InputError("--register applies to 3D volumes; 2D images carry no physical "
+                         "geometry to register in (align them beforehand)")
     if kind == "image":
         result = fuse_images(
             list(inputs), method=method, device=device, normalisation=normalisation or "none",
@@ -347,6 +361,7 @@ def fuse_files(
         inputs[0], list(inputs[1:]), method=method, axis=axis, device=device,
         batch_size=batch_size, normalisation=normalisation or "percentile", ct_window=ct_window,
         progress=progress, cancel=cancel, on_batch=on_batch, allow_slice_gaps=allow_slice_gaps,
+        register=register, check_alignment=check_alignment, on_alignment=on_alignment,
         **method_options,
     )
     write_volume(target, result)

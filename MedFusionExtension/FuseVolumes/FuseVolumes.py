@@ -116,6 +116,7 @@ class FuseVolumesParameterNode:
     axis: Annotated[str, Choice(AXES)] = "axial"
     device: Annotated[str, Choice(DEVICES)] = "auto"
     batchSize: Annotated[int, WithinRange(0, 1024)] = 0
+    registerFirst: bool = False
     outputVolume: vtkMRMLScalarVolumeNode
     metricsTable: vtkMRMLTableNode
 
@@ -521,6 +522,8 @@ class FuseVolumesLogic(ScriptedLoadableModuleLogic):
                 axis=parameters.axis,
                 device=parameters.device,
                 batch_size=parameters.batchSize,
+                register="rigid" if parameters.registerFirst else "none",
+                transforms_dir=workDir,
             )
             process = FusionProcess(request, python=self.pythonExecutable(),
                                     env=slicer.util.startupEnvironment())
@@ -530,6 +533,20 @@ class FuseVolumesLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(workDir, ignore_errors=True)
             raise
         return FusionTask(process, workDir, parameters)
+
+    def _addTransforms(self, task: FusionTask) -> None:
+        """Add each registration transform (``input<i>.tfm``, written by ``--save-transforms``)
+        to the scene as "<volume> registered to <reference>", applied to that volume when it
+        has no transform of its own (the fused volume already holds it aligned)."""
+        for index, node in enumerate(otherVolumes(task.parameters), start=1):
+            path = task.workDir / f"input{index}.tfm"
+            if not path.is_file():
+                continue
+            transform = slicer.util.loadTransform(str(path))
+            transform.SetName(slicer.mrmlScene.GenerateUniqueName(
+                f"{node.GetName()} registered to {task.referenceVolume.GetName()}"))
+            if node.GetParentTransformNode() is None:
+                node.SetAndObserveTransformNodeID(transform.GetID())
 
     def discardTask(self, task: FusionTask) -> None:
         """Delete the task's temporary files (inputs and outputs were copied into the scene)."""
@@ -580,6 +597,7 @@ class FuseVolumesLogic(ScriptedLoadableModuleLogic):
             self._placeInStudy(table, reference)
             self._showTable(table)
         self._placeInStudy(output, reference)
+        self._addTransforms(task)
         slicer.util.setSliceViewerLayers(background=output, foreground=reference,
                                          foregroundOpacity=0.0, fit=True)
 

@@ -194,7 +194,8 @@ def test_training_writes_a_run_folder_not_the_shipped_weights(bundle_env, bundle
     before = hashlib.sha256(shipped.read_bytes()).hexdigest()
     done = run_bundle(bundle_env, bundle, "training", "--config_file", "configs/train.json",
                       "--dataset_dir", str(tiny_atlas), "--run_name", "test-run", "--epochs", "1",
-                      "--block_exponent", "2", "--patch_size", "32", "--patches_per_image", "2", "--batch_size", "2",
+                      "--block_exponent", "2", "--patch_size", "32", "--patches_per_image", "2",
+                      "--batch_size", "2",
                       "--num_threads", "1")
     assert done.returncode == 0, done.stderr[-3000:]
     run = bundle / "runs" / "test-run"

@@ -36,6 +36,7 @@ CLASS_BY_SUFFIX = (
     ("ProgressBar", "QProgressBar"),
     ("progressBar", "QProgressBar"),
     ("Label", "QLabel"),
+    ("CheckBox", "QCheckBox"),
 )
 QT_CLASSES = {"QComboBox", "QSpinBox", "QPushButton", "QProgressBar", "QLabel", "QCheckBox",
               "QLineEdit", "QWidget"}

@@ -26,7 +26,7 @@ from medfusion import __version__
 from medfusion.errors import CancelledError, MedFusionError
 
 # Sub-command modules, in the order they appear in ``medfusion --help``.
-_COMMAND_MODULES = ("fuse", "metrics", "pacs", "benchmark")
+_COMMAND_MODULES = ("fuse", "register", "metrics", "pacs", "benchmark")
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 1

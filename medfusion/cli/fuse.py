@@ -48,6 +48,9 @@ def register(subparsers: Any) -> None:
     add_fusion_options(parser)
     parser.add_argument("--metrics", metavar="FILE",
                         help="also write the result's quality metrics (.csv or .json)")
+    parser.add_argument("--save-transforms", metavar="DIR",
+                        help="with --register: write each input's ITK transform to "
+                        "DIR/<input>.tfm (an existing folder)")
     parser.set_defaults(func=run_fuse)
     batch.register(subparsers)
     demo.register(subparsers)
@@ -84,6 +87,9 @@ def add_fusion_options(parser: argparse.ArgumentParser) -> None:
                         "refuse such a series)")
     parser.add_argument("--progress", default="bar", choices=PROGRESS_MODES,
                         help="bar on stderr (default), JSON lines on stdout, or none")
+    from medfusion.cli.register import add_alignment_options
+
+    add_alignment_options(parser)
 
 
 # --------------------------------------------------------------------------- progress
@@ -133,6 +139,7 @@ def engine_options(args: argparse.Namespace, count: int) -> dict[str, Any]:
         "device": args.device, "axis": args.axis, "batch_size": args.batch_size,
         "normalisation": normalisation, "ct_window": ct_window,
         "allow_slice_gaps": bool(getattr(args, "allow_slice_gaps", False)),
+        "register": args.register, "check_alignment": not args.no_alignment_check,
     }
 
 
@@ -269,6 +276,9 @@ def run_fuse(args: argparse.Namespace) -> int:
     check_files(inputs, args.output)
     check_metrics_path(args.metrics)
     options = engine_options(args, len(inputs))
+    from medfusion.cli.register import TransformSaver
+
+    options["on_alignment"] = TransformSaver.for_args(args)
     method = build_method(args)
     slice_metrics = SliceMetrics() if args.metrics else None
     progress = Progress(args.progress)
@@ -277,6 +287,7 @@ def run_fuse(args: argparse.Namespace) -> int:
                             on_batch=slice_metrics, **options)
     finally:
         progress.close()
+    options["on_alignment"].write_all()
     if args.metrics:
         info = {"inputs": [str(p) for p in inputs], "output": str(args.output),
                 "method": method.name}

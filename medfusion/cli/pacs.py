@@ -72,6 +72,9 @@ def register(subparsers: Any) -> None:
     )
     fusion.add_argument("--block-exponent", type=int, choices=range(0, 7), metavar="I",
                         help="CNN block size exponent i (2^i x 2^i pixel blocks, 0..6)")
+    from medfusion.cli.register import add_alignment_options
+
+    add_alignment_options(fusion)
     fusion.add_argument(
         "--no-store",
         action="store_true",
@@ -147,6 +150,8 @@ def _plan(args: argparse.Namespace):
         batch_size=args.batch_size,
         normalisation=args.normalisation,
         method_options={key: value for key, value in options.items() if value is not None},
+        register=args.register,
+        check_alignment=not args.no_alignment_check,
     )
 
 
@@ -241,6 +246,8 @@ def run_fuse(args: argparse.Namespace) -> int:
     print(
         f"fused series {result.series_uid} ({result.n_instances} instances) {' and '.join(where)}"
     )
+    for warning in result.warnings:
+        print(warning)
     return 0
 
 

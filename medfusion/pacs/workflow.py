@@ -10,6 +10,7 @@ can simply be run again to resume.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import tempfile
@@ -49,6 +50,8 @@ class FusionPlan:
     batch_size: int = 16
     normalisation: str = "percentile"
     method_options: dict[str, Any] = field(default_factory=dict)
+    register: str = "none"  # none | rigid | affine (medfusion.registration)
+    check_alignment: bool = True
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class FuseResult:
     source_series: tuple[str, ...]
     stored: bool
     output_dir: Path | None = None
+    warnings: tuple[str, ...] = ()  # e.g. "misaligned" inputs (medfusion.registration)
 
 
 @dataclass
@@ -135,6 +139,7 @@ def fuse_study(
             headers.append(check_complete(info, files))
             volumes.append(read_volume(folder))
         _check_cancel(cancel)
+        warnings: list[str] = []
         fused = fuse_volumes(
             volumes[0],
             volumes[1:],
@@ -144,12 +149,16 @@ def fuse_study(
             normalisation=plan.normalisation,
             progress=progress,
             cancel=cancel,
+            register=plan.register,
+            check_alignment=plan.check_alignment,
+            on_alignment=lambda outcome: warnings.extend(outcome.warnings),
         )
         datasets = build_derived_series(
             headers[0], fused, others=headers[1:], provenance=provenance
         )
     _check_cancel(cancel)
-    return _deliver(client, study_uid, datasets, sources, store=store, output_dir=output_dir)
+    result = _deliver(client, study_uid, datasets, sources, store=store, output_dir=output_dir)
+    return dataclasses.replace(result, warnings=tuple(warnings))
 
 
 def check_complete(info: SeriesInfo, files: Sequence[Path]) -> list[Dataset]:
@@ -247,7 +256,8 @@ def _batch_one(client: PacsClient, study_uid: str, plan: FusionPlan, store: bool
                 return BatchRow(study_uid, "skipped", message=f"{output_dir} exists")
         result = fuse_study(client, study_uid, plan, store=store, output_dir=output_dir,
                             series=series, cancel=cancel)  # fmt: skip
-        return BatchRow(study_uid, "fused", result.series_uid, result.n_instances)
+        return BatchRow(study_uid, "fused", result.series_uid, result.n_instances,
+                        message="; ".join(result.warnings))
     except CancelledError:
         raise
     except MedFusionError as error:

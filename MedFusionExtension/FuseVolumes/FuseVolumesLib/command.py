@@ -17,6 +17,7 @@ AXES: tuple[str, ...] = ("axial", "coronal", "sagittal")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 # the CNN's block size exponent i (blocks of 2^i x 2^i pixels); "default": the bundle's
 BLOCK_EXPONENTS: tuple[str, ...] = ("default", "0", "1", "2", "3", "4", "5", "6")
+REGISTER_KINDS: tuple[str, ...] = ("none", "rigid", "affine")
 MIN_INPUTS = 2
 MAX_INPUTS = 4
 
@@ -41,6 +42,8 @@ class FuseRequest:
     device: str = "auto"
     batch_size: int = 0
     extra_args: Sequence[str] = field(default_factory=tuple)
+    register: str = "none"  # none | rigid | affine: align the others to the reference first
+    transforms_dir: Path | None = None  # where the registration transforms are written
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a user-facing message when the request cannot run."""
@@ -57,6 +60,8 @@ class FuseRequest:
             raise ValueError(f"Unknown device {self.device!r}; choose auto, cpu or cuda.")
         if self.block_exponent is not None and str(self.block_exponent) not in BLOCK_EXPONENTS:
             raise ValueError(f"Block exponent must be one of 0..6, got {self.block_exponent!r}.")
+        if self.register not in REGISTER_KINDS:
+            raise ValueError(f"Unknown registration {self.register!r}; choose {REGISTER_KINDS}.")
         if self.batch_size < 0:
             raise ValueError("Batch size must be positive (0: default).")
         paths = [Path(self.reference), *map(Path, self.others)]
@@ -83,5 +88,9 @@ def build_fuse_command(request: FuseRequest, python: str | None = None) -> list[
         command += ["--batch-size", str(request.batch_size)]
     if request.metrics is not None:
         command += ["--metrics", str(request.metrics)]
+    if request.register != "none":
+        command += ["--register", request.register]
+        if request.transforms_dir is not None:
+            command += ["--save-transforms", str(request.transforms_dir)]
     command += ["--progress", "json", *request.extra_args]
     return command

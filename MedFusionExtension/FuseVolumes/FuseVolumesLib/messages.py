@@ -93,5 +93,7 @@ def extract_warnings(stderr: Sequence[str]) -> list[str]:
             continue
         body = text[len("medfusion:"):].strip() if text.startswith("medfusion:") else text
         if _CUDA_FALLBACK.search(body) or re.search(r"warn", body, re.IGNORECASE):
-            warnings.append(body)
+            # the core names its command-line option; in the panel it is a check box
+            warnings.append(body.replace("use --register rigid",
+                                         "tick 'Register first (rigid)'"))
     return warnings

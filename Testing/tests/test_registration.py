@@ -1,0 +1,236 @@
+"""Misalignment check and registration (medfusion.registration, medfusion register, --register).
+
+Real data: SPM12 templates (aligned, SPECT on a flipped grid) and the TCGA-FG-6692 series (t2
+and flair are off t1 by many mm and degrees). Volumes are binned where the assertion allows it,
+so the file runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medfusion import registration
+from medfusion.cli import main
+from medfusion.errors import GeometryError, InputError
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _move_header(image: sitk.Image, transform) -> sitk.Image:
+    """Copy of ``image`` whose content sits at transform(p) for each original point p."""
+    moved = sitk.Image(image)
+    matrix, offset = registration.transform_matrix(transform)
+    direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    moved.SetOrigin(tuple(matrix @ np.asarray(image.GetOrigin(), float) + offset))
+    moved.SetDirection(tuple((matrix @ direction).ravel()))
+    return moved
+
+
+@pytest.fixture(scope="module")
+def tcga_small(tcga: Path, tmp_path_factory) -> Path:
+    """t1 and flair of TCGA-FG-6692 binned 2x2 in-plane (1.8x1.8x5.5 mm), as files."""
+    folder = tmp_path_factory.mktemp("tcga-small")
+    for name in ("t1", "flair"):
+        image = sitk.ReadImage(str(tcga / f"{name}.nii.gz"))
+        sitk.WriteImage(sitk.BinShrink(image, [2, 2, 1]), str(folder / f"{name}.nii.gz"))
+    return folder
+
+
+def test_check_is_silent_on_aligned_templates_including_flipped_spect(spm12: Path) -> None:
+    reference = sitk.ReadImage(str(spm12 / "T1.nii"))
+    for name in ("T2", "PET", "SPECT"):
+        moving = sitk.ReadImage(str(spm12 / f"{name}.nii"))
+        report = registration.check_alignment(reference, moving, name)
+        assert not report.misaligned, report.message()
+        assert report.offset_mm < registration.OFFSET_THRESHOLD_MM / 2
+    spect = sitk.ReadImage(str(spm12 / "SPECT.nii"))
+    assert spect.GetDirection()[0] == -1.0  # the flipped grid really is flipped
+
+
+def test_check_fires_on_real_tcga_misalignment_with_estimate(tcga_small: Path) -> None:
+    reference = sitk.ReadImage(str(tcga_small / "t1.nii.gz"))
+    moving = sitk.ReadImage(str(tcga_small / "flair.nii.gz"))
+    report = registration.check_alignment(reference, moving, "flair.nii.gz")
+    assert report.misaligned
+    assert 12.0 < report.offset_mm < 24.0  # about 18 mm and 5 degrees
+    assert 2.5 < report.rotation_deg < 8.0
+    message = report.message()
+    assert "misaligned" in message and "--register rigid" in message and "mm" in message
+
+
+def test_check_detects_a_known_move_and_its_size(spm12: Path) -> None:
+    reference = sitk.ReadImage(str(spm12 / "T1.nii"))
+    shift = sitk.Euler3DTransform()
+    shift.SetTranslation((12.0, -5.0, 4.0))
+    moved = _move_header(sitk.ReadImage(str(spm12 / "T2.nii")), shift)
+    report = registration.check_alignment(reference, moved, "T2")
+    assert report.misaligned
+    assert abs(report.offset_mm - math.dist((0, 0, 0), (12, -5, 4))) < 2.0
+
+
+def test_rigid_registration_recovers_a_known_transform(spm12: Path) -> None:
+    fixed = sitk.ReadImage(str(spm12 / "T1.nii"))
+    moving = sitk.ReadImage(str(spm12 / "T2.nii"))
+    points = registration._content(sitk.Cast(fixed, sitk.sitkFloat32), "T1")
+    truth = sitk.Euler3DTransform()
+    truth.SetCenter(tuple(points.mean(axis=0)))
+    truth.SetRotation(math.radians(6), math.radians(-4), math.radians(9))
+    truth.SetTranslation((11.0, -8.0, 6.0))
+    before = sitk.GetArrayFromImage(moving).copy()
+    aligned, estimated = registration.register(fixed, _move_header(moving, truth), "rigid")
+    a, b = registration.transform_matrix(estimated)
+    c, d = registration.transform_matrix(truth)
+    tre = np.linalg.norm(points @ a.T + b - (points @ c.T + d), axis=1).mean()
+    assert tre < 1.5, tre
+    assert aligned.GetSize() == fixed.GetSize() and aligned.GetOrigin() == fixed.GetOrigin()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(moving), before)  # input untouched
+
+
+def test_register_cli_writes_volume_and_slicer_readable_transform(
+    tcga_small: Path, tmp_path: Path, caplog
+) -> None:
+    caplog.set_level(logging.INFO)
+    fixed, moving = tcga_small / "t1.nii.gz", tcga_small / "flair.nii.gz"
+    digests = [_digest(fixed), _digest(moving)]
+    out, tfm = tmp_path / "flair_on_t1.nii.gz", tmp_path / "flair.tfm"
+    assert main(["register", str(fixed), str(moving), "-o", str(out), "--transform",
+                 str(tfm)]) == 0
+    assert [_digest(fixed), _digest(moving)] == digests
+    aligned = sitk.ReadImage(str(out))
+    reference = sitk.ReadImage(str(fixed))
+    assert aligned.GetSize() == reference.GetSize()
+    assert np.allclose(aligned.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+    transform = sitk.ReadTransform(str(tfm))
+    assert "Euler3DTransform" in tfm.read_text()
+    matrix, _ = registration.transform_matrix(
+        sitk.Euler3DTransform(transform) if transform.GetName() != "Euler3DTransform"
+        else transform)
+    assert 2.5 < registration.rotation_angle_deg(matrix) < 8.0
+    after = registration.check_alignment(reference, aligned, "flair")
+    assert not after.misaligned and after.offset_mm < 2.0
+    assert "aligned with the reference" in caplog.text
+
+
+def test_fuse_warns_then_register_aligns_and_saves_transform(
+    tcga_small: Path, tmp_path: Path, caplog
+) -> None:
+    caplog.set_level(logging.INFO)
+    fixed, moving = str(tcga_small / "t1.nii.gz"), str(tcga_small / "flair.nii.gz")
+    assert main(["fuse", fixed, moving, "-o", str(tmp_path / "a.nii.gz"), "--method",
+                 "average"]) == 0
+    warning = [r.getMessage() for r in caplog.records if "misaligned" in r.getMessage()]
+    assert len(warning) == 1 and "--register rigid" in warning[0] and " mm " in warning[0]
+    assert all(r.levelname == "WARNING" for r in caplog.records if "misaligned" in r.message)
+
+    caplog.clear()
+    assert main(["fuse", fixed, moving, "-o", str(tmp_path / "b.nii.gz"), "--method",
+                 "average", "--register", "rigid", "--save-transforms", str(tmp_path)]) == 0
+    assert "misaligned" not in caplog.text and "registered flair.nii.gz" in caplog.text
+    assert (tmp_path / "flair.tfm").is_file()
+    fused = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b.nii.gz")))
+    assert fused.shape == sitk.GetArrayViewFromImage(sitk.ReadImage(fixed)).shape
+
+    caplog.clear()
+    assert main(["fuse", fixed, moving, "-o", str(tmp_path / "c.nii.gz"), "--method",
+                 "average", "--no-alignment-check"]) == 0
+    assert "misaligned" not in caplog.text
+
+
+def test_batch_warns_then_registers(tcga_small: Path, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    ref_dir, other_dir = tmp_path / "ref", tmp_path / "other"
+    ref_dir.mkdir()
+    other_dir.mkdir()
+    (ref_dir / "case.nii.gz").write_bytes((tcga_small / "t1.nii.gz").read_bytes())
+    (other_dir / "case.nii.gz").write_bytes((tcga_small / "flair.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    assert main(["batch", str(ref_dir), str(other_dir), "-o", str(out), "--method",
+                 "average", "--progress", "none"]) == 0
+    assert "misaligned" in caplog.text
+    caplog.clear()
+    assert main(["batch", str(ref_dir), str(other_dir), "-o", str(out), "--method",
+                 "average", "--progress", "none", "--register", "rigid"]) == 0
+    assert "looks misaligned" not in caplog.text and "registered case.nii.gz" in caplog.text
+
+
+def _one_error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_no_overlap_is_one_line_and_writes_nothing(tcga_small: Path, tmp_path: Path,
+                                                   capsys) -> None:
+    far = sitk.ReadImage(str(tcga_small / "flair.nii.gz"))
+    far.SetOrigin(tuple(np.asarray(far.GetOrigin()) + (0.0, 0.0, 900.0)))
+    sitk.WriteImage(far, str(tmp_path / "far.nii.gz"))
+    out, tfm = tmp_path / "out.nii.gz", tmp_path / "out.tfm"
+    assert main(["register", str(tcga_small / "t1.nii.gz"), str(tmp_path / "far.nii.gz"),
+                 "-o", str(out), "--transform", str(tfm)]) == 1
+    assert "does not overlap" in _one_error_line(capsys)
+    assert not out.exists() and not tfm.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["far.nii.gz"]
+
+
+def test_too_little_content_is_one_line_and_writes_nothing(tcga_small: Path, tmp_path: Path,
+                                                           capsys) -> None:
+    flat = sitk.ReadImage(str(tcga_small / "flair.nii.gz")) * 0 + 7
+    sitk.WriteImage(flat, str(tmp_path / "flat.nii.gz"))
+    out = tmp_path / "out.nii.gz"
+    assert main(["register", str(tcga_small / "t1.nii.gz"), str(tmp_path / "flat.nii.gz"),
+                 "-o", str(out)]) == 1
+    assert "too little content" in _one_error_line(capsys)
+    assert not out.exists()
+    dot = sitk.Image(sitk.ReadImage(str(tcga_small / "flair.nii.gz")))
+    array = np.zeros(sitk.GetArrayViewFromImage(dot).shape, np.float32)
+    array[13, 60:63, 60:63] = 100.0  # nine bright voxels: nothing to align on
+    tiny = sitk.GetImageFromArray(array)
+    tiny.CopyInformation(dot)
+    with pytest.raises(InputError, match="too little content"):
+        registration.register(sitk.ReadImage(str(tcga_small / "t1.nii.gz")), tiny)
+
+
+def test_non_convergence_is_one_line_and_writes_nothing(tcga_small: Path, tmp_path: Path,
+                                                        capsys) -> None:
+    out, tfm = tmp_path / "out.nii.gz", tmp_path / "out.h5"
+    assert main(["register", str(tcga_small / "t1.nii.gz"), str(tcga_small / "flair.nii.gz"),
+                 "-o", str(out), "--transform", str(tfm), "--iterations", "2"]) == 1
+    assert "did not converge" in _one_error_line(capsys)
+    assert not out.exists() and not tfm.exists()
+
+
+def test_register_refuses_2d_images_and_bad_transform_names(aanlib: Path, tcga_small: Path,
+                                                            tmp_path: Path) -> None:
+    pair = sorted((aanlib / "PET-MRI" / "MRI").glob("*.png"))[0].name
+    with pytest.raises(InputError, match="3D volumes"):
+        from medfusion.engine import fuse_files
+
+        fuse_files([aanlib / "PET-MRI" / "MRI" / pair, aanlib / "PET-MRI" / "PET" / pair],
+                   tmp_path / "f.png", method="average", register="rigid")
+    assert not (tmp_path / "f.png").exists()
+    assert main(["register", str(tcga_small / "t1.nii.gz"), str(tcga_small / "flair.nii.gz"),
+                 "-o", str(tmp_path / "o.nii.gz"), "--transform", str(tmp_path / "o.mat")]) == 1
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_affine_starts_from_rigid_and_stays_plausible(tcga_small: Path) -> None:
+    fixed = sitk.ReadImage(str(tcga_small / "t1.nii.gz"))
+    moving = sitk.ReadImage(str(tcga_small / "flair.nii.gz"))
+    aligned, transform = registration.register(fixed, moving, "affine", "flair")
+    assert transform.GetName() == "AffineTransform"
+    scales = np.linalg.svd(registration.transform_matrix(transform)[0], compute_uv=False)
+    assert np.all(np.abs(scales - 1.0) < 0.1)
+    assert not registration.check_alignment(fixed, aligned, "flair").misaligned
+    with pytest.raises(GeometryError, match="overlap"):
+        far = sitk.Image(moving)
+        far.SetOrigin((5000.0, 0.0, 0.0))
+        registration.register(fixed, far, "rigid")
