@@ -48,6 +48,9 @@ def register(subparsers: Any) -> None:
     add_fusion_options(parser)
     parser.add_argument("--metrics", metavar="FILE",
                         help="also write the result's quality metrics (.csv or .json)")
+    parser.add_argument("--save-decision-map", metavar="PATH",
+                        help="--method sesf: also write the decision map, a label image/volume "
+                        "(1 = reference wins, 2 = the next input, ...), same kind as -o")
     parser.set_defaults(func=run_fuse)
     batch.register(subparsers)
     demo.register(subparsers)
@@ -60,7 +63,7 @@ def add_fusion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="cnn", choices=available_methods(),
                         help="fusion method (default: cnn, the MONAI bundle's network)")
     parser.add_argument("--bundle", metavar="DIR",
-                        help="MONAI bundle folder for --method cnn (default: the shipped one)")
+                        help="MONAI bundle folder for --method cnn/sesf (default: the shipped one)")
     parser.add_argument("--block-size", type=int, help="CNN block size i (sliding-window roi)")
     parser.add_argument("--overlap", type=float, help="CNN sliding-window overlap, 0..1")
     parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"),
@@ -134,7 +137,7 @@ def build_method(args: argparse.Namespace):
     from medfusion.methods import get_method
 
     options: dict[str, Any] = {}
-    if args.method == "cnn":
+    if args.method in ("cnn", "sesf"):
         options = {"bundle_dir": args.bundle, "block_size": args.block_size,
                    "overlap": args.overlap}
     return get_method(args.method, device=args.device, **options)
@@ -253,7 +256,8 @@ def run_fuse(args: argparse.Namespace) -> int:
     progress = Progress(args.progress)
     try:
         result = fuse_files(inputs, args.output, method=method, progress=progress,
-                            on_batch=slice_metrics, **options)
+                            on_batch=slice_metrics, decision_map=args.save_decision_map,
+                            **options)
     finally:
         progress.close()
     if args.metrics:

@@ -9,50 +9,18 @@ There is no second copy of the network here: the bundle's ``configs/inference.js
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medfusion.errors import InputError, ModelError
+from medfusion.errors import ModelError
+from medfusion.methods import bundle
+from medfusion.methods.bundle import CONFIG, WEIGHTS, use_bundle_scripts  # noqa: F401 (public)
+from medfusion.methods.bundle import check_block as _check_block
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "monai_bundle"
-CONFIG = Path("configs") / "inference.json"
-WEIGHTS = Path("models") / "model.pt"
 MIN_SOURCES = 2
-
-
-def use_bundle_scripts(bundle_dir: str | Path) -> None:
-    """Make ``import scripts`` resolve to this bundle's ``scripts/`` package.
-
-    Bundles all name their custom code package ``scripts``; a package of that name imported from
-    another bundle is dropped from ``sys.modules`` so the configs get this bundle's code.
-    """
-    bundle_dir = Path(bundle_dir).resolve()
-    loaded = sys.modules.get("scripts")
-    if loaded is not None:
-        origin = Path(getattr(loaded, "__file__", "") or "").resolve()
-        if bundle_dir not in origin.parents:
-            for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-                del sys.modules[name]
-    root = str(bundle_dir)
-    if root in sys.path:
-        sys.path.remove(root)
-    sys.path.insert(0, root)
-
-
-def _check_block(block_size: Any, overlap: Any) -> tuple[int, float]:
-    try:
-        block, lap = int(block_size), float(overlap)
-    except (TypeError, ValueError):
-        message = f"block size {block_size!r} / overlap {overlap!r} are not numbers"
-        raise InputError(message) from None
-    if block < 8:
-        raise InputError(f"block size must be at least 8 pixels, got {block}")
-    if not 0.0 <= lap < 1.0:
-        raise InputError(f"overlap must be in [0, 1), got {lap}")
-    return block, lap
 
 
 class CNNFusion:
@@ -77,61 +45,18 @@ class CNNFusion:
     ) -> None:
         self.bundle_dir = Path(bundle_dir if bundle_dir is not None else DEFAULT_BUNDLE).resolve()
         self.device = torch.device(device)
-        config_file = self.bundle_dir / CONFIG
-        weights_file = self.bundle_dir / WEIGHTS
-        if not self.bundle_dir.is_dir():
-            raise ModelError(f"CNN bundle folder not found: {self.bundle_dir}")
-        if not config_file.is_file():
-            raise ModelError(f"not a MONAI bundle (no {CONFIG}): {self.bundle_dir}")
-        if not weights_file.is_file():
-            raise ModelError(f"CNN bundle has no trained weights ({WEIGHTS}): {self.bundle_dir}")
+        config_file, weights_file = bundle.bundle_files(self.bundle_dir, "CNN")
         parser = self._parser(config_file, block_size, overlap)
         self.block_size, self.overlap = _check_block(parser["block_size"], parser["overlap"])
         parser["block_size"], parser["overlap"] = self.block_size, self.overlap
-        try:
-            network = parser.get_parsed_content("network_def", instantiate=True)
-            self.inferer = parser.get_parsed_content("inferer", instantiate=True)
-        except Exception as error:  # any config/code problem of a foreign bundle
-            message = f"cannot build the network of bundle {self.bundle_dir}: {error}"
-            raise ModelError(message) from error
-        self.network = self._load_weights(network, weights_file).to(self.device).eval()
+        network = bundle.parsed(parser, "network_def", self.bundle_dir)
+        self.inferer = bundle.parsed(parser, "inferer", self.bundle_dir)
+        self.network = bundle.load_weights(network, weights_file, "CNN").to(self.device).eval()
 
     def _parser(self, config_file: Path, block_size: int | None, overlap: float | None):
-        from monai.bundle import ConfigParser
-
-        use_bundle_scripts(self.bundle_dir)
-        parser = ConfigParser()
-        try:
-            parser.read_config(str(config_file))
-        except Exception as error:
-            raise ModelError(f"cannot read bundle config {config_file}: {error}") from error
-        for key in ("network_def", "inferer", "block_size", "overlap"):
-            if key not in parser:
-                raise ModelError(f"bundle config {config_file} defines no '{key}'")
-        parser["bundle_root"] = str(self.bundle_dir)
-        if block_size is not None:
-            parser["block_size"] = block_size
-        if overlap is not None:
-            parser["overlap"] = overlap
-        return parser
-
-    def _load_weights(self, network: torch.nn.Module, weights_file: Path) -> torch.nn.Module:
-        try:
-            state = torch.load(weights_file, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ModelError(f"cannot read CNN weights {weights_file}: {error}") from error
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
-        if not isinstance(state, dict):
-            raise ModelError(f"CNN weights {weights_file} are not a state dict")
-        try:
-            network.load_state_dict(state, strict=True)
-        except RuntimeError as error:
-            first = str(error).strip().splitlines()[0]
-            raise ModelError(
-                f"weights {weights_file} do not match the bundle's network ({first})"
-            ) from error
-        return network
+        required = ("network_def", "inferer", "block_size", "overlap")
+        overrides = {"block_size": block_size, "overlap": overlap}
+        return bundle.read_config(self.bundle_dir, config_file, required, overrides)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Fuse ``(B, K, H, W)`` float sources in [0, 1] into ``(B, H, W)`` on the same device."""
