@@ -496,6 +496,7 @@ class FuseVolumesLogic(ScriptedLoadableModuleLogic):
                 axis=parameters.axis,
                 device=parameters.device,
                 batch_size=parameters.batchSize,
+                decision_map=workDir / "decision.nrrd" if parameters.method == "sesf" else None,
             )
             process = FusionProcess(request, python=self.pythonExecutable(),
                                     env=slicer.util.startupEnvironment())
@@ -557,6 +558,12 @@ class FuseVolumesLogic(ScriptedLoadableModuleLogic):
         self._placeInStudy(output, reference)
         slicer.util.setSliceViewerLayers(background=output, foreground=reference,
                                          foregroundOpacity=0.0, fit=True)
+        decision = Path(task.workDir) / "decision.nrrd"
+        if decision.is_file():  # sesf: which input won each voxel, as a label volume
+            labels = slicer.util.loadLabelVolume(str(decision), {"show": False})
+            labels.SetName(slicer.mrmlScene.GenerateUniqueName(f"{reference.GetName()} decision"))
+            self._placeInStudy(labels, reference)
+            slicer.util.setSliceViewerLayers(label=labels, labelOpacity=0.3)
 
     @staticmethod
     def _setDisplay(volume) -> None:

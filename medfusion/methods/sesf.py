@@ -32,11 +32,11 @@ DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "sesf_bundle"
 MIN_SOURCES = 2
 MIN_SIZE = 8  # smaller slices are padded (replicated borders) to this size and cropped back
 FEATURE_CHUNK = 8  # images encoded at once: bounds the deep-feature memory of a batch
-FUSION_DEFAULTS = {
-    "sf_radius": 5,  # spatial-frequency window: (2r+1)^2 pixels
-    "majority_radius": 2,  # mode filter of the label map
-    "min_region": 0.01,  # regions under this fraction of the slice area are removed
-    "guided_radius": 8,  # soft map: guided filter of the labels
+FUSION_DEFAULTS = {  # the shipped bundle's settings (configs/inference.json "fusion")
+    "sf_radius": 2,  # spatial-frequency window: (2r+1)^2 pixels
+    "majority_radius": 1,  # mode filter of the label map
+    "min_region": 0.001,  # regions under this fraction of the slice area are removed
+    "guided_radius": 4,  # soft map: guided filter of the labels
     "guided_eps": 0.01,
 }
 

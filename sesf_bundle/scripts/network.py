@@ -50,7 +50,9 @@ class SESFNet(nn.Module):
     def __init__(self, features: int = 16, dense_layers: int = 3) -> None:
         super().__init__()
         self.out_channels = features * (dense_layers + 1)
-        self.encoder = nn.Sequential(_conv(1, features), DenseBlock(features, features, dense_layers))
+        self.encoder = nn.Sequential(
+            _conv(1, features), DenseBlock(features, features, dense_layers)
+        )
         width = self.out_channels
         self.decoder = nn.Sequential(
             _conv(width, width // 2),

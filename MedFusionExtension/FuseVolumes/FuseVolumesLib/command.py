@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METHODS: tuple[str, ...] = ("cnn", "gff", "laplacian", "average", "max")
+METHODS: tuple[str, ...] = ("cnn", "sesf", "gff", "laplacian", "average", "max")
 AXES: tuple[str, ...] = ("axial", "coronal", "sagittal")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 MIN_INPUTS = 2
@@ -37,6 +37,7 @@ class FuseRequest:
     axis: str = "axial"
     device: str = "auto"
     batch_size: int = 0
+    decision_map: Path | None = None  # sesf: where the CLI writes its label volume
     extra_args: Sequence[str] = field(default_factory=tuple)
 
     def validate(self) -> None:
@@ -78,5 +79,7 @@ def build_fuse_command(request: FuseRequest, python: str | None = None) -> list[
         command += ["--batch-size", str(request.batch_size)]
     if request.metrics is not None:
         command += ["--metrics", str(request.metrics)]
+    if request.decision_map is not None:
+        command += ["--save-decision-map", str(request.decision_map)]
     command += ["--progress", "json", *request.extra_args]
     return command
