@@ -72,11 +72,15 @@ class SESFFusion:
         self.block_size, self.overlap = bundle.check_block(parser["block_size"], parser["overlap"])
         parser["block_size"], parser["overlap"] = self.block_size, self.overlap
         self.inferer = bundle.parsed(parser, "inferer", self.bundle_dir)
-        settings = parser.get_parsed_content("fusion")
-        unknown = set(settings) - set(FUSION_DEFAULTS)
-        if unknown:
-            raise ModelError(f"unknown fusion settings in bundle {self.bundle_dir}: {unknown}")
-        self.settings = {**FUSION_DEFAULTS, **settings}
+        settings = bundle.parsed(parser, "fusion", self.bundle_dir)
+        if not isinstance(settings, dict) or set(settings) - set(FUSION_DEFAULTS):
+            raise ModelError(f"bundle {self.bundle_dir} has a 'fusion' entry other than a dict of "
+                             f"{', '.join(FUSION_DEFAULTS)}")
+        try:
+            self.settings = {key: float(settings.get(key, value))
+                             for key, value in FUSION_DEFAULTS.items()}
+        except (TypeError, ValueError) as error:
+            raise ModelError(f"non-numeric fusion setting in bundle {self.bundle_dir}") from error
 
     # ------------------------------------------------------------------ activity
     def _energy(self, images: torch.Tensor) -> torch.Tensor:
