@@ -192,10 +192,19 @@ def test_cli_saves_decision_map_for_images(aanlib: Path, tmp_path: Path, repo_ro
     decision = np.asarray(Image.open(labels))
     assert decision.shape == np.asarray(Image.open(fused)).shape
     assert set(np.unique(decision)) == {1, 2}
-    refused = _cli(str(mri), str(ct), "-o", str(tmp_path / "g.png"), "--method", "gff",
-                   "--save-decision-map", str(tmp_path / "g_map.png"), cwd=repo_root)
-    assert refused.returncode == 1
-    assert "makes no decision map" in refused.stderr and len(refused.stderr.splitlines()) == 1
+
+
+def test_cli_refuses_decision_map_of_a_method_without_one(
+    aanlib: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from medfusion.cli import main
+
+    mri, ct = _pair_paths(aanlib)
+    code = main(["fuse", str(mri), str(ct), "-o", str(tmp_path / "g.png"), "--method", "gff",
+                 "--save-decision-map", str(tmp_path / "g_map.png"), "--progress", "none"])
+    error = capsys.readouterr().err
+    assert code == 1
+    assert "makes no decision map" in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "g.png").exists() and not (tmp_path / "g_map.png").exists()
 
 
