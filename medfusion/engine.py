@@ -46,6 +46,7 @@ class FusedImage:
     luminance: np.ndarray
     rgb: np.ndarray | None
     sources: np.ndarray
+    decision_map: np.ndarray | None = None  # (H, W) uint8 1..K, with decision_map=True
 
     def to_uint8(self) -> np.ndarray:
         """8-bit image for saving: (H, W, 3) if colour, else (H, W); rounded, never wrapped."""
@@ -91,13 +92,27 @@ def _build_method(method: str | FusionMethod, device: str | Any, options: dict) 
     return method
 
 
-def _run_method(fuse: FusionMethod, batch: np.ndarray, device) -> np.ndarray:
-    """Run the method on a (B, K, H, W) float32 numpy batch; return (B, H, W) float32 numpy."""
+def check_decision_method(fuse: FusionMethod) -> None:
+    """A decision map needs a method that makes one (``fuse_with_decision``, e.g. sesf)."""
+    if not callable(getattr(fuse, "fuse_with_decision", None)):
+        raise InputError(f"method {getattr(fuse, 'name', fuse)} makes no decision map; "
+                         "use --method sesf to save one")
+
+
+def _run_method(fuse: FusionMethod, batch: np.ndarray, device, decision: list | None = None):
+    """Run the method on a (B, K, H, W) float32 numpy batch; return (B, H, W) float32 numpy.
+
+    With a ``decision`` list, the method's (B, H, W) uint8 decision map is appended to it.
+    """
     import torch
 
     with torch.inference_mode():
         tensor = torch.from_numpy(batch).to(device, non_blocking=True)
-        fused = fuse(tensor)
+        if decision is None:
+            fused = fuse(tensor)
+        else:
+            fused, labels = fuse.fuse_with_decision(tensor)
+            decision.append(labels.to(torch.uint8).cpu().numpy())
         if tuple(fused.shape) != (batch.shape[0], *batch.shape[2:]):
             raise RuntimeError(
                 f"method {getattr(fuse, 'name', fuse)} returned shape {tuple(fused.shape)} "
@@ -112,6 +127,7 @@ def fuse_images(
     device: str | Any = "auto",
     normalisation: str | Sequence[str] = "none",
     ct_window: tuple[float, float] | None = None,
+    decision_map: bool = False,
     **method_options: Any,
 ) -> FusedImage:
     """Fuse two or more co-registered 2D images of one size.
@@ -121,6 +137,7 @@ def fuse_images(
     colour when any input was colour (chroma put back, merged by saturation when several are).
     ``normalisation``: ``none`` by default (display-ready images; 8/16-bit scaled by their
     storage range), or any policy of :mod:`medfusion.intensity`, once or per input.
+    ``decision_map=True`` also keeps the method's decision map (``FusedImage.decision_map``).
     """
     from medfusion.io.images import read_image, to_unit_range
 
@@ -155,12 +172,16 @@ def fuse_images(
 
     sources = np.stack(lumas)  # (K, H, W)
     fuse = _build_method(method, device, method_options)
-    fused = _run_method(fuse, sources[None], resolve_device(device))[0]
+    decision = [] if decision_map else None
+    if decision is not None:
+        check_decision_method(fuse)
+    fused = _run_method(fuse, sources[None], resolve_device(device), decision)[0]
     rgb = None
     if chromas:
         merged = color.merge_chroma(chromas)
         rgb = color.ycbcr_to_rgb(np.concatenate([fused[..., None], merged], axis=-1))
-    return FusedImage(luminance=fused, rgb=rgb, sources=sources)
+    labels = decision[0][0] if decision else None
+    return FusedImage(luminance=fused, rgb=rgb, sources=sources, decision_map=labels)
 
 
 def load_volumes(
@@ -206,9 +227,11 @@ def fuse_volumes(
     register: str = "none",
     check_alignment: bool = True,
     on_alignment: Callable[[Any], None] | None = None,
+    decision_map: bool = False,
     **method_options: Any,
 ):
-    """Fuse co-registered volumes slice by slice; return a float32 ``SimpleITK.Image`` in [0, 1].
+    """Fuse co-registered volumes slice by slice; return a float32 ``SimpleITK.Image`` in [0, 1]
+    (with ``decision_map=True``: ``(fused, labels)``, labels a uint8 image 1..K on the same grid).
 
     ``reference`` and ``others``: paths (file or DICOM folder) or ``SimpleITK.Image``. The output
     has the reference's size, origin, spacing, direction and metadata dictionary. Other inputs
@@ -237,6 +260,8 @@ def fuse_volumes(
     policies = intensity.policies_for(len(images), normalisation, ct_window)
     torch_device = resolve_device(device)
     fuse = _build_method(method, torch_device, method_options)
+    if decision_map:
+        check_decision_method(fuse)
     slice_axis = geometry.slicing_axis(images[0], axis)
 
     ref_image = images[0]
@@ -260,6 +285,11 @@ def fuse_volumes(
     output.CopyInformation(ref_image)
     copy_metadata(ref_image, output)
     out_view = np.moveaxis(writable_array_view(output), slice_axis, 0)
+    labels = label_view = None
+    if decision_map:
+        labels = sitk.Image(ref_image.GetSize(), sitk.sitkUInt8)
+        labels.CopyInformation(ref_image)
+        label_view = np.moveaxis(writable_array_view(labels), slice_axis, 0)
 
     total = out_view.shape[0]
     batch = np.empty((min(batch_size, total), len(views), *out_view.shape[1:]), np.float32)
@@ -270,13 +300,16 @@ def fuse_volumes(
         chunk = batch[: stop - start]
         for k, (view, normaliser) in enumerate(zip(views, normalisers, strict=True)):
             chunk[:, k] = normaliser(view[start:stop])
-        fused = _run_method(fuse, chunk, torch_device)
+        decision = [] if label_view is not None else None
+        fused = _run_method(fuse, chunk, torch_device, decision)
         out_view[start:stop] = fused
+        if decision:
+            label_view[start:stop] = decision[0]
         if on_batch is not None:
             on_batch(start, stop, chunk, fused)
         if progress is not None:
             progress(stop, total)
-    return output
+    return (output, labels) if decision_map else output
 
 
 def check_files(inputs: Sequence[str | Path], output: str | Path) -> str:
@@ -332,9 +365,11 @@ def fuse_files(
     register: str = "none",
     check_alignment: bool = True,
     on_alignment: Callable[[Any], None] | None = None,
+    decision_map: str | Path | None = None,
     **method_options: Any,
 ) -> FusedImage | Any:
-    """Fuse files (all 2D images or all 3D volumes) and write the result atomically to ``output``.
+    """Fuse files (all 2D images or all 3D volumes) and write the result atomically to ``output``
+    (and the method's decision map, a label image/volume 1..K, to ``decision_map`` if given).
 
     Checks before any work that the inputs are of one kind, exist, and differ from ``output``,
     and that ``output`` has a matching extension in an existing folder. Returns the
@@ -344,25 +379,38 @@ def fuse_files(
     from medfusion.io.volumes import write_volume
 
     kind = check_files(inputs, output)
+    if decision_map is not None:
+        if Path(decision_map).resolve() == Path(output).resolve():
+            raise OutputError("the decision map and the fused output must be different files")
+        check_files(inputs, decision_map)
+        if not isinstance(method, str):
+            check_decision_method(method)
     target = Path(output)
     if kind == "image" and register != "none":
         raise InputError("--register applies to 3D volumes; 2D images carry no physical "
                          "geometry to register in (align them beforehand)")
+    want_map = decision_map is not None
     if kind == "image":
         result = fuse_images(
             list(inputs), method=method, device=device, normalisation=normalisation or "none",
-            ct_window=ct_window, **method_options,
+            ct_window=ct_window, decision_map=want_map, **method_options,
         )
         if progress is not None:
             progress(1, 1)
         write_image(target, result.to_uint8())
+        if want_map:
+            write_image(decision_map, result.decision_map)
         return result
     result = fuse_volumes(
         inputs[0], list(inputs[1:]), method=method, axis=axis, device=device,
         batch_size=batch_size, normalisation=normalisation or "percentile", ct_window=ct_window,
         progress=progress, cancel=cancel, on_batch=on_batch, allow_slice_gaps=allow_slice_gaps,
         register=register, check_alignment=check_alignment, on_alignment=on_alignment,
+        decision_map=want_map,
         **method_options,
     )
+    result, labels = result if want_map else (result, None)
     write_volume(target, result)
+    if labels is not None:
+        write_volume(decision_map, labels)
     return result

@@ -524,6 +524,7 @@ class FuseVolumesLogic(ScriptedLoadableModuleLogic):
                 batch_size=parameters.batchSize,
                 register="rigid" if parameters.registerFirst else "none",
                 transforms_dir=workDir,
+                decision_map=workDir / "decision.nrrd" if parameters.method == "sesf" else None,
             )
             process = FusionProcess(request, python=self.pythonExecutable(),
                                     env=slicer.util.startupEnvironment())
@@ -600,6 +601,12 @@ class FuseVolumesLogic(ScriptedLoadableModuleLogic):
         self._addTransforms(task)
         slicer.util.setSliceViewerLayers(background=output, foreground=reference,
                                          foregroundOpacity=0.0, fit=True)
+        decision = Path(task.workDir) / "decision.nrrd"
+        if decision.is_file():  # sesf: which input won each voxel, as a label volume
+            labels = slicer.util.loadLabelVolume(str(decision), {"show": False})
+            labels.SetName(slicer.mrmlScene.GenerateUniqueName(f"{reference.GetName()} decision"))
+            self._placeInStudy(labels, reference)
+            slicer.util.setSliceViewerLayers(label=labels, labelOpacity=0.3)
 
     @staticmethod
     def _setDisplay(volume) -> None:

@@ -23,7 +23,7 @@ def _atlas_batch(aanlib: Path) -> torch.Tensor:
 
 
 def test_registry_lists_and_builds() -> None:
-    assert available_methods() == ["cnn", "average", "max", "laplacian", "gff"]
+    assert available_methods() == ["cnn", "sesf", "average", "max", "laplacian", "gff"]
     for name in ("average", "max", "laplacian", "gff"):
         assert get_method(name).name == name
     with pytest.raises(InputError, match="unknown method"):

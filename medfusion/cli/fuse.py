@@ -51,6 +51,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--save-transforms", metavar="DIR",
                         help="with --register: write each input's ITK transform to "
                         "DIR/<input>.tfm (an existing folder)")
+    parser.add_argument("--save-decision-map", metavar="PATH",
+                        help="--method sesf: also write the decision map, a label image/volume "
+                        "(1 = reference wins, 2 = the next input, ...), same kind as -o")
     parser.set_defaults(func=run_fuse)
     batch.register(subparsers)
     demo.register(subparsers)
@@ -63,7 +66,7 @@ def add_fusion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="cnn", choices=available_methods(),
                         help="fusion method (default: cnn, the MONAI bundle's network)")
     parser.add_argument("--bundle", metavar="DIR",
-                        help="MONAI bundle folder for --method cnn (default: the shipped one); "
+                        help="MONAI bundle folder for --method cnn or sesf (default: the shipped one); "
                         "its configs run Python code ($ expressions): use only trusted folders")
     parser.add_argument("--block-exponent", type=int, choices=range(0, 7), metavar="I",
                         help="CNN block size exponent i: decides on 2^i x 2^i pixel blocks, "
@@ -150,6 +153,8 @@ def build_method(args: argparse.Namespace):
     options: dict[str, Any] = {}
     if args.method == "cnn":
         options = {"bundle_dir": args.bundle, "block_exponent": args.block_exponent}
+    elif args.method == "sesf":
+        options = {"bundle_dir": args.bundle}
     return get_method(args.method, device=args.device, **options)
 
 
@@ -284,7 +289,8 @@ def run_fuse(args: argparse.Namespace) -> int:
     progress = Progress(args.progress)
     try:
         result = fuse_files(inputs, args.output, method=method, progress=progress,
-                            on_batch=slice_metrics, **options)
+                            on_batch=slice_metrics, decision_map=args.save_decision_map,
+                            **options)
     finally:
         progress.close()
     options["on_alignment"].write_all()

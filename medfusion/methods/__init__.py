@@ -16,6 +16,8 @@ from medfusion.errors import InputError, ModelError
 
 CLASSICAL_METHODS = ("average", "max", "laplacian", "gff")
 CLASSICAL_FALLBACK = "laplacian"
+# learned methods: name -> module with build_method(device, **options), imported when asked for
+LEARNED_METHODS = {"cnn": "medfusion.methods.cnn", "sesf": "medfusion.methods.sesf"}
 
 
 class FusionMethod(Protocol):
@@ -28,7 +30,7 @@ class FusionMethod(Protocol):
 
 def available_methods() -> list[str]:
     """Names accepted by :func:`get_method` (``cnn`` first: it is the default)."""
-    return ["cnn", *CLASSICAL_METHODS]
+    return [*LEARNED_METHODS, *CLASSICAL_METHODS]
 
 
 def resolve_device(device: str | Any = "auto"):
@@ -64,22 +66,23 @@ def get_method(name: str, device: str | Any = "cpu", **options: Any) -> FusionMe
     """Build the fusion method ``name`` for ``device``.
 
     Classical methods take no options (CNN-only options such as ``block_exponent`` are ignored
-    for them). ``cnn`` takes ``bundle_dir``, ``block_exponent``, ``memory_budget_mb``. A missing
-    or broken bundle raises :class:`ModelError` whose message names the classical fallback.
+    for them). ``cnn`` takes ``bundle_dir``, ``block_exponent``, ``memory_budget_mb``; ``sesf``
+    takes ``bundle_dir`` (its sliding-window ``block_size``/``overlap`` bound memory only). A
+    missing or broken bundle raises :class:`ModelError` whose message names the classical fallback.
     """
     torch_device = resolve_device(device)
     if name in CLASSICAL_METHODS:
         from medfusion.methods import classical
 
         return classical.build(name, torch_device)
-    if name != "cnn":
+    if name not in LEARNED_METHODS:
         raise InputError(f"unknown method {name!r}; choose one of {', '.join(available_methods())}")
     options = {key: value for key, value in options.items() if value is not None}
     try:
-        module = importlib.import_module("medfusion.methods.cnn")
+        module = importlib.import_module(LEARNED_METHODS[name])
     except ModuleNotFoundError as error:
         raise ModelError(
-            f"the CNN method is not installed ({error}); use --method {CLASSICAL_FALLBACK}"
+            f"the {name} method is not installed ({error}); use --method {CLASSICAL_FALLBACK}"
         ) from error
     try:
         return module.build_method(device=torch_device, **options)

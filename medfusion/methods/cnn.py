@@ -11,18 +11,17 @@ row strips with a halo (the same result). Every problem with the bundle becomes 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from medfusion.errors import InputError, ModelError
+from medfusion.methods import bundle
+from medfusion.methods.bundle import CONFIG, WEIGHTS, use_bundle_scripts  # noqa: F401 (public)
 from medfusion.resources import bundle_dir as shipped_bundle_dir
 
 DEFAULT_BUNDLE = shipped_bundle_dir()  # package data: medfusion/bundle (see medfusion.resources)
-CONFIG = Path("configs") / "inference.json"
-WEIGHTS = Path("models") / "model.pt"
 MIN_SOURCES = 2
 MIN_SIDE = 16  # the network's reflect padding (dilation up to 4) needs slices wider than this
 
@@ -36,35 +35,6 @@ def pad_to_network_minimum(batch: torch.Tensor) -> tuple[torch.Tensor, tuple[int
     if pad_h or pad_w:
         batch = torch.nn.functional.pad(batch, (0, pad_w, 0, pad_h), mode="replicate")
     return batch, (height, width)
-
-
-def _weights_error_reason(error: Exception) -> str:
-    """One line saying why torch could not read the weights, without torch's multi-line advice
-    (which suggests ``weights_only=False``: MedFusion never unpickles arbitrary objects)."""
-    text = str(error).strip()
-    if "Weights only load failed" in text:
-        return "the file holds Python objects besides tensors, which MedFusion never unpickles"
-    first = text.splitlines()[0] if text else type(error).__name__
-    return first[:200]
-
-
-def use_bundle_scripts(bundle_dir: str | Path) -> None:
-    """Make ``import scripts`` resolve to this bundle's ``scripts/`` package.
-
-    Bundles all name their custom code package ``scripts``; a package of that name imported from
-    another bundle is dropped from ``sys.modules`` so the configs get this bundle's code.
-    """
-    bundle_dir = Path(bundle_dir).resolve()
-    loaded = sys.modules.get("scripts")
-    if loaded is not None:
-        origin = Path(getattr(loaded, "__file__", "") or "").resolve()
-        if bundle_dir not in origin.parents:
-            for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-                del sys.modules[name]
-    root = str(bundle_dir)
-    if root in sys.path:
-        sys.path.remove(root)
-    sys.path.insert(0, root)
 
 
 MAX_BLOCK_EXPONENT = 6
@@ -123,62 +93,21 @@ class CNNFusion:
     ) -> None:
         self.bundle_dir = Path(bundle_dir if bundle_dir is not None else DEFAULT_BUNDLE).resolve()
         self.device = torch.device(device)
-        config_file = self.bundle_dir / CONFIG
-        weights_file = self.bundle_dir / WEIGHTS
-        if not self.bundle_dir.is_dir():
-            raise ModelError(f"CNN bundle folder not found: {self.bundle_dir}")
-        if not config_file.is_file():
-            raise ModelError(f"not a MONAI bundle (no {CONFIG}): {self.bundle_dir}")
-        if not weights_file.is_file():
-            raise ModelError(f"CNN bundle has no trained weights ({WEIGHTS}): {self.bundle_dir}")
+        config_file, weights_file = bundle.bundle_files(self.bundle_dir, "CNN")
         parser = self._parser(config_file, block_exponent)
         self.block_exponent = _check_exponent(parser["block_exponent"])
         parser["block_exponent"] = self.block_exponent
         budget = memory_budget_mb if memory_budget_mb is not None else parser.get(
             "memory_budget_mb", 512)
         self.memory_budget_mb = _check_budget(budget)
-        try:
-            network = parser.get_parsed_content("network_def", instantiate=True)
-        except Exception as error:  # any config/code problem of a foreign bundle
-            message = f"cannot build the network of bundle {self.bundle_dir}: {error}"
-            raise ModelError(message) from error
-        self.network = self._load_weights(network, weights_file).to(self.device).eval()
+        network = bundle.parsed(parser, "network_def", self.bundle_dir)
+        self.network = bundle.load_weights(network, weights_file, "CNN").to(self.device).eval()
 
     def _parser(self, config_file: Path, block_exponent: int | None):
-        from monai.bundle import ConfigParser
-
-        use_bundle_scripts(self.bundle_dir)
-        parser = ConfigParser()
-        try:
-            parser.read_config(str(config_file))
-        except Exception as error:
-            raise ModelError(f"cannot read bundle config {config_file}: {error}") from error
-        for key in ("network_def", "block_exponent"):
-            if key not in parser:
-                raise ModelError(f"bundle config {config_file} defines no '{key}'")
-        parser["bundle_root"] = str(self.bundle_dir)
-        if block_exponent is not None:
-            parser["block_exponent"] = _check_exponent(block_exponent)
-        return parser
-
-    def _load_weights(self, network: torch.nn.Module, weights_file: Path) -> torch.nn.Module:
-        try:
-            state = torch.load(weights_file, map_location="cpu", weights_only=True)
-        except Exception as error:
-            reason = _weights_error_reason(error)
-            raise ModelError(f"cannot read CNN weights {weights_file}: {reason}") from error
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
-        if not isinstance(state, dict):
-            raise ModelError(f"CNN weights {weights_file} are not a state dict")
-        try:
-            network.load_state_dict(state, strict=True)
-        except RuntimeError as error:
-            first = str(error).strip().splitlines()[0]
-            raise ModelError(
-                f"weights {weights_file} do not match the bundle's network ({first})"
-            ) from error
-        return network
+        required = ("network_def", "block_exponent")
+        overrides = {"block_exponent": None if block_exponent is None
+                     else _check_exponent(block_exponent)}
+        return bundle.read_config(self.bundle_dir, config_file, required, overrides)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Fuse ``(B, K, H, W)`` float sources in [0, 1] into ``(B, H, W)`` on the same device."""

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METHODS: tuple[str, ...] = ("cnn", "gff", "laplacian", "average", "max")
+METHODS: tuple[str, ...] = ("cnn", "sesf", "gff", "laplacian", "average", "max")
 AXES: tuple[str, ...] = ("axial", "coronal", "sagittal")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 # the CNN's block size exponent i (blocks of 2^i x 2^i pixels); "default": the bundle's
@@ -41,6 +41,7 @@ class FuseRequest:
     axis: str = "axial"
     device: str = "auto"
     batch_size: int = 0
+    decision_map: Path | None = None  # sesf: where the CLI writes its label volume
     extra_args: Sequence[str] = field(default_factory=tuple)
     register: str = "none"  # none | rigid | affine: align the others to the reference first
     transforms_dir: Path | None = None  # where the registration transforms are written
@@ -92,5 +93,7 @@ def build_fuse_command(request: FuseRequest, python: str | None = None) -> list[
         command += ["--register", request.register]
         if request.transforms_dir is not None:
             command += ["--save-transforms", str(request.transforms_dir)]
+    if request.decision_map is not None:
+        command += ["--save-decision-map", str(request.decision_map)]
     command += ["--progress", "json", *request.extra_args]
     return command

@@ -1,0 +1,241 @@
+"""The ``sesf`` method and its bundle: reconstruction training through ``monai.bundle``, fusion
+of real atlas pairs through the decision map, 3 sources, tiny slices, the CLI's decision map."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from PIL import Image
+
+from medfusion.engine import fuse_images
+from medfusion.errors import ModelError
+from medfusion.methods import get_method
+
+BUNDLE = Path(__file__).resolve().parents[2] / "sesf_bundle"
+CROP = 40
+CT_MRI = ("CT-MRI", ("MRI", "CT"), "2004.png")
+
+
+def _pair_paths(aanlib: Path, pair=CT_MRI) -> list[Path]:
+    folder, modalities, name = pair
+    return [aanlib / folder / modality / name for modality in modalities]
+
+
+def _gradient(image: np.ndarray) -> np.ndarray:
+    rows, cols = np.gradient(image.astype(np.float64))
+    return np.hypot(rows, cols)
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+@pytest.fixture(scope="module")
+def sesf():
+    """The shipped bundle's method, built once."""
+    return get_method("sesf", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ct_mri(aanlib: Path, sesf):
+    """A real CT-MRI atlas pair fused by sesf, with its decision map."""
+    return fuse_images(_pair_paths(aanlib), method=sesf, device="cpu", decision_map=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_aanlib(aanlib: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One training and one validation pair per pair type, 40x40 centre crops, atlas layout."""
+    root = tmp_path_factory.mktemp("tiny_aanlib_sesf")
+    spec = json.loads((aanlib / "splits.json").read_text())["pairs"]
+    pairs = {}
+    for pair, info in spec.items():
+        chosen = {"train": info["train"][20:21], "validation": info["validation"][3:4]}
+        for names in chosen.values():
+            for name in names:
+                for modality in info["modalities"]:
+                    out = root / pair / modality / name
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    with Image.open(aanlib / pair / modality / name) as img:
+                        top = (img.height - CROP) // 2
+                        left = (img.width - CROP) // 2
+                        img.crop((left, top, left + CROP, top + CROP)).save(out)
+        pairs[pair] = {"modalities": info["modalities"], **chosen}
+    (root / "splits.json").write_text(json.dumps({"pairs": pairs}))
+    return root
+
+
+def test_monai_bundle_run_training_one_epoch_writes_to_the_run_folder(
+    tiny_aanlib: Path, tmp_path: Path, repo_root: Path
+) -> None:
+    shipped = BUNDLE / "models" / "model.pt"
+    before = hashlib.sha256(shipped.read_bytes()).hexdigest()
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "monai.bundle", "run", "training",
+            "--config_file", "sesf_bundle/configs/train.json",
+            "--dataset_dir", str(tiny_aanlib), "--run_dir", str(run_dir), "--epochs", "1",
+            "--patch_size", "24", "--batch_size", "3", "--num_threads", "1"]
+    done = subprocess.run(args, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-2000:]
+    assert "Epoch[1] Complete" in log and "val_psnr" in log
+    saved = torch.load(run_dir / "models" / "model.pt", weights_only=True)
+    assert any(key.startswith("encoder.") for key in saved)
+    assert any(key.startswith("decoder.") for key in saved)
+    assert any((run_dir / "logs").glob("events.out.tfevents*"))
+    assert hashlib.sha256(shipped.read_bytes()).hexdigest() == before  # shipped weights kept
+
+
+def test_shipped_weights_reconstruct_sources(aanlib: Path, sesf) -> None:
+    """The shipped auto-encoder reproduces real validation slices (what its features encode)."""
+    from medfusion.engine import fuse_images as load  # same luminance the method sees
+
+    sources = load(_pair_paths(aanlib), method="average", device="cpu").sources
+    images = torch.from_numpy(sources)[:, None]
+    with torch.inference_mode():
+        recon = sesf.network(images).clamp(0, 1)
+    mse = torch.mean((recon - images) ** 2, dim=(1, 2, 3))
+    psnr = 10 * torch.log10(1.0 / mse)
+    assert float(psnr.min()) > 30.0
+    assert (BUNDLE / "models" / "model.pt").stat().st_size < 2_000_000
+
+
+def test_fused_real_pair_keeps_both_sources(ct_mri) -> None:
+    fused, (mri, ct) = ct_mri.luminance, ct_mri.sources
+    assert fused.shape == mri.shape and fused.dtype == np.float32
+    assert 0.0 <= fused.min() and fused.max() <= 1.0
+    assert _corr(fused, mri) > 0.35 and _corr(fused, ct) > 0.5
+    # edges of both sources survive: the fused gradient follows each source's gradient
+    grad = _gradient(fused)
+    assert _corr(grad, _gradient(mri)) > 0.3
+    assert _corr(grad, _gradient(ct)) > 0.5
+    # the bright CT bone mostly kept (better than an average, which would halve it)
+    bone = ct > 0.8
+    assert bone.sum() > 100 and np.mean(fused[bone]) > 0.6 > np.mean((ct + mri)[bone]) / 2
+
+
+def test_decision_map_values_and_shape(ct_mri, sesf) -> None:
+    labels = ct_mri.decision_map
+    assert labels.shape == ct_mri.luminance.shape and labels.dtype == np.uint8
+    counts = np.bincount(labels.ravel(), minlength=3)
+    assert counts[0] == 0 and counts[1] > 0 and counts[2] > 0 and len(counts) == 3
+    # consistency verification removed small regions: hardly any pixel lies in one
+    from scipy import ndimage
+
+    min_area = sesf.settings["min_region"] * labels.size
+    in_small = 0
+    for source in (1, 2):
+        regions, _ = ndimage.label(labels == source)
+        sizes = np.bincount(regions.ravel())
+        sizes[0] = labels.size  # background of this label: not a region
+        in_small += int((sizes[regions] < min_area).sum())
+    assert in_small < 0.005 * labels.size
+    # the soft weights are a partition of unity in [0, 1], and they drive the fusion
+    batch = torch.from_numpy(ct_mri.sources)[None]
+    fused, winners = sesf.fuse_with_decision(batch)
+    assert np.array_equal(winners[0].numpy(), labels)
+    np.testing.assert_allclose(fused[0].numpy(), ct_mri.luminance, atol=1e-6)
+
+
+def test_identical_sources_give_the_source(aanlib: Path, sesf) -> None:
+    mri = fuse_images(_pair_paths(aanlib), method="average", device="cpu").sources[0]
+    batch = torch.from_numpy(np.stack([mri, mri]))[None]
+    np.testing.assert_allclose(sesf(batch)[0].numpy(), mri, atol=1e-5)
+
+
+def test_three_sources(aanlib: Path, sesf) -> None:
+    mri, ct = fuse_images(_pair_paths(aanlib), method="average", device="cpu").sources
+    pet = fuse_images(_pair_paths(aanlib, ("PET-MRI", ("MRI", "PET"), "25020.png")),
+                      method="average", device="cpu").sources[1]
+    batch = torch.from_numpy(np.stack([mri, ct, pet]))[None]
+    fused, labels = sesf.fuse_with_decision(batch)
+    assert fused.shape == (1, *mri.shape) and labels.shape == (1, *mri.shape)
+    assert set(np.unique(labels.numpy())) <= {1, 2, 3}
+    assert len(np.unique(labels.numpy())) >= 2
+    assert 0.0 <= float(fused.min()) and float(fused.max()) <= 1.0
+    # the fused pixel is a convex mix of the sources (weights >= 0 summing to one)
+    low, high = batch.amin(dim=1), batch.amax(dim=1)
+    assert bool(((fused >= low - 1e-4) & (fused <= high + 1e-4)).all())
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1), (2, 2, 3, 5), (1, 3, 7, 2)])
+def test_tiny_slices_do_not_crash(sesf, shape) -> None:
+    batch = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    fused, labels = sesf.fuse_with_decision(batch)
+    assert fused.shape == (shape[0], *shape[2:]) and labels.shape == fused.shape
+    assert torch.isfinite(fused).all()
+
+
+def test_missing_bundle_names_the_classical_fallback(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="SESF bundle folder not found.*laplacian"):
+        get_method("sesf", bundle_dir=tmp_path / "nowhere")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medfusion", "fuse", *args, "--progress", "none"],
+                          cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_saves_decision_map_for_images(aanlib: Path, tmp_path: Path, repo_root) -> None:
+    mri, ct = _pair_paths(aanlib)
+    fused, labels = tmp_path / "fused.png", tmp_path / "decision.png"
+    done = _cli(str(mri), str(ct), "-o", str(fused), "--method", "sesf",
+                "--save-decision-map", str(labels), cwd=repo_root)
+    assert done.returncode == 0, done.stderr
+    decision = np.asarray(Image.open(labels))
+    assert decision.shape == np.asarray(Image.open(fused)).shape
+    assert set(np.unique(decision)) == {1, 2}
+
+
+def test_cli_refuses_decision_map_of_a_method_without_one(
+    aanlib: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from medfusion.cli import main
+
+    mri, ct = _pair_paths(aanlib)
+    code = main(["fuse", str(mri), str(ct), "-o", str(tmp_path / "g.png"), "--method", "gff",
+                 "--save-decision-map", str(tmp_path / "g_map.png"), "--progress", "none"])
+    error = capsys.readouterr().err
+    assert code == 1
+    assert "makes no decision map" in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "g_map.png").exists()
+
+
+def test_cli_saves_decision_map_volume_on_reference_grid(spm12: Path, tmp_path: Path,
+                                                         repo_root) -> None:
+    inputs = []
+    for name in ("T1", "PET"):
+        path = next(spm12.glob(f"{name}.nii*"))
+        small = sitk.ReadImage(str(path))[20:60, 30:70, 40:43]  # 3 axial slices
+        inputs.append(tmp_path / f"{name}.nii.gz")
+        sitk.WriteImage(small, str(inputs[-1]))
+    fused, labels = tmp_path / "fused.nrrd", tmp_path / "decision.nrrd"
+    done = _cli(*map(str, inputs), "-o", str(fused), "--method", "sesf",
+                "--save-decision-map", str(labels), cwd=repo_root)
+    assert done.returncode == 0, done.stderr
+    ref, out, lab = (sitk.ReadImage(str(p)) for p in (inputs[0], fused, labels))
+    assert lab.GetPixelID() == sitk.sitkUInt8
+    for image in (out, lab):
+        assert image.GetSize() == ref.GetSize()
+        np.testing.assert_allclose(image.GetOrigin(), ref.GetOrigin())
+        np.testing.assert_allclose(image.GetSpacing(), ref.GetSpacing())
+        np.testing.assert_allclose(image.GetDirection(), ref.GetDirection())
+    assert set(np.unique(sitk.GetArrayViewFromImage(lab))) <= {1, 2}
+
+
+def test_bundle_metadata_and_network_shapes() -> None:
+    from monai.bundle import verify_metadata, verify_net_in_out
+
+    from medfusion.methods.bundle import use_bundle_scripts
+
+    meta, config = BUNDLE / "configs" / "metadata.json", BUNDLE / "configs" / "inference.json"
+    verify_metadata(meta_file=str(meta), filepath=str(BUNDLE / "docs" / "metadata_schema.json"))
+    use_bundle_scripts(BUNDLE)
+    verify_net_in_out(net_id="network_def", meta_file=str(meta), config_file=str(config), n=4)

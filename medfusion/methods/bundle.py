@@ -1,0 +1,155 @@
+"""Load a MONAI bundle's network: the one loading path of every learned method (cnn, sesf).
+
+A bundle folder holds ``configs/inference.json`` (it defines ``network_def`` and whatever else a
+method reads, e.g. an ``inferer``) and ``models/model.pt``, a state dict. ``ConfigParser``
+builds the objects (the bundle's own ``scripts`` package made importable first) and the weights
+are read with ``torch.load(weights_only=True)``: no pickled code is ever run. Every problem
+becomes a one-line :class:`~medfusion.errors.ModelError` naming the method (``what``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medfusion.errors import InputError, ModelError
+
+CONFIG = Path("configs") / "inference.json"
+WEIGHTS = Path("models") / "model.pt"
+
+
+def use_bundle_scripts(bundle_dir: str | Path) -> None:
+    """Make ``import scripts`` resolve to this bundle's ``scripts/`` package.
+
+    Bundles all name their custom code package ``scripts``; a package of that name imported from
+    another bundle is dropped from ``sys.modules`` so the configs get this bundle's code.
+    """
+    bundle_dir = Path(bundle_dir).resolve()
+    loaded = sys.modules.get("scripts")
+    if loaded is not None:
+        origin = Path(getattr(loaded, "__file__", "") or "").resolve()
+        if bundle_dir not in origin.parents:
+            for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+                del sys.modules[name]
+    root = str(bundle_dir)
+    if root in sys.path:
+        sys.path.remove(root)
+    sys.path.insert(0, root)
+
+
+def check_block(block_size: Any, overlap: Any) -> tuple[int, float]:
+    """Sliding-window ``(block size, overlap)`` of a learned method, checked (InputError)."""
+    try:
+        block, lap = int(block_size), float(overlap)
+    except (TypeError, ValueError):
+        message = f"block size {block_size!r} / overlap {overlap!r} are not numbers"
+        raise InputError(message) from None
+    if block < 8:
+        raise InputError(f"block size must be at least 8 pixels, got {block}")
+    if not 0.0 <= lap < 1.0:
+        raise InputError(f"overlap must be in [0, 1), got {lap}")
+    return block, lap
+
+
+def bundle_files(bundle_dir: Path, what: str = "CNN") -> tuple[Path, Path]:
+    """``(config_file, weights_file)`` of ``bundle_dir``; ModelError when one is missing."""
+    config_file, weights_file = bundle_dir / CONFIG, bundle_dir / WEIGHTS
+    if not bundle_dir.is_dir():
+        raise ModelError(f"{what} bundle folder not found: {bundle_dir}")
+    if not config_file.is_file():
+        raise ModelError(f"not a MONAI bundle (no {CONFIG}): {bundle_dir}")
+    if not weights_file.is_file():
+        raise ModelError(f"{what} bundle has no trained weights ({WEIGHTS}): {bundle_dir}")
+    return config_file, weights_file
+
+
+def read_config(
+    bundle_dir: Path,
+    config_file: Path,
+    required: Iterable[str] = ("network_def",),
+    overrides: Mapping[str, Any] | None = None,
+):
+    """A ``ConfigParser`` of ``config_file`` with ``bundle_root`` and ``overrides`` set
+    (``None`` values are left as the bundle has them); ModelError for an unreadable config or
+    a missing ``required`` key."""
+    from monai.bundle import ConfigParser
+
+    use_bundle_scripts(bundle_dir)
+    parser = ConfigParser()
+    try:
+        parser.read_config(str(config_file))
+    except Exception as error:
+        raise ModelError(f"cannot read bundle config {config_file}: {error}") from error
+    for key in required:
+        if key not in parser:
+            raise ModelError(f"bundle config {config_file} defines no '{key}'")
+    parser["bundle_root"] = str(bundle_dir)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            parser[key] = value
+    return parser
+
+
+def parsed(parser, key: str, bundle_dir: Path) -> Any:
+    """Instantiate ``key`` of the config (e.g. ``network_def``, ``inferer``); ModelError on any
+    config or code problem of a foreign bundle."""
+    try:
+        return parser.get_parsed_content(key, instantiate=True)
+    except Exception as error:
+        message = f"cannot build the network of bundle {bundle_dir}: {error}"
+        raise ModelError(message) from error
+
+
+def weights_error_reason(error: Exception) -> str:
+    """One line saying why torch could not read the weights, without torch's multi-line advice
+    (which suggests ``weights_only=False``: MedFusion never unpickles arbitrary objects)."""
+    text = str(error).strip()
+    if "Weights only load failed" in text:
+        return "the file holds Python objects besides tensors, which MedFusion never unpickles"
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first[:200]
+
+
+def load_weights(
+    network: torch.nn.Module, weights_file: Path, what: str = "CNN"
+) -> torch.nn.Module:
+    """Load a state dict (bare or under ``"model"``, as MONAI's CheckpointSaver writes it)
+    strictly into ``network`` with ``torch.load(weights_only=True)``."""
+    try:
+        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = weights_error_reason(error)
+        raise ModelError(f"cannot read {what} weights {weights_file}: {reason}") from error
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{what} weights {weights_file} are not a state dict")
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise ModelError(
+            f"weights {weights_file} do not match the bundle's network ({first})"
+        ) from error
+    return network
+
+
+def load_network(
+    bundle_dir: str | Path,
+    device: str | torch.device = "cpu",
+    what: str = "CNN",
+    required: Iterable[str] = ("network_def",),
+    overrides: Mapping[str, Any] | None = None,
+):
+    """``(parser, network)``: the bundle's ``network_def`` with its trained weights, in eval
+    mode on ``device``; the parser lets the method read its other settings."""
+    bundle_dir = Path(bundle_dir).resolve()
+    config_file, weights_file = bundle_files(bundle_dir, what)
+    parser = read_config(bundle_dir, config_file, required, overrides)
+    network = parsed(parser, "network_def", bundle_dir)
+    network = load_weights(network, weights_file, what).to(torch.device(device)).eval()
+    return parser, network
