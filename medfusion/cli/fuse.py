@@ -66,8 +66,9 @@ def add_fusion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="cnn", choices=available_methods(),
                         help="fusion method (default: cnn, the MONAI bundle's network)")
     parser.add_argument("--bundle", metavar="DIR",
-                        help="MONAI bundle folder for --method cnn or sesf (default: the shipped one); "
-                        "its configs run Python code ($ expressions): use only trusted folders")
+                        help="MONAI bundle folder for --method cnn or sesf (default: the shipped "
+                        "one); its configs run Python code ($ expressions): use only trusted "
+                        "folders")
     parser.add_argument("--block-exponent", type=int, choices=range(0, 7), metavar="I",
                         help="CNN block size exponent i: decides on 2^i x 2^i pixel blocks, "
                              "0..6 (smaller: more precise, slower; default: the bundle's, 3)")
