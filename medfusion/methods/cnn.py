@@ -1,14 +1,20 @@
-"""The ``cnn`` fusion method: the MONAI bundle's network, loaded through ``monai.bundle``.
+"""The ``cnn`` fusion method: the MONAI bundle's network, loaded from the bundle's config.
 
 There is no second copy of the network here: the bundle's ``configs/inference.json`` defines
 ``network_def`` and ``inferer`` (a sliding window whose ``roi_size`` is the paper's block size
-``i``), ``ConfigParser`` builds them, and ``models/model.pt`` is read with
-``torch.load(weights_only=True)``. Every problem with the bundle becomes a one-line
-:class:`~medfusion.errors.ModelError`.
+``i``), and ``models/model.pt`` is read with ``torch.load(weights_only=True)``. When
+``network_def`` is plain (a ``_target_`` in the bundle's ``scripts`` package and literal
+arguments) it is built by importing that one class, which keeps start-up free of MONAI's import
+(seconds); any other config goes through ``monai.bundle.ConfigParser``, which also builds the
+``inferer`` when a slice needs the sliding window. The network then runs through
+:mod:`medfusion.methods.backend` (ONNX Runtime when installed, checked against torch). Every
+problem with the bundle becomes a one-line :class:`~medfusion.errors.ModelError`.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,11 +22,13 @@ from typing import Any
 import torch
 
 from medfusion.errors import InputError, ModelError
+from medfusion.methods import backend
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "monai_bundle"
 CONFIG = Path("configs") / "inference.json"
 WEIGHTS = Path("models") / "model.pt"
 MIN_SOURCES = 2
+REQUIRED_KEYS = ("network_def", "inferer", "block_size", "overlap")
 
 
 def use_bundle_scripts(bundle_dir: str | Path) -> None:
@@ -40,6 +48,45 @@ def use_bundle_scripts(bundle_dir: str | Path) -> None:
     if root in sys.path:
         sys.path.remove(root)
     sys.path.insert(0, root)
+
+
+def _is_literal(value: Any) -> bool:
+    """JSON literal without config syntax (``@`` references, ``$`` expressions, ``%`` macros,
+    nested ``_target_``/``_requires_``... keys) that ``ConfigParser`` would have to resolve."""
+    if isinstance(value, str):
+        return not value.startswith(("@", "$", "%"))
+    if isinstance(value, list):
+        return all(_is_literal(v) for v in value)
+    if isinstance(value, dict):
+        return all(not str(k).startswith("_") and _is_literal(v) for k, v in value.items())
+    return value is None or isinstance(value, (bool, int, float))
+
+
+def _plain_config(config_file: Path) -> dict[str, Any] | None:
+    """The config as a dict when its ``network_def``, ``block_size`` and ``overlap`` need no
+    ``ConfigParser`` (``_target_`` in the bundle's ``scripts`` package, literal arguments);
+    None otherwise (YAML, references, expressions, other targets: the full parser decides)."""
+    if config_file.suffix.lower() != ".json":
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the full parser gives the proper error
+    if not isinstance(config, dict) or any(key not in config for key in REQUIRED_KEYS):
+        return None
+    network_def = config["network_def"]
+    if not isinstance(network_def, dict):
+        return None
+    target = network_def.get("_target_")
+    if not isinstance(target, str) or not target.startswith("scripts."):
+        return None
+    arguments = {k: v for k, v in network_def.items() if k != "_target_"}
+    if not _is_literal(arguments):
+        return None
+    if not all(_is_literal(config[key]) and not isinstance(config[key], (dict, list))
+               for key in ("block_size", "overlap")):
+        return None
+    return config
 
 
 def _check_block(block_size: Any, overlap: Any) -> tuple[int, float]:
@@ -85,16 +132,51 @@ class CNNFusion:
             raise ModelError(f"not a MONAI bundle (no {CONFIG}): {self.bundle_dir}")
         if not weights_file.is_file():
             raise ModelError(f"CNN bundle has no trained weights ({WEIGHTS}): {self.bundle_dir}")
-        parser = self._parser(config_file, block_size, overlap)
-        self.block_size, self.overlap = _check_block(parser["block_size"], parser["overlap"])
-        parser["block_size"], parser["overlap"] = self.block_size, self.overlap
+        self._config_file = config_file
+        self._inferer: Any = None
+        plain = _plain_config(config_file)
+        if plain is not None:  # light path: import only the bundle's network class
+            chosen = {"block_size": block_size, "overlap": overlap}
+            self.block_size, self.overlap = _check_block(
+                *(plain[k] if chosen[k] is None else chosen[k] for k in chosen))
+            network = self._build_plain(plain["network_def"])
+        else:
+            parser = self._parser(config_file, block_size, overlap)
+            self.block_size, self.overlap = _check_block(parser["block_size"], parser["overlap"])
+            parser["block_size"], parser["overlap"] = self.block_size, self.overlap
+            network = self._parsed(parser, "network_def")
+            self._inferer = self._parsed(parser, "inferer")
+        self.module = self._load_weights(network, weights_file).to(self.device).eval()
+        # what __call__ runs: the module through the fastest checked backend (backend.py)
+        self.network = backend.accelerate(self.module, self.device)
+
+    @property
+    def inferer(self) -> Any:
+        """The bundle's sliding-window inferer, built through ``ConfigParser`` on first use."""
+        if self._inferer is None:
+            parser = self._parser(self._config_file, self.block_size, self.overlap)
+            self._inferer = self._parsed(parser, "inferer")
+        return self._inferer
+
+    def _parsed(self, parser: Any, key: str) -> Any:
         try:
-            network = parser.get_parsed_content("network_def", instantiate=True)
-            self.inferer = parser.get_parsed_content("inferer", instantiate=True)
+            return parser.get_parsed_content(key, instantiate=True)
         except Exception as error:  # any config/code problem of a foreign bundle
             message = f"cannot build the network of bundle {self.bundle_dir}: {error}"
             raise ModelError(message) from error
-        self.network = self._load_weights(network, weights_file).to(self.device).eval()
+
+    def _build_plain(self, network_def: dict) -> torch.nn.Module:
+        """Instantiate a plain ``network_def`` as ``ConfigParser`` would: import the
+        ``_target_`` from this bundle's ``scripts`` package, call it with the other keys."""
+        arguments = {k: v for k, v in network_def.items() if k != "_target_"}
+        module_name, _, class_name = network_def["_target_"].rpartition(".")
+        use_bundle_scripts(self.bundle_dir)
+        try:
+            factory = getattr(importlib.import_module(module_name), class_name)
+            return factory(**arguments)
+        except Exception as error:  # any config/code problem of a foreign bundle
+            message = f"cannot build the network of bundle {self.bundle_dir}: {error}"
+            raise ModelError(message) from error
 
     def _parser(self, config_file: Path, block_size: int | None, overlap: float | None):
         from monai.bundle import ConfigParser
@@ -105,7 +187,7 @@ class CNNFusion:
             parser.read_config(str(config_file))
         except Exception as error:
             raise ModelError(f"cannot read bundle config {config_file}: {error}") from error
-        for key in ("network_def", "inferer", "block_size", "overlap"):
+        for key in REQUIRED_KEYS:
             if key not in parser:
                 raise ModelError(f"bundle config {config_file} defines no '{key}'")
         parser["bundle_root"] = str(self.bundle_dir)
