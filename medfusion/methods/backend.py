@@ -281,7 +281,16 @@ class InferenceRunner:
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         if self._run is None:
             self.prepare()
-        return self._run(inputs)  # type: ignore[misc]
+        if self.backend == "torch":
+            return self.module(inputs)
+        try:
+            return self._run(inputs)  # type: ignore[misc]
+        except Exception as error:  # e.g. Inductor failing to recompile for a new shape
+            logger.warning("inference backend %s failed (%s: %s); using torch from now on",
+                           self.backend, type(error).__name__,
+                           (str(error).strip().splitlines() or [""])[0])
+            self._run, self.backend = self.module, "torch"
+            return self.module(inputs)
 
     def __repr__(self) -> str:
         return (f"InferenceRunner({type(self.module).__name__}, requested={self.requested}, "
