@@ -77,7 +77,13 @@ def main() -> None:
     parser.add_argument("--no-naive", action="store_true")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--slices", type=int, default=16)
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="leave glibc's allocator as it is (the CLI tunes it)")
     args = parser.parse_args()
+    if not args.no_malloc_tuning:
+        from medfusion.allocator import keep_freed_memory
+
+        keep_freed_memory()  # as the command line does
     a, b = _load(args.data)
     if args.size != a.shape[0]:
         from scipy.ndimage import zoom
@@ -87,7 +93,8 @@ def main() -> None:
         args.no_naive = True
     f = np.maximum(a, b)
     print(f"# metrics of one {a.shape[0]}x{a.shape[1]} CT-MRI pair (max fusion), "
-          f"minimum of {args.repeat} runs")
+          f"minimum of {args.repeat} runs, allocator tuning "
+          f"{'off' if args.no_malloc_tuning else 'on'}")
 
     naive = {
         "QABF": lambda: naive_qabf(a, b, f),

@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     User errors (:class:`MedFusionError`) print one line ``medfusion: error: ...`` on stderr and
     return 1; a cancel (Ctrl-C) returns 130. Anything else is a bug and keeps its traceback.
     """
+    from medfusion.allocator import keep_freed_memory
+
+    keep_freed_memory()  # large temporaries reuse freed memory: no page fault storm
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
