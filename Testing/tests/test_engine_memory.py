@@ -63,3 +63,14 @@ def test_a_bad_budget_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(engine.MEMORY_BUDGET_ENV, "lots")
     with pytest.raises(InputError, match="MEDFUSION_MEMORY_BUDGET_MB"):
         engine.memory_budget_bytes()
+
+
+def test_cnn_sliding_window_batches_fit_the_budget(monkeypatch):
+    """The bundle asks for 8 windows per network call; at block 256 with a 256 MB budget the
+    activations of 8 windows would not fit, so fewer go per call (same result, less memory)."""
+    method = get_method("cnn", block_size=256)
+    windows = method.inferer.sw_batch_size
+    assert 1 <= windows < 8
+    assert windows * 2 * 256 * 256 * method.bytes_per_source_pixel <= engine.memory_budget_bytes()
+    monkeypatch.setenv(engine.MEMORY_BUDGET_ENV, "100000")
+    assert get_method("cnn", block_size=256).inferer.sw_batch_size == 8

@@ -198,7 +198,22 @@ class CNNFusion:
             parser["block_size"] = block_size
         if overlap is not None:
             parser["overlap"] = overlap
+        if "sw_batch_size" in parser:
+            parser["sw_batch_size"] = self._windows_per_call(parser["block_size"],
+                                                             parser["sw_batch_size"])
         return parser
+
+    def _windows_per_call(self, block: Any, configured: Any) -> int:
+        """Sliding windows per network call: the bundle's ``sw_batch_size``, lowered so that
+        the activations of one call (two sources) fit the engine's memory budget."""
+        from medfusion.engine import memory_budget_bytes
+
+        try:
+            most, block = max(1, int(configured)), max(1, int(block))
+        except (TypeError, ValueError):
+            return configured  # an expression: ConfigParser resolves it
+        per_window = 2 * block * block * self.bytes_per_source_pixel
+        return max(1, min(most, int(memory_budget_bytes() // per_window)))
 
     def _load_weights(self, network: torch.nn.Module, weights_file: Path) -> torch.nn.Module:
         try:
