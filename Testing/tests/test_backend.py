@@ -215,3 +215,15 @@ def test_plain_config_loads_without_monai_and_other_configs_use_the_parser(tmp_p
     for (name, a), (_, b) in zip(parsed.module.state_dict().items(),
                                  get_method("cnn").module.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+@needs_ort
+def test_an_unwritable_cache_still_gives_the_fast_backend(network, atlas_batch, tmp_path,
+                                                          monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv(backend.CACHE_ENV, str(blocker / "cache"))
+    runner = backend.accelerate(network, "cpu", backend="onnxruntime")
+    assert runner.prepare() == "onnxruntime"
+    assert float((runner(atlas_batch) - _plain(network, atlas_batch)).abs().max()) <= \
+        backend.TOLERANCE

@@ -152,12 +152,13 @@ def export_onnx(module: torch.nn.Module) -> bytes:
     raise RuntimeError("; ".join(errors))
 
 
-def cached_onnx(module: torch.nn.Module, directory: Path | None = None) -> Path:
+def cached_onnx(module: torch.nn.Module, directory: Path | None = None) -> Path | bytes:
     """Path of the module's ONNX export in the cache, exporting it first when missing.
 
     A new export is checked against plain torch on the probe inputs before it is stored, so a
     cache entry (named by :func:`model_key` and the ONNX Runtime version) is a checked one and
-    loading it later costs no probe run.
+    loading it later costs no probe run. Where the cache cannot be written, the checked model
+    itself (bytes) is returned.
     """
     import onnxruntime
 
@@ -177,7 +178,11 @@ def cached_onnx(module: torch.nn.Module, directory: Path | None = None) -> Path:
         difference = _matches(_OnnxRuntimeNetwork(model, 1), module, torch.device("cpu"))
         if difference > TOLERANCE:
             raise RuntimeError(f"ONNX Runtime's outputs differ from torch by {difference:.2g}")
-        _atomic_write(path, model)
+        try:
+            _atomic_write(path, model)
+        except OSError as error:  # read-only home, full disk: use it now, export again later
+            logger.warning("cannot cache the ONNX export in %s (%s)", path.parent, error)
+            return model
     return path
 
 
