@@ -9,6 +9,12 @@ fused end to end with ``fuse_volumes``. Each case runs in a fresh subprocess so 
     python Testing/benchmarks/bench_engine.py                 # all classical methods, CPU (+cuda)
     python Testing/benchmarks/bench_engine.py --methods laplacian cnn --devices cpu
     python Testing/benchmarks/bench_engine.py --depth 60      # smaller volume, quick look
+    nice python Testing/benchmarks/bench_engine.py --cli-only --methods laplacian cnn
+
+The last table runs the real command line on the volume pair, ``medfusion fuse ct.nii pet.nii
+-o fused.nii --method M [--metrics per_slice.csv]`` (read, resample, fuse, write, and the
+per-slice metrics), under ``/usr/bin/time``: wall and CPU seconds and peak RSS against the
+memory target 1.5 x (inputs + output) + 300 MB.
 """
 
 from __future__ import annotations
@@ -154,6 +160,52 @@ def _child(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+def run_cli_volume(method: str, folder: Path, metrics: bool) -> dict:
+    """One ``medfusion fuse`` process on the volume pair under ``/usr/bin/time``."""
+    import os
+
+    output = folder / "fused.nii"
+    command = ["/usr/bin/time", "-f", "TIME %e %U %S %M", sys.executable, "-m", "medfusion",
+               "fuse", str(folder / "ct.nii"), str(folder / "pet.nii"), "-o", str(output),
+               "--method", method, "--progress", "none"]
+    if metrics:
+        command += ["--metrics", str(folder / "per_slice.csv")]
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1:])
+    line = [x for x in done.stderr.splitlines() if x.startswith("TIME ")][-1].split()
+    wall, user, system, peak_kb = (float(v) for v in line[1:])
+    output.unlink(missing_ok=True)
+    return {"wall_s": wall, "cpu_s": user + system, "rss_mb": peak_kb / 1024.0}
+
+
+def cli_table(methods: list[str], folder: Path, depth: int) -> None:
+    """Print the end-to-end command-line table for the volume pair in ``folder``."""
+    import SimpleITK as sitk
+
+    sizes = [sitk.ReadImage(str(folder / n)) for n in ("ct.nii", "pet.nii")]
+    input_mb = sum(sitk.GetArrayViewFromImage(i).nbytes for i in sizes) / 2**20
+    output_mb = 4 * sizes[0].GetNumberOfPixels() / 2**20
+    del sizes
+    limit = 1.5 * (input_mb + output_mb) + 300
+    print(f"\n# medfusion fuse, 512x512x{depth} pair end to end (inputs {input_mb:.0f} MB, "
+          f"output {output_mb:.0f} MB, RSS target {limit:.0f} MB)")
+    header = f"{'method':<11}{'metrics':<9}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}"
+    print(header)
+    print("-" * len(header))
+    for method in methods:
+        for metrics in (False, True):
+            try:
+                r = run_cli_volume(method, folder, metrics)
+            except RuntimeError as error:
+                print(f"{method:<11}{'yes' if metrics else 'no':<9} failed: {error}")
+                continue
+            print(f"{method:<11}{'yes' if metrics else 'no':<9}{r['wall_s']:>8.1f}"
+                  f"{r['cpu_s']:>8.1f}{r['rss_mb']:>13.0f}", flush=True)
+
+
 def _available_devices(requested: list[str]) -> list[str]:
     import torch
 
@@ -183,6 +235,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-volume", action="store_true")
+    parser.add_argument("--cli-only", action="store_true",
+                        help="only the end-to-end command-line table")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--device", help=argparse.SUPPRESS)
@@ -207,10 +261,11 @@ def main() -> None:
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
-        cases = ["256", "512"]
+        cases = [] if args.cli_only else ["256", "512"]
         if not args.skip_volume:
             make_volume_pair(folder, args.depth)
-            cases.append("volume")
+            if not args.cli_only:
+                cases.append("volume")
         for case in cases:
             for device in devices:
                 for method in methods:
@@ -235,6 +290,8 @@ def main() -> None:
                         notes += f" GPU peak {r['gpu_mb']:.0f} MB"
                     print(f"{name:<22}{method:<11}{device:<8}{r['s_per_slice']:>10.4f}"
                           f"{r['traced_mb']:>11.0f}{r['rss_mb']:>9.0f}  {notes}", flush=True)
+        if not args.skip_volume:
+            cli_table(methods, folder, args.depth)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1; usage errors exit 2; Ctrl-C returns 130 and SIGTERM 143, both after cleaning up.
     Anything else is a bug and keeps its traceback.
     """
+    from medfusion.allocator import keep_freed_memory
+
+    keep_freed_memory()  # large temporaries reuse freed memory: no page fault storm
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

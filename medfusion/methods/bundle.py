@@ -9,6 +9,8 @@ becomes a one-line :class:`~medfusion.errors.ModelError` naming the method (``wh
 
 from __future__ import annotations
 
+import importlib
+import json
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -92,6 +94,94 @@ def read_config(
         if value is not None:
             parser[key] = value
     return parser
+
+
+def _is_literal(value: Any) -> bool:
+    """JSON literal without config syntax (``@`` references, ``$`` expressions, ``%`` macros,
+    nested ``_target_``/``_requires_``... keys) that ``ConfigParser`` would have to resolve."""
+    if isinstance(value, str):
+        return not value.startswith(("@", "$", "%"))
+    if isinstance(value, list):
+        return all(_is_literal(v) for v in value)
+    if isinstance(value, dict):
+        return all(not str(k).startswith("_") and _is_literal(v) for k, v in value.items())
+    return value is None or isinstance(value, (bool, int, float))
+
+
+def _resolve_reference(value: Any, config: Mapping[str, Any]) -> Any:
+    """``"@key"`` naming a top-level key whose value is a plain scalar: that value (the one
+    reference form a plain config may use); anything else unchanged."""
+    if isinstance(value, str) and value.startswith("@") and "#" not in value:
+        target = config.get(value[1:], value)
+        if target is not value and _is_literal(target) and not isinstance(target, (dict, list)):
+            return target
+    return value
+
+
+def plain_config(
+    config_file: Path,
+    required: Iterable[str] = ("network_def",),
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """The config as a dict when building its ``network_def`` needs no ``ConfigParser``: a
+    ``_target_`` in the bundle's ``scripts`` package, literal arguments or ``@key`` references
+    to top-level scalars, and scalar ``required`` keys. ``overrides`` (``None``: keep) are applied
+    first and references resolved. None otherwise (YAML, expressions, other targets): the full
+    parser decides, and gives the proper error for a broken config."""
+    if config_file.suffix.lower() != ".json":
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or any(key not in config for key in required):
+        return None
+    config.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    network_def = config["network_def"]
+    if not isinstance(network_def, dict):
+        return None
+    target = network_def.get("_target_")
+    if not isinstance(target, str) or not target.startswith("scripts."):
+        return None
+    arguments = {k: _resolve_reference(v, config) for k, v in network_def.items()
+                 if k != "_target_"}
+    if not _is_literal(arguments):
+        return None
+    if not all(_is_literal(config[key]) and not isinstance(config[key], (dict, list))
+               for key in required if key != "network_def"):
+        return None
+    config["network_def"] = {"_target_": target, **arguments}
+    return config
+
+
+def build_plain_network(bundle_dir: Path, network_def: Mapping[str, Any]) -> torch.nn.Module:
+    """Instantiate a plain ``network_def`` as ``ConfigParser`` would: import the ``_target_``
+    from this bundle's ``scripts`` package and call it with the other keys."""
+    arguments = {k: v for k, v in network_def.items() if k != "_target_"}
+    module_name, _, class_name = str(network_def["_target_"]).rpartition(".")
+    use_bundle_scripts(bundle_dir)
+    try:
+        factory = getattr(importlib.import_module(module_name), class_name)
+        return factory(**arguments)
+    except Exception as error:  # any config/code problem of a foreign bundle
+        raise ModelError(f"cannot build the network of bundle {bundle_dir}: {error}") from error
+
+
+def build_network(
+    bundle_dir: Path,
+    config_file: Path,
+    required: Iterable[str] = ("network_def",),
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[Any, torch.nn.Module]:
+    """``(settings, network)`` without weights: the light path of :func:`plain_config` when it
+    applies, else ``ConfigParser`` (``settings`` is then the parser; both answer ``[key]`` and
+    ``.get(key, default)``)."""
+    required = tuple(required)
+    plain = plain_config(config_file, required, overrides)
+    if plain is not None:
+        return plain, build_plain_network(bundle_dir, plain["network_def"])
+    parser = read_config(bundle_dir, config_file, required, overrides)
+    return parser, parsed(parser, "network_def", bundle_dir)
 
 
 def parsed(parser, key: str, bundle_dir: Path) -> Any:

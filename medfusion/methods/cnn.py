@@ -1,11 +1,14 @@
-"""The ``cnn`` fusion method: the MONAI bundle's network, loaded through ``monai.bundle``.
+"""The ``cnn`` fusion method: the MONAI bundle's network, loaded from the bundle's config.
 
 There is no second copy of the network here: the bundle's ``configs/inference.json`` defines
 ``network_def`` (its ``block_exponent`` is the paper's block size ``i``: the network decides on
-blocks of ``2^i x 2^i`` pixels), ``ConfigParser`` builds it, and ``models/model.pt`` is read with
-``torch.load(weights_only=True)``. Memory is bounded by a separate *tile*: slices run whole, in
-batches, as long as the estimated working memory fits ``memory_budget_mb``; larger inputs run in
-row strips with a halo (the same result). Every problem with the bundle becomes a one-line
+blocks of ``2^i x 2^i`` pixels) and ``models/model.pt`` is read with
+``torch.load(weights_only=True)``. A plain config is built by importing the one network class
+(:func:`medfusion.methods.bundle.plain_config`: no MONAI import at start-up), any other through
+``monai.bundle.ConfigParser``. The network runs through :mod:`medfusion.methods.backend` (ONNX
+Runtime when installed, checked against torch). Memory is bounded by a separate *tile*: slices
+run whole, in batches, as long as the estimated working memory fits ``memory_budget_mb``; larger
+inputs run in row strips with a halo (the same result). Every problem with the bundle becomes a one-line
 :class:`~medfusion.errors.ModelError`.
 """
 
@@ -17,7 +20,7 @@ from typing import Any
 import torch
 
 from medfusion.errors import InputError, ModelError
-from medfusion.methods import bundle
+from medfusion.methods import backend, bundle
 from medfusion.methods.bundle import CONFIG, WEIGHTS, use_bundle_scripts  # noqa: F401 (public)
 from medfusion.resources import bundle_dir as shipped_bundle_dir
 
@@ -83,6 +86,8 @@ class CNNFusion:
     """
 
     name = "cnn"
+    # peak working memory per source pixel, read by the engine to size its method calls
+    bytes_per_source_pixel = BYTES_PER_SOURCE_PIXEL
 
     def __init__(
         self,
@@ -94,20 +99,17 @@ class CNNFusion:
         self.bundle_dir = Path(bundle_dir if bundle_dir is not None else DEFAULT_BUNDLE).resolve()
         self.device = torch.device(device)
         config_file, weights_file = bundle.bundle_files(self.bundle_dir, "CNN")
-        parser = self._parser(config_file, block_exponent)
-        self.block_exponent = _check_exponent(parser["block_exponent"])
-        parser["block_exponent"] = self.block_exponent
-        budget = memory_budget_mb if memory_budget_mb is not None else parser.get(
-            "memory_budget_mb", 512)
-        self.memory_budget_mb = _check_budget(budget)
-        network = bundle.parsed(parser, "network_def", self.bundle_dir)
-        self.network = bundle.load_weights(network, weights_file, "CNN").to(self.device).eval()
-
-    def _parser(self, config_file: Path, block_exponent: int | None):
         required = ("network_def", "block_exponent")
         overrides = {"block_exponent": None if block_exponent is None
                      else _check_exponent(block_exponent)}
-        return bundle.read_config(self.bundle_dir, config_file, required, overrides)
+        settings, network = bundle.build_network(self.bundle_dir, config_file, required, overrides)
+        self.block_exponent = _check_exponent(settings["block_exponent"])
+        budget = memory_budget_mb if memory_budget_mb is not None else settings.get(
+            "memory_budget_mb", 512)
+        self.memory_budget_mb = _check_budget(budget)
+        self.module = bundle.load_weights(network, weights_file, "CNN").to(self.device).eval()
+        # what __call__ runs: the module through the fastest checked backend (backend.py)
+        self.network = backend.accelerate(self.module, self.device)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Fuse ``(B, K, H, W)`` float sources in [0, 1] into ``(B, H, W)`` on the same device."""

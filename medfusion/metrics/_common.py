@@ -58,18 +58,43 @@ def shared(key: tuple, arrays: tuple[np.ndarray, ...], compute: Callable[[], np.
     return hit[0]
 
 
+_COLLECTED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "metrics_undefined", default=None)
+
+
+@contextlib.contextmanager
+def collect_undefined() -> Iterator[list[str]]:
+    """Within this block, "undefined" warnings of the metrics are appended to the yielded list
+    instead of being issued. Thread-safe, unlike ``warnings.catch_warnings`` (which swaps the
+    process-wide filters): ``volume_metrics`` counts them per slice in worker threads."""
+    collected: list[str] = []
+    token = _COLLECTED.set(collected)
+    try:
+        yield collected
+    finally:
+        _COLLECTED.reset(token)
+
+
+def warn_undefined(message: str, stacklevel: int = 3) -> None:
+    """Issue (or collect, see :func:`collect_undefined`) a :class:`MetricUndefinedWarning`."""
+    collected = _COLLECTED.get()
+    if collected is not None:
+        collected.append(message)
+    else:
+        warnings.warn(message, MetricUndefinedWarning, stacklevel=stacklevel + 1)
+
+
 def undefined(metric: str, reason: str) -> float:
     """Warn that ``metric`` is undefined for the given inputs and return NaN."""
-    warnings.warn(f"{metric} is undefined: {reason}; returning NaN", MetricUndefinedWarning,
-                  stacklevel=3)
+    warn_undefined(f"{metric} is undefined: {reason}; returning NaN")
     return float("nan")
 
 
 def too_small(metric: str, shape: tuple[int, ...], size: int) -> float:
     """NaN + warning for images smaller than the ``size x size`` window a metric needs (a slice
     of a thin volume is valid input; the metric just has no value there)."""
-    warnings.warn(f"{metric} is undefined: images of shape {shape} are smaller than its "
-                  f"{size}x{size} window; returning NaN", MetricUndefinedWarning, stacklevel=3)
+    warn_undefined(f"{metric} is undefined: images of shape {shape} are smaller than its "
+                   f"{size}x{size} window; returning NaN")
     return float("nan")
 
 

@@ -62,6 +62,9 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("pillow", "PIL", "10", "13.0.0"),
     Requirement("PyYAML", "yaml", "6", "6.0.3"),
     Requirement("tqdm", "tqdm", "4.60", "4.70.1"),
+    Requirement("onnxruntime", "onnxruntime", "1.17", "1.32.0"),
+    Requirement("onnx", "onnx", "1.16", "1.23.2"),
+    Requirement("onnxscript", "onnxscript", "0.2", "0.7.2"),
 )
 
 # pyproject dependencies that ``medfusion fuse`` does not need (PACS, reports, training).

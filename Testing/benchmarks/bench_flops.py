@@ -1,0 +1,98 @@
+"""The CNN against this CPU's compute limit (not a test): FLOPs, measured limit, time, ratio.
+
+- limit: a 64 -> 64 channel 3x3 convolution on a 256x256 map (torch, ``--threads`` threads), the
+  best FLOP rate this CPU reaches on a convolution;
+- the bundle's network on one 512x512 slice pair: FLOPs counted by
+  ``torch.utils.flop_counter`` (multiply-add = 2 FLOPs), seconds per backend
+  (:mod:`medfusion.methods.backend`), and the ratio of that time to FLOPs / limit;
+- the default ``cnn`` method (what ``medfusion fuse`` runs, block size and overlap of the bundle)
+  on the same slice.
+
+Times are the minimum of ``--repeat`` calls after a warm-up (the CPU may be shared: the minimum
+is the least disturbed run), wall clock and process CPU time.
+
+    nice python Testing/benchmarks/bench_flops.py [--threads 2] [--repeat 5] [--size 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+
+def _best(func, repeat: int) -> tuple[float, float]:
+    func()
+    wall, cpu = [], []
+    for _ in range(repeat):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        func()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return min(wall), min(cpu)
+
+
+def conv_limit(repeat: int) -> float:
+    """FLOP/s of a 64->64 3x3 convolution on (1, 64, 256, 256), float32."""
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).eval()
+    x = torch.rand(1, 64, 256, 256)
+    flops = 2 * 64 * 64 * 9 * 256 * 256
+    with torch.inference_mode():
+        wall, _ = _best(lambda: conv(x), repeat)
+    return flops / wall
+
+
+def network_flops(module: torch.nn.Module, batch: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(batch)
+    return int(counter.get_total_flops())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--size", type=int, default=512)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from medfusion.methods import backend, get_method
+
+    os.environ.pop(backend.BACKEND_ENV, None)
+    method = get_method("cnn", device="cpu")
+    module = method.module
+    batch = torch.rand(1, 2, args.size, args.size)
+    limit = conv_limit(args.repeat)
+    flops = network_flops(module, batch)
+    ideal = flops / limit
+    print(f"# CNN vs compute limit: torch {torch.__version__}, {args.threads} threads, "
+          f"{args.size}x{args.size} pair, network {type(module).__name__}")
+    print(f"measured limit (64->64 3x3 conv): {limit / 1e9:.1f} GFLOP/s")
+    print(f"network FLOPs per slice pair: {flops / 1e9:.2f} GFLOP "
+          f"(ideal time at the limit {ideal * 1e3:.1f} ms)")
+    header = f"{'what':<34}{'wall ms':>9}{'cpu ms':>9}{'GFLOP/s':>9}{'x limit':>9}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for name in ("torch", "onnxruntime"):
+        if name == "onnxruntime" and not backend.onnxruntime_available():
+            continue
+        runner = backend.accelerate(module, "cpu", backend=name)
+        used = runner.prepare()
+        with torch.inference_mode():
+            rows.append((f"network, backend {used}", *_best(lambda r=runner: r(batch),
+                                                            args.repeat)))
+    default = get_method("cnn", device="cpu")
+    label = f"default cnn method ({default.network.prepare()}, block {default.block_size})"
+    rows.append((label, *_best(lambda: default(batch), args.repeat)))
+    for label, wall, cpu in rows:
+        print(f"{label:<34}{wall * 1e3:>9.1f}{cpu * 1e3:>9.1f}{flops / wall / 1e9:>9.1f}"
+              f"{wall / ideal:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()

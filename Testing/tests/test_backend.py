@@ -1,0 +1,229 @@
+"""Inference backends (medfusion.methods.backend): each forced backend gives plain torch's output
+on a real atlas pair, ``auto`` picks ONNX Runtime when installed, exports are cached by the
+weights' hash, and a backend that cannot serve a network falls back to torch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medfusion.errors import InputError
+from medfusion.methods import backend, get_method
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+needs_ort = pytest.mark.skipif(not backend.onnxruntime_available(),
+                               reason="onnxruntime is not installed")
+
+
+def _luminance(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def atlas_batch(aanlib: Path) -> torch.Tensor:
+    """A real SPECT-MRI pair and a PET-MRI pair, cropped to odd sizes: (2, 2, 250, 246)."""
+    planes = []
+    for pair, name in (("PET-MRI", "25020.png"), ("SPECT-MRI", None)):
+        folder = aanlib / pair
+        name = name or sorted(p.name for p in (folder / "MRI").glob("*.png"))[0]
+        modalities = ("MRI", "PET") if pair == "PET-MRI" else ("MRI", "SPECT")
+        planes.append(np.stack([_luminance(folder / m / name)[3:253, 5:251]
+                                for m in modalities]))
+    return torch.from_numpy(np.stack(planes))
+
+
+@pytest.fixture(scope="module")
+def network() -> torch.nn.Module:
+    """The shipped bundle's network, loaded by the cnn method (the bundle is its definition)."""
+    return get_method("cnn").module
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache folder for this module's tests (an export takes seconds)."""
+    return tmp_path_factory.mktemp("backend-cache")
+
+
+@pytest.fixture
+def cache(shared_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(backend.CACHE_ENV, str(shared_cache))
+    return shared_cache
+
+
+def _plain(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return module(batch)
+
+
+@needs_ort
+def test_onnxruntime_matches_torch_on_a_real_pair_and_caches_the_export(
+        network, atlas_batch, cache, monkeypatch):
+    runner = backend.accelerate(network, "cpu", backend="onnxruntime")
+    assert runner.prepare() == "onnxruntime"
+    fused = runner(atlas_batch)
+    assert fused.shape == (2, 1, 250, 246) and fused.dtype == torch.float32
+    assert float((fused - _plain(network, atlas_batch)).abs().max()) <= backend.TOLERANCE
+    # other batch sizes, source counts and sizes through the same exported model
+    three = torch.cat([atlas_batch[:1], atlas_batch[1:, :1]], dim=1)[:, :, :120, :97]
+    assert float((runner(three) - _plain(network, three)).abs().max()) <= backend.TOLERANCE
+    exported = list(cache.glob(f"*{backend.model_key(network)}*.onnx"))
+    assert len(exported) == 1
+    assert not list(cache.glob(".tmp-*"))  # written atomically: no temporary left
+
+    # a second load reads the cache: exporting again would fail here
+    def no_export(module):
+        raise AssertionError("exported twice")
+
+    monkeypatch.setattr(backend, "export_onnx", no_export)
+    again = backend.accelerate(network, "cpu", backend="onnxruntime")
+    assert again.prepare() == "onnxruntime"
+    assert torch.equal(again(atlas_batch), fused)
+
+
+@needs_ort
+def test_a_backend_failing_at_run_time_falls_back_to_torch(network, atlas_batch, cache):
+    runner = backend.accelerate(network, "cpu", backend="onnxruntime")
+    assert runner.prepare() == "onnxruntime"
+    runner._run.session = None  # the session is gone: running it raises
+    fused = runner(atlas_batch)
+    assert runner.backend == "torch"
+    assert torch.equal(fused, _plain(network, atlas_batch))
+
+
+def test_torch_backend_is_the_module_itself(network, atlas_batch):
+    runner = backend.accelerate(network, "cpu", backend="torch")
+    assert runner.prepare() == "torch"
+    assert torch.equal(runner(atlas_batch), _plain(network, atlas_batch))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MEDFUSION_TEST_COMPILE") != "1",
+                    reason="torch.compile takes minutes on a 2-core CPU: MEDFUSION_TEST_COMPILE=1")
+def test_compile_matches_torch_on_a_real_pair(network, atlas_batch):
+    """Forced torch.compile: same output as torch (or, where Inductor cannot build or
+    recompile, the runner's fallback to torch: same output too)."""
+    runner = backend.accelerate(network, "cpu", backend="compile")
+    name = runner.prepare()
+    if name != "compile":  # no working C++ toolchain: the fallback must then be plain torch
+        assert name == "torch"
+    with torch.inference_mode():
+        fused = runner(atlas_batch)
+    assert float((fused - _plain(network, atlas_batch)).abs().max()) <= backend.TOLERANCE
+
+
+def test_auto_prefers_onnxruntime_on_cpu(network, cache, monkeypatch):
+    monkeypatch.delenv(backend.BACKEND_ENV, raising=False)
+    runner = backend.accelerate(network, "cpu")
+    assert runner.requested == "auto"
+    expected = "onnxruntime" if backend.onnxruntime_available() else "torch"
+    assert runner.prepare() == expected
+
+
+def test_environment_forces_a_backend_and_rejects_unknown_names(network, monkeypatch):
+    monkeypatch.setenv(backend.BACKEND_ENV, "torch")
+    assert backend.accelerate(network).prepare() == "torch"
+    method = get_method("cnn")
+    assert method.network.prepare() == "torch"
+    monkeypatch.setenv(backend.BACKEND_ENV, "tensorrt")
+    with pytest.raises(InputError, match="unknown inference backend"):
+        backend.accelerate(network)
+
+
+def test_weights_change_the_cache_key(network):
+    other = type(network)()
+    other.load_state_dict(network.state_dict())
+    assert backend.model_key(other) == backend.model_key(network)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    assert backend.model_key(other) != backend.model_key(network)
+
+
+@torch.library.custom_op("medfusion_test::host_square", mutates_args=())
+def _host_square(x: torch.Tensor) -> torch.Tensor:
+    """An operator of this test only: no ONNX exporter has a translation for it."""
+    return torch.from_numpy(np.ascontiguousarray(x.detach().cpu().numpy() ** 2))
+
+
+@_host_square.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class _CustomOpNetwork(torch.nn.Module):
+    """A network that ONNX cannot serve: its forward calls an operator ONNX does not know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _host_square(x[:, :1]) * self.scale
+
+
+@needs_ort
+def test_a_network_onnx_cannot_serve_falls_back_to_torch(cache):
+    module = _CustomOpNetwork().eval()
+    runner = backend.accelerate(module, "cpu", backend="onnxruntime")
+    assert runner.prepare() == "torch"
+    batch = torch.rand(2, 2, 32, 32)
+    assert torch.equal(runner(batch), _plain(module, batch))
+    assert not list(cache.glob(f"*{backend.model_key(module)}*"))  # nothing unchecked cached
+
+
+@needs_ort
+def test_cnn_method_outputs_agree_across_backends(atlas_batch, cache, monkeypatch):
+    """The whole method (sliding window included) through ONNX Runtime and through torch."""
+    monkeypatch.setenv(backend.BACKEND_ENV, "onnxruntime")
+    fast = get_method("cnn", block_size=128, overlap=0.25)
+    monkeypatch.setenv(backend.BACKEND_ENV, "torch")
+    plain = get_method("cnn", block_size=128, overlap=0.25)
+    fused_fast, fused_plain = fast(atlas_batch), plain(atlas_batch)
+    assert fast.network.backend == "onnxruntime" and plain.network.backend == "torch"
+    assert float((fused_fast - fused_plain).abs().max()) <= backend.TOLERANCE
+
+
+def test_plain_config_loads_without_monai_and_other_configs_use_the_parser(tmp_path):
+    """The light loader reads the same network_def as ConfigParser; a config with references
+    goes through ConfigParser and gives the same network."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from medfusion.methods import get_method; m = get_method('cnn'); "
+            "print(type(m.module).__name__, 'monai' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["FusionNet", "False"]
+
+    shipped = Path(get_method("cnn").bundle_dir)
+    copy = tmp_path / "bundle"
+    for part in ("configs", "scripts", "models"):
+        shutil.copytree(shipped / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    config = copy / "configs" / "inference.json"
+    text = config.read_text()
+    assert '"features": 12' in text
+    config.write_text(text.replace('"features": 12', '"features": "$6 * 2"'))
+    parsed = get_method("cnn", bundle_dir=copy)
+    assert parsed.module.encoder[0][0].out_channels == 12
+    for (name, a), (_, b) in zip(parsed.module.state_dict().items(),
+                                 get_method("cnn").module.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@needs_ort
+def test_an_unwritable_cache_still_gives_the_fast_backend(network, atlas_batch, tmp_path,
+                                                          monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv(backend.CACHE_ENV, str(blocker / "cache"))
+    runner = backend.accelerate(network, "cpu", backend="onnxruntime")
+    assert runner.prepare() == "onnxruntime"
+    assert float((runner(atlas_batch) - _plain(network, atlas_batch)).abs().max()) <= \
+        backend.TOLERANCE

@@ -1,0 +1,76 @@
+"""The engine bounds a method's working set: calls get as many slices as the memory budget
+allows (``MEDFUSION_MEMORY_BUDGET_MB`` and the method's ``bytes_per_source_pixel``), with the
+same fused volume as one call per batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medfusion import engine
+from medfusion.errors import InputError
+from medfusion.methods import get_method
+
+
+class _Recording:
+    """The classical ``max`` method, declaring a large working set and recording its calls."""
+
+    name = "max"
+
+    def __init__(self, bytes_per_source_pixel: float) -> None:
+        self.inner = get_method("max")
+        self.bytes_per_source_pixel = bytes_per_source_pixel
+        self.calls: list[int] = []
+
+    def __call__(self, batch):
+        self.calls.append(int(batch.shape[0]))
+        return self.inner(batch)
+
+
+def _volumes(depth: int = 20, size: int = 64) -> tuple[sitk.Image, sitk.Image]:
+    rng = np.random.default_rng(1)
+    a = rng.random((depth, size, size), dtype=np.float32)
+    b = rng.random((depth, size, size), dtype=np.float32)
+    return sitk.GetImageFromArray(a), sitk.GetImageFromArray(b)
+
+
+def test_calls_fit_the_memory_budget_and_give_the_same_volume(monkeypatch):
+    reference, other = _volumes()
+    whole = sitk.GetArrayFromImage(engine.fuse_volumes(
+        reference, [other], method="max", batch_size=16, device="cpu", normalisation="none"))
+    # 1 MB budget, 64 B per source pixel: 2 sources x 64 x 64 x 64 B = 0.5 MB per slice
+    monkeypatch.setenv(engine.MEMORY_BUDGET_ENV, "1")
+    method = _Recording(64.0)
+    assert engine.slices_per_call(method, 2, 64, 64) == 2
+    split = sitk.GetArrayFromImage(engine.fuse_volumes(
+        reference, [other], method=method, batch_size=16, device="cpu", normalisation="none"))
+    assert method.calls and max(method.calls) == 2 and sum(method.calls) == 20
+    np.testing.assert_array_equal(split, whole)
+
+
+def test_a_slice_larger_than_the_budget_still_goes_through_alone(monkeypatch):
+    monkeypatch.setenv(engine.MEMORY_BUDGET_ENV, "1")
+    assert engine.slices_per_call(_Recording(1e6), 2, 512, 512) == 1
+
+
+def test_the_cnn_declares_its_working_set():
+    assert get_method("cnn").bytes_per_source_pixel > 64
+    assert engine.slices_per_call(get_method("cnn"), 2, 512, 512) >= 1
+
+
+def test_a_bad_budget_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(engine.MEMORY_BUDGET_ENV, "lots")
+    with pytest.raises(InputError, match="MEDFUSION_MEMORY_BUDGET_MB"):
+        engine.memory_budget_bytes()
+
+
+def test_cnn_sliding_window_batches_fit_the_budget(monkeypatch):
+    """The bundle asks for 8 windows per network call; at block 256 with a 256 MB budget the
+    activations of 8 windows would not fit, so fewer go per call (same result, less memory)."""
+    method = get_method("cnn", block_size=256)
+    windows = method.inferer.sw_batch_size
+    assert 1 <= windows < 8
+    assert windows * 2 * 256 * 256 * method.bytes_per_source_pixel <= engine.memory_budget_bytes()
+    monkeypatch.setenv(engine.MEMORY_BUDGET_ENV, "100000")
+    assert get_method("cnn", block_size=256).inferer.sw_batch_size == 8
