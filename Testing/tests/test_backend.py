@@ -92,7 +92,7 @@ def test_onnxruntime_matches_torch_on_a_real_pair_and_caches_the_export(
 def test_a_backend_failing_at_run_time_falls_back_to_torch(network, atlas_batch, cache):
     runner = backend.accelerate(network, "cpu", backend="onnxruntime")
     assert runner.prepare() == "onnxruntime"
-    runner._run.session = None  # the session is gone: running it raises
+    runner._run.run.session = None  # the session is gone: running it raises
     fused = runner(atlas_batch)
     assert runner.backend == "torch"
     assert torch.equal(fused, _plain(network, atlas_batch))
@@ -137,10 +137,13 @@ def test_environment_forces_a_backend_and_rejects_unknown_names(network, monkeyp
         backend.accelerate(network)
 
 
-def test_weights_change_the_cache_key(network):
-    other = type(network)()
+def test_weights_and_settings_change_the_cache_key(network):
+    other = type(network)(block_exponent=network.block_exponent)
     other.load_state_dict(network.state_dict())
     assert backend.model_key(other) == backend.model_key(network)
+    coarser = type(network)(block_exponent=network.block_exponent + 1)
+    coarser.load_state_dict(network.state_dict())  # same weights, another traced graph
+    assert backend.model_key(coarser) != backend.model_key(network)
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
     assert backend.model_key(other) != backend.model_key(network)
@@ -180,14 +183,19 @@ def test_a_network_onnx_cannot_serve_falls_back_to_torch(cache):
 
 @needs_ort
 def test_cnn_method_outputs_agree_across_backends(atlas_batch, cache, monkeypatch):
-    """The whole method (sliding window included) through ONNX Runtime and through torch."""
-    monkeypatch.setenv(backend.BACKEND_ENV, "onnxruntime")
-    fast = get_method("cnn", block_size=128, overlap=0.25)
-    monkeypatch.setenv(backend.BACKEND_ENV, "torch")
-    plain = get_method("cnn", block_size=128, overlap=0.25)
-    fused_fast, fused_plain = fast(atlas_batch), plain(atlas_batch)
-    assert fast.network.backend == "onnxruntime" and plain.network.backend == "torch"
-    assert float((fused_fast - fused_plain).abs().max()) <= backend.TOLERANCE
+    """The whole method through ONNX Runtime and through torch, at two block exponents, on
+    slices whose sizes are no multiple of the block (the network pads them itself in torch; the
+    exported graph gets them padded by the runner)."""
+    for exponent in (2, 4):
+        monkeypatch.setenv(backend.BACKEND_ENV, "onnxruntime")
+        fast = get_method("cnn", block_exponent=exponent)
+        monkeypatch.setenv(backend.BACKEND_ENV, "torch")
+        plain = get_method("cnn", block_exponent=exponent)
+        for batch in (atlas_batch, atlas_batch[:, :, :91, :109], atlas_batch[:1, :, :3, :200]):
+            fused_fast, fused_plain = fast(batch), plain(batch)
+            assert fast.network.backend == "onnxruntime" and plain.network.backend == "torch"
+            assert fused_fast.shape == fused_plain.shape == (batch.shape[0], *batch.shape[2:])
+            assert float((fused_fast - fused_plain).abs().max()) <= backend.TOLERANCE
 
 
 def test_plain_config_loads_without_monai_and_other_configs_use_the_parser(tmp_path):
@@ -208,10 +216,10 @@ def test_plain_config_loads_without_monai_and_other_configs_use_the_parser(tmp_p
         shutil.copytree(shipped / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
     config = copy / "configs" / "inference.json"
     text = config.read_text()
-    assert '"features": 12' in text
-    config.write_text(text.replace('"features": 12', '"features": "$6 * 2"'))
+    assert '"features": 24' in text
+    config.write_text(text.replace('"features": 24', '"features": "$12 * 2"'))
     parsed = get_method("cnn", bundle_dir=copy)
-    assert parsed.module.encoder[0][0].out_channels == 12
+    assert parsed.module.encoder[0].out_channels == 24
     for (name, a), (_, b) in zip(parsed.module.state_dict().items(),
                                  get_method("cnn").module.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

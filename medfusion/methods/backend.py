@@ -45,10 +45,36 @@ BACKEND_ENV = "MEDFUSION_BACKEND"
 CACHE_ENV = "MEDFUSION_CACHE_DIR"
 TOLERANCE = 1e-4
 # bumped when the way models are exported changes, so that old cache entries are not reused
-EXPORT_FORMAT = 1
-# (batch, sources, height, width) inputs on which a backend is compared with plain torch; sizes
-# are multiples of 16 so that networks that fold pixels into channels accept them
-PROBE_SHAPES = ((1, 2, 64, 64), (2, 3, 48, 80))
+EXPORT_FORMAT = 2
+# (batch, sources, height, width) inputs on which a backend is compared with plain torch; the
+# last is no multiple of any block, so the padding to ``input_multiple`` is checked too
+PROBE_SHAPES = ((1, 2, 64, 64), (2, 3, 48, 80), (1, 2, 37, 53))
+
+
+def input_multiple(module: torch.nn.Module) -> int:
+    """The multiple of the input's height and width that a traced graph of ``module`` needs.
+
+    A network that pads odd sizes in Python (``if h % block: pad``) is traced on one shape, so its
+    exported graph only holds for sizes whose padding is the same (none): such a network declares
+    ``input_multiple`` and every backend but torch gets inputs replicate-padded to it (the same
+    padding the network does itself), the output cropped back.
+    """
+    return max(1, int(getattr(module, "input_multiple", 1)))
+
+
+class _PaddedRun:
+    """Call ``run`` on inputs replicate-padded to a multiple of ``multiple``; crop the output."""
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], multiple: int) -> None:
+        self.run, self.multiple = run, multiple
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        height, width = inputs.shape[-2:]
+        pad_h, pad_w = (-height) % self.multiple, (-width) % self.multiple
+        if pad_h or pad_w:
+            inputs = torch.nn.functional.pad(inputs, (0, pad_w, 0, pad_h), mode="replicate")
+        output = self.run(inputs)
+        return output[..., :height, :width] if pad_h or pad_w else output
 
 
 def requested_backend(backend: str | None = None) -> str:
@@ -186,7 +212,8 @@ def cached_onnx(module: torch.nn.Module, directory: Path | None = None) -> Path 
         finally:
             for q, level in zip(quiet, levels, strict=True):
                 q.setLevel(level)
-        difference = _matches(_OnnxRuntimeNetwork(model, 1), module, torch.device("cpu"))
+        difference = _matches(_PaddedRun(_OnnxRuntimeNetwork(model, 1), input_multiple(module)),
+                              module, torch.device("cpu"))
         if difference > TOLERANCE:
             raise RuntimeError(f"ONNX Runtime's outputs differ from torch by {difference:.2g}")
         try:
@@ -262,10 +289,12 @@ class InferenceRunner:
         if name == "onnxruntime":
             if self.device.type != "cpu":
                 raise RuntimeError("the ONNX Runtime backend runs on CPU only")
-            return _OnnxRuntimeNetwork(cached_onnx(self.module, self.cache),
-                                       torch.get_num_threads())
+            session = _OnnxRuntimeNetwork(cached_onnx(self.module, self.cache),
+                                          torch.get_num_threads())
+            return _PaddedRun(session, input_multiple(self.module))
         if name == "compile":
-            return torch.compile(self.module, dynamic=True)
+            return _PaddedRun(torch.compile(self.module, dynamic=True),
+                              input_multiple(self.module))
         return self.module
 
     def prepare(self) -> str:

@@ -68,6 +68,15 @@ class FusionNet(nn.Module):
         with torch.no_grad():
             self.head[-1].bias.copy_(torch.tensor([0.0, -2.0]))
 
+    @property
+    def input_multiple(self) -> int:
+        """Height and width multiple that needs no padding (inputs of other sizes are
+        replicate-padded to it inside ``forward``; an exported graph needs it done outside)."""
+        return max(1 << self.block_exponent, self.base_pool)
+
+    def extra_repr(self) -> str:
+        return f"block_exponent={self.block_exponent}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the fused image ``(B, 1, H, W)`` in [0, 1]."""
         if x.dim() != 4 or x.shape[1] < self.min_sources:
