@@ -110,7 +110,8 @@ def _settings(module: torch.nn.Module) -> str:
     parts = []
     for name, child in module.named_modules():
         for key, value in sorted(vars(child).items()):
-            if not key.startswith("_") and isinstance(value, (bool, int, float, str)):
+            if (not key.startswith("_") and key != "training"
+                    and isinstance(value, (bool, int, float, str))):
                 parts.append(f"{name}.{key}={value!r}")
     return ";".join(parts)
 

@@ -8,8 +8,8 @@ blocks of ``2^i x 2^i`` pixels) and ``models/model.pt`` is read with
 ``monai.bundle.ConfigParser``. The network runs through :mod:`medfusion.methods.backend` (ONNX
 Runtime when installed, checked against torch). Memory is bounded by a separate *tile*: slices
 run whole, in batches, as long as the estimated working memory fits ``memory_budget_mb``; larger
-inputs run in row strips with a halo (the same result). Every problem with the bundle becomes a one-line
-:class:`~medfusion.errors.ModelError`.
+inputs run in row strips with a halo (the same result). Every problem with the bundle becomes a
+one-line :class:`~medfusion.errors.ModelError`.
 """
 
 from __future__ import annotations
