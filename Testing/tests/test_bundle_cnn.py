@@ -64,7 +64,7 @@ def test_block_exponent_is_an_option_and_checked(pet_mri: torch.Tensor) -> None:
     default = get_method("cnn")
     assert default.block_exponent == 3  # the bundle's inference.json
     fused = {i: get_method("cnn", block_exponent=i)(pet_mri) for i in range(5)}
-    assert get_method("cnn", block_exponent=1).network.block_exponent == 1
+    assert get_method("cnn", block_exponent=1).module.block_exponent == 1
     for i in range(4):
         # one set of weights: neighbouring block sizes fuse alike, but not identically
         difference = float((fused[i] - fused[i + 1]).abs().mean())
