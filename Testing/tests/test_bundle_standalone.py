@@ -189,11 +189,21 @@ def test_evaluation_without_medfusion(bundle_env, bundle, tiny_atlas, tmp_path):
     assert 0.0 < float(scores["val_ssim"]) <= 1.0
 
 
-def test_training_writes_a_run_folder_not_the_shipped_weights(bundle_env, bundle, tiny_atlas):
+def test_training_writes_a_run_folder_not_the_shipped_weights(bundle_env, bundle, tiny_atlas,
+                                                              tmp_path):
     shipped = bundle / "models" / "model.pt"
     before = hashlib.sha256(shipped.read_bytes()).hexdigest()
+    # The supervised targets come from MedFusion's fusion rules: built where MedFusion is
+    # installed (this interpreter), then read by the bundle alone through --target_dir.
+    targets = tmp_path / "targets"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from scripts.targets import "
+            "build_targets; build_targets(sys.argv[2], sys.argv[3])")
+    subprocess.run([sys.executable, "-c", code, str(bundle), str(tiny_atlas), str(targets)],
+                   check=True, capture_output=True, timeout=300)
+    assert (targets / "targets.json").is_file()
     done = run_bundle(bundle_env, bundle, "training", "--config_file", "configs/train.json",
-                      "--dataset_dir", str(tiny_atlas), "--run_name", "test-run", "--epochs", "1",
+                      "--dataset_dir", str(tiny_atlas), "--target_dir", str(targets),
+                      "--run_name", "test-run", "--epochs", "1",
                       "--block_exponent", "2", "--patch_size", "32", "--patches_per_image", "2",
                       "--batch_size", "2",
                       "--num_threads", "1")

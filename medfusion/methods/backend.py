@@ -6,8 +6,8 @@ dynamic) and returns an :class:`InferenceRunner`, a callable with the module's s
 
 - ``onnxruntime``: the module exported to ONNX and run by ONNX Runtime (CPU); on this project's
   CPU it runs the fusion network in a fifth to a third of plain torch's time. The export
-  (under a second) happens once per network: it is checked against plain torch and cached in the user cache
-  folder (``MEDFUSION_CACHE_DIR``, else ``$XDG_CACHE_HOME/medfusion``, else
+  (under a second) happens once per network: it is checked against plain torch and cached in
+  the user cache folder (``MEDFUSION_CACHE_DIR``, else ``$XDG_CACHE_HOME/medfusion``, else
   ``~/.cache/medfusion``) under a key hashed from the module's weights, its class and ``repr``,
   the source of the file that defines it, and the torch and ONNX Runtime versions. The bundle's
   ``network_def`` and weights stay the one definition of the network: the ONNX file is derived

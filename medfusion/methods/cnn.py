@@ -41,9 +41,10 @@ def pad_to_network_minimum(batch: torch.Tensor) -> tuple[torch.Tensor, tuple[int
 
 
 MAX_BLOCK_EXPONENT = 6
-# working memory of the network per source pixel (float32 maps alive at the peak) and the halo
-# of a row strip in blocks (the block CNN's receptive field plus the bilinear upsampling)
-BYTES_PER_SOURCE_PIXEL = 4 * 12
+# working memory of the network per source pixel (float32 maps alive at the peak; measured
+# 46-56 B with torch on 512^2 and 1024^2 batches, see Testing/tests/test_engine_memory.py) and
+# the halo of a row strip in blocks (the block CNN's receptive field plus the upsampling)
+BYTES_PER_SOURCE_PIXEL = 4 * 14
 HALO_BLOCKS = 8
 
 

@@ -60,7 +60,13 @@ def _max_base_detail_sum(batch: torch.Tensor, radius: int = 4) -> torch.Tensor:
 
 def candidate_fusions(batch: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every candidate rule's fusion of ``(1, K, H, W)`` sources in [0, 1] -> ``{name: (H, W)}``."""
-    from medfusion.methods import get_method
+    try:
+        from medfusion.methods import get_method
+    except ModuleNotFoundError as error:  # the bundle used on its own, without MedFusion
+        raise RuntimeError(
+            "building the supervised targets needs MedFusion's fusion rules (pip install "
+            "medfusion); without it, pass --target_dir with targets built elsewhere, or train "
+            "without the supervised term (--supervised False)") from error
 
     out = {name: get_method(name)(batch)[0] for name in ("average", "max", "laplacian", "gff")}
     out["laplacian_maxbase"] = _pyramid_fusion(batch, "max")[0]
