@@ -87,7 +87,7 @@ def main() -> None:
             rows.append((f"network, backend {used}", *_best(lambda r=runner: r(batch),
                                                             args.repeat)))
     default = get_method("cnn", device="cpu")
-    label = f"default cnn method ({default.network.prepare()}, block {default.block_size})"
+    label = f"default cnn method ({default.network.prepare()}, i = {default.block_exponent})"
     rows.append((label, *_best(lambda: default(batch), args.repeat)))
     for label, wall, cpu in rows:
         print(f"{label:<34}{wall * 1e3:>9.1f}{cpu * 1e3:>9.1f}{flops / wall / 1e9:>9.1f}"

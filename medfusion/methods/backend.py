@@ -17,8 +17,10 @@ dynamic) and returns an :class:`InferenceRunner`, a callable with the module's s
 - ``torch``: the module itself.
 
 ``MEDFUSION_BACKEND=auto|onnxruntime|compile|torch`` (or the ``backend`` argument) chooses;
-``auto`` (default) takes ONNX Runtime on CPU when it is installed and plain torch otherwise (on
-CUDA too: the CPU wheel of ONNX Runtime has no GPU provider). A backend is checked against plain
+``auto`` (default) takes ONNX Runtime on CPU when it is installed *and* it runs a 384² probe
+faster than plain torch on this machine (timed once per loaded network: which one wins depends on
+the network and on the load), and plain torch otherwise (on CUDA too: the CPU wheel of ONNX
+Runtime has no GPU provider). A backend is checked against plain
 torch on two probe inputs (max abs difference ``TOLERANCE``; ONNX Runtime once, before its export
 is cached); one that fails to build, to run or to match falls back to plain torch with a log
 message, so inference never fails for the backend's sake.
@@ -237,6 +239,9 @@ class _OnnxRuntimeNetwork:
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # no busy-waiting between runs: spinning ORT threads would steal the cores from the
+        # rest of the pipeline (and from torch, when the two are compared)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(
             model if isinstance(model, bytes) else str(model), options,
             providers=["CPUExecutionProvider"])
@@ -262,6 +267,39 @@ def _matches(candidate: Callable, module: torch.nn.Module, device: torch.device)
                                    f"{tuple(expected.shape)}")
             worst = max(worst, float((got.float() - expected.float()).abs().max()))
     return worst
+
+
+TIMING_SHAPE = (1, 2, 384, 384)
+TIMING_RUNS = 3
+
+
+def _best_time(run: Callable[[torch.Tensor], torch.Tensor], probe: torch.Tensor) -> float:
+    import time
+
+    best = float("inf")
+    with torch.inference_mode():
+        run(probe)  # warm-up (allocations, first-call set-up)
+        for _ in range(TIMING_RUNS):
+            start = time.perf_counter()
+            run(probe)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _pays(candidate: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module,
+          device: torch.device) -> bool:
+    """True when ``candidate`` runs a 384² pair faster than plain torch here and now.
+
+    Which backend is faster depends on the network and the machine (on this project's 2-core CPU
+    ONNX Runtime is 3-5x faster than torch while other processes compete for the cores, and about
+    2x slower on an idle machine for the block-exponent FusionNet), so ``auto`` measures instead
+    of guessing: a few tens of milliseconds, once per loaded network.
+    """
+    probe = torch.rand(*TIMING_SHAPE, generator=torch.Generator().manual_seed(0)).to(device)
+    fast, plain = _best_time(candidate, probe), _best_time(module, probe)
+    logger.debug("backend timing on %s: candidate %.4f s, torch %.4f s", TIMING_SHAPE, fast,
+                 plain)
+    return fast < plain
 
 
 class InferenceRunner:
@@ -315,6 +353,8 @@ class InferenceRunner:
                         difference = _matches(run, self.module, self.device)
                         if difference > TOLERANCE:
                             raise RuntimeError(f"outputs differ from torch by {difference:.2g}")
+                    if self.requested == "auto" and not _pays(run, self.module, self.device):
+                        raise RuntimeError("slower than torch on this machine")
                 except Exception as error:  # never fail inference for the backend's sake
                     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
                     level = logging.WARNING if self.requested != "auto" else logging.INFO
