@@ -129,10 +129,14 @@ def test_auto_takes_onnxruntime_only_where_it_pays(network, cache, monkeypatch):
         assert isinstance(backend._pays(session._run, network, torch.device("cpu")), bool)
     for pays, expected in ((True, "onnxruntime"), (False, "torch")):
         monkeypatch.setattr(backend, "_pays", lambda run, module, device, pays=pays: pays)
+        monkeypatch.setattr(backend, "_AUTO_CHOICES", {})
         runner = backend.accelerate(network, "cpu")
         assert runner.requested == "auto"
         chosen = expected if backend.onnxruntime_available() else "torch"
         assert runner.prepare() == chosen
+        # the choice holds for the process: another runner of the same network is not re-timed
+        monkeypatch.setattr(backend, "_pays", lambda *args, pays=pays: not pays)
+        assert backend.accelerate(network, "cpu").prepare() == chosen
 
 
 def test_environment_forces_a_backend_and_rejects_unknown_names(network, monkeypatch):

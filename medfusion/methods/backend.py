@@ -302,6 +302,11 @@ def _pays(candidate: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Mo
     return fast < plain
 
 
+# what ``auto`` chose per network and device in this process: one network, one backend (so two
+# method objects of the same bundle fuse bit-identically)
+_AUTO_CHOICES: dict[str, str] = {}
+
+
 class InferenceRunner:
     """Callable running ``module`` through a backend; ``backend`` names the one in use.
 
@@ -322,9 +327,15 @@ class InferenceRunner:
     def _candidates(self) -> list[str]:
         if self.requested != "auto":
             return [self.requested] if self.requested == "torch" else [self.requested, "torch"]
+        chosen = _AUTO_CHOICES.get(self._choice_key())
+        if chosen is not None:  # the same network keeps one backend for the whole process
+            return [chosen] if chosen == "torch" else [chosen, "torch"]
         if self.device.type == "cpu" and onnxruntime_available():
             return ["onnxruntime", "torch"]
         return ["torch"]
+
+    def _choice_key(self) -> str:
+        return f"{model_key(self.module)}:{self.device}"
 
     def _build(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         if name == "onnxruntime":
@@ -353,7 +364,8 @@ class InferenceRunner:
                         difference = _matches(run, self.module, self.device)
                         if difference > TOLERANCE:
                             raise RuntimeError(f"outputs differ from torch by {difference:.2g}")
-                    if self.requested == "auto" and not _pays(run, self.module, self.device):
+                    if (self.requested == "auto" and self._choice_key() not in _AUTO_CHOICES
+                            and not _pays(run, self.module, self.device)):
                         raise RuntimeError("slower than torch on this machine")
                 except Exception as error:  # never fail inference for the backend's sake
                     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -363,6 +375,8 @@ class InferenceRunner:
                     continue
                 self._run, self.backend = run, name
                 break
+            if self.requested == "auto":
+                _AUTO_CHOICES[self._choice_key()] = self.backend  # type: ignore[assignment]
             logger.debug("inference backend: %s", self.backend)
             return self.backend  # type: ignore[return-value]
 
