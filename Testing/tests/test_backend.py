@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from medfusion import color
 from medfusion.errors import InputError
 from medfusion.methods import backend, get_method
 
@@ -24,7 +25,7 @@ needs_ort = pytest.mark.skipif(not backend.onnxruntime_available(),
 def _luminance(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return color.luminance(rgb)  # the project's BT.601 Y, not a second copy of its weights
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from medfusion import color
 from medfusion.errors import InputError, ModelError
 from medfusion.methods import get_method
 
@@ -19,7 +20,7 @@ BUNDLE = Path(__file__).resolve().parents[2] / "monai_bundle"
 def _luminance(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return color.luminance(rgb)  # the project's BT.601 Y, not a second copy of its weights
 
 
 @pytest.fixture(scope="module")
