@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO / "sesf_bundle"))
 from scripts.datalist import build_groups, subsample  # noqa: E402
 
 from medfusion.engine import fuse_images, luminance_for_scoring  # noqa: E402
-from medfusion.metrics import compute_metrics  # noqa: E402
 from medfusion.methods import get_method  # noqa: E402
+from medfusion.metrics import compute_metrics  # noqa: E402
 
 
 def main() -> None:
