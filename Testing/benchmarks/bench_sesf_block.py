@@ -33,12 +33,13 @@ from medfusion.metrics import compute_metrics  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    data = os.environ.get("MEDFUSION_DATA", str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--dataset_dir", default=os.path.join(data, "aanlib"))
-    parser.add_argument("--exponents", default="0,1,2,3,4")
     parser.add_argument("--limit", type=int, default=12, help="validation pairs scored")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--exponents", default="0,1,2,3,4", help="block exponents i")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--dataset_dir", help="atlas folder (default: $MEDFUSION_DATA/aanlib)")
     args = parser.parse_args()
+    data = Path(os.environ.get("MEDFUSION_DATA", REPO.parent / "shared" / "data"))
+    args.dataset_dir = args.dataset_dir or str(data / "aanlib")
     torch.set_num_threads(args.threads)
     exponents = [int(e) for e in args.exponents.split(",")]
     methods = {i: get_method("sesf", block_exponent=i) for i in exponents}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from packaging_envs import copy_bundle_alone
 from PIL import Image
 
 from medfusion.engine import fuse_images
@@ -88,10 +88,7 @@ NO_MEDFUSION = ("import runpy, sys; sys.modules['medfusion'] = None; "
 @pytest.fixture(scope="module")
 def lone_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sesf bundle folder copied alone (what a user downloads), without caches or runs."""
-    target = tmp_path_factory.mktemp("elsewhere") / "sesf_bundle"
-    shutil.copytree(BUNDLE, target, ignore=shutil.ignore_patterns(
-        "__pycache__", "*.pyc", "eval", "runs", "logs"))
-    return target
+    return copy_bundle_alone(BUNDLE, tmp_path_factory.mktemp("elsewhere") / "sesf_bundle")
 
 
 def _run_alone(bundle: Path, *args: str) -> subprocess.CompletedProcess:
