@@ -75,6 +75,23 @@ def test_the_cnn_declares_its_working_set():
     assert engine.slices_per_call(get_method("cnn"), 2, 512, 512) >= 1
 
 
+def test_sesf_declares_its_working_set():
+    """The same check for the sesf encoder and decision (fresh process, a 512^2 pair)."""
+    import subprocess
+    import sys
+
+    declared = get_method("sesf").bytes_per_source_pixel
+    code = ("import resource, torch; from medfusion.methods import get_method; "
+            "m = get_method('sesf'); m(torch.rand(1, 2, 32, 32)); x = torch.rand(1, 2, 512, 512); "
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "with torch.inference_mode(): m(x)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)")
+    peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True, timeout=300).stdout.split()[-1])
+    assert peak <= 1.25 * declared * 2 * 512 * 512
+    assert engine.slices_per_call(get_method("sesf"), 2, 512, 512) >= 1
+
+
 def test_a_bad_budget_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(engine.MEMORY_BUDGET_ENV, "lots")
     with pytest.raises(InputError, match="MEDFUSION_MEMORY_BUDGET_MB"):

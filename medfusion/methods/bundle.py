@@ -1,7 +1,7 @@
 """Load a MONAI bundle's network: the one loading path of every learned method (cnn, sesf).
 
 A bundle folder holds ``configs/inference.json`` (it defines ``network_def`` and whatever else a
-method reads, e.g. an ``inferer``) and ``models/model.pt``, a state dict. ``ConfigParser``
+method reads, e.g. ``block_exponent``) and ``models/model.pt``, a state dict. ``ConfigParser``
 builds the objects (the bundle's own ``scripts`` package made importable first) and the weights
 are read with ``torch.load(weights_only=True)``: no pickled code is ever run. Every problem
 becomes a one-line :class:`~medfusion.errors.ModelError` naming the method (``what``).
