@@ -99,7 +99,7 @@ class FuseVolumesParameterNode:
 
     referenceVolume: the volume whose grid (origin, spacing, direction) the result keeps.
     otherVolume1..3: the volumes fused with it (at least one).
-    method: the bundle's CNN or a classical method for comparison.
+    method: the bundle's CNN, sesf (decision map) or a classical method for comparison.
     bundleFolder: a MONAI bundle folder; empty means the bundle shipped with MedFusion.
     blockExponent: the block size exponent i of cnn and sesf (2^i x 2^i pixel blocks) or
         "default" (the bundle's).
