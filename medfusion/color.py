@@ -8,27 +8,9 @@ same colour output as the core; this module loads that one file, so nothing is w
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from medfusion.resources import bundle_dir, load_bundle_script
 
-from medfusion.resources import bundle_dir
-
-_NAME = "medfusion._bundle_colour"
-
-
-def _load():
-    if _NAME in sys.modules:
-        return sys.modules[_NAME]
-    spec = importlib.util.spec_from_file_location(_NAME, bundle_dir() / "scripts" / "colour.py")
-    if spec is None or spec.loader is None:  # pragma: no cover - broken installation
-        raise ImportError(f"the shipped bundle has no scripts/colour.py ({bundle_dir()})")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_NAME] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_colour = _load()
+_colour = load_bundle_script(bundle_dir(), "scripts/colour.py", "medfusion._bundle_colour")
 is_colour = _colour.is_colour
 rgb_to_ycbcr = _colour.rgb_to_ycbcr
 ycbcr_to_rgb = _colour.ycbcr_to_rgb

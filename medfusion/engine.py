@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,11 @@ from medfusion import color, geometry, intensity
 from medfusion.errors import CancelledError, GeometryError, InputError, OutputError
 from medfusion.io import input_kind
 from medfusion.methods import FusionMethod, get_method, resolve_device
+from medfusion.methods.tiling import (  # noqa: F401 (public: the one budget)
+    DEFAULT_MEMORY_BUDGET_MB,
+    MEMORY_BUDGET_ENV,
+    memory_budget_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +40,7 @@ ProgressCallback = Callable[[int, int], None]
 BatchCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
 CancelFlag = Callable[[], bool] | threading.Event | None
 
-MEMORY_BUDGET_ENV = "MEDFUSION_MEMORY_BUDGET_MB"
-DEFAULT_MEMORY_BUDGET_MB = 256.0
+# the one memory budget of a method call, read in medfusion.methods.tiling (re-exported here)
 # peak working memory of a classical method per source pixel (float32 copies and pyramids)
 DEFAULT_BYTES_PER_SOURCE_PIXEL = 64.0
 
@@ -107,22 +110,13 @@ def check_decision_method(fuse: FusionMethod) -> None:
                          "use --method sesf to save one")
 
 
-def memory_budget_bytes() -> int:
-    """Memory one method call may use for its working set (``MEDFUSION_MEMORY_BUDGET_MB``)."""
-    text = os.environ.get(MEMORY_BUDGET_ENV)
-    try:
-        megabytes = float(text) if text else DEFAULT_MEMORY_BUDGET_MB
-    except ValueError:
-        raise InputError(f"{MEMORY_BUDGET_ENV} must be a number of MB, got {text!r}") from None
-    return int(max(1.0, megabytes) * 2**20)
-
-
 def slices_per_call(fuse: FusionMethod, sources: int, height: int, width: int) -> int:
     """How many slices one method call gets so that its working set fits the memory budget.
 
     A method may declare ``bytes_per_source_pixel`` (its peak working memory per input pixel
     of one source, e.g. the CNN's activations); the default is that of the classical methods.
-    At least one slice per call (a slice larger than the budget is the method's to tile).
+    At least one slice per call (a slice larger than the budget is the method's to tile, with
+    the same budget: :mod:`medfusion.methods.tiling`).
     """
     per_pixel = float(getattr(fuse, "bytes_per_source_pixel", DEFAULT_BYTES_PER_SOURCE_PIXEL))
     per_slice = max(1.0, per_pixel * sources * height * width)

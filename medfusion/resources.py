@@ -10,8 +10,11 @@ the wheel build copies the files in. Code asks here, never walks up from its own
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from importlib import resources
 from pathlib import Path
+from types import ModuleType
 
 BUNDLE_RESOURCE = "bundle"
 SESF_BUNDLE_RESOURCE = "sesf_bundle"
@@ -36,3 +39,23 @@ def sesf_bundle_dir() -> Path:
 def demo_dir() -> Path:
     """The folder of the demo sample (``mri.png``, ``pet.png``, ``NOTICE.md``)."""
     return _package_data(DEMO_RESOURCE)
+
+
+def load_bundle_script(folder: Path, relative: str, name: str) -> ModuleType:
+    """Import one file of a shipped bundle's ``scripts`` (e.g. the cnn bundle's ``colour.py``)
+    as module ``name``, once per process: the core uses the bundle's single copy of code that
+    the bundle needs on its own too. The file must import nothing of the bundle or the core."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = folder / relative
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None or not path.is_file():  # broken installation
+        raise ImportError(f"the shipped bundle has no {relative} ({folder})")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

@@ -24,6 +24,7 @@ from FuseVolumesLib import (
     AXES,
     BLOCK_EXPONENTS,
     DEVICES,
+    LEARNED_METHODS,
     METHODS,
     REQUIREMENTS,
     FuseRequest,
@@ -98,9 +99,10 @@ class FuseVolumesParameterNode:
 
     referenceVolume: the volume whose grid (origin, spacing, direction) the result keeps.
     otherVolume1..3: the volumes fused with it (at least one).
-    method: the bundle's CNN or a classical method for comparison.
+    method: the bundle's CNN, sesf (decision map) or a classical method for comparison.
     bundleFolder: a MONAI bundle folder; empty means the bundle shipped with MedFusion.
-    blockExponent: the CNN's block size exponent i (2^i x 2^i pixel blocks) or "default".
+    blockExponent: the block size exponent i of cnn and sesf (2^i x 2^i pixel blocks) or
+        "default" (the bundle's).
     batchSize: 0 means the core's default.
     device: auto (GPU when available), cpu or cuda.
     outputVolume, metricsTable: where the results go (created when empty).
@@ -238,9 +240,9 @@ class FuseVolumesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportDicomButton.enabled = bool(node.outputVolume and node.referenceVolume)
 
     def _updateModelWidgets(self, index=None) -> None:
-        isCnn = self.ui.methodComboBox.currentText == "cnn"
-        self.ui.bundlePathLineEdit.enabled = isCnn
-        self.ui.blockExponentComboBox.enabled = isCnn
+        method = self.ui.methodComboBox.currentText
+        self.ui.bundlePathLineEdit.enabled = method == "cnn"  # a cnn bundle folder
+        self.ui.blockExponentComboBox.enabled = method in LEARNED_METHODS  # cnn and sesf
 
     def onBundlePathChanged(self, path: str) -> None:
         if self._parameterNode is not None and self._parameterNode.bundleFolder != path:

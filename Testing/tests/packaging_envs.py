@@ -141,6 +141,14 @@ def fresh_env(root: Path, *requirements: str, layers: Sequence[PythonEnv] = ()) 
     return env
 
 
+def copy_bundle_alone(bundle: Path, target: Path) -> Path:
+    """``bundle`` copied alone to ``target`` (what a user downloads), without caches or the
+    local ``runs``/``eval``/``logs`` folders; returns ``target``."""
+    shutil.copytree(bundle, target, ignore=shutil.ignore_patterns(
+        "__pycache__", "*.pyc", "eval", "runs", "logs"))
+    return target
+
+
 def assert_cannot_import_medfusion(env: PythonEnv, cwd: Path) -> None:
     """The environment really has no ``medfusion`` (nor this checkout) on its path."""
     done = env.run(["-c", "import importlib.util, sys; "

@@ -19,7 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from packaging_envs import PythonEnv, assert_cannot_import_medfusion, fresh_env, package_layer
+from packaging_envs import (
+    PythonEnv,
+    assert_cannot_import_medfusion,
+    copy_bundle_alone,
+    fresh_env,
+    package_layer,
+)
 from PIL import Image
 
 pytestmark = pytest.mark.slow  # fresh environments and real installs: minutes
@@ -49,10 +55,7 @@ def bundle_env(tmp_path_factory: pytest.TempPathFactory) -> PythonEnv:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundle folder copied alone (what a user downloads), without local runs or caches."""
-    target = tmp_path_factory.mktemp("elsewhere") / "medfusion_cnn_bundle"
-    shutil.copytree(BUNDLE, target, ignore=shutil.ignore_patterns(
-        "__pycache__", "eval", "runs", "logs", "*.pyc"))
-    return target
+    return copy_bundle_alone(BUNDLE, tmp_path_factory.mktemp("elsewhere") / "medfusion_cnn_bundle")
 
 
 def run_bundle(env: PythonEnv, bundle: Path, *args: str, timeout: float = 600):

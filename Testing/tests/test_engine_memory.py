@@ -56,23 +56,34 @@ def test_a_slice_larger_than_the_budget_still_goes_through_alone(monkeypatch):
     assert engine.slices_per_call(_Recording(1e6), 2, 512, 512) == 1
 
 
-def test_the_cnn_declares_its_working_set():
-    """The declared bytes per source pixel cover the network's real peak (measured in a fresh
-    process, plain torch: the largest working set of the backends)."""
+def _peak_growth(network: str, shape: tuple[int, ...]) -> int:
+    """Bytes the peak RSS of a fresh process grows by while ``network`` (code naming a built
+    method's network, warmed up on a small input) runs one ``torch.rand(shape)`` batch; plain
+    torch (the largest working set of the backends)."""
     import subprocess
     import sys
 
-    declared = get_method("cnn").bytes_per_source_pixel
     code = ("import resource, torch; from medfusion.methods import get_method; "
-            "m = get_method('cnn').module; x = torch.rand(4, 2, 512, 512); "
+            f"m = {network}; m(torch.rand(1, 2, 32, 32)); x = torch.rand{shape}; "
             "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "with torch.inference_mode(): m(x)\n"
             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)")
-    peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              check=True, env={**os.environ, "MEDFUSION_BACKEND": "torch"},
-                              timeout=300).stdout.split()[-1])
-    assert peak <= 1.25 * declared * 4 * 2 * 512 * 512
-    assert engine.slices_per_call(get_method("cnn"), 2, 512, 512) >= 1
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, env={**os.environ, "MEDFUSION_BACKEND": "torch"},
+                          timeout=300)
+    return int(done.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("name, network, shape", [
+    ("cnn", "get_method('cnn').module", (4, 2, 512, 512)),
+    ("sesf", "get_method('sesf')", (1, 2, 512, 512)),  # encoder and decision
+])
+def test_a_learned_method_declares_its_working_set(name, network, shape):
+    """The declared bytes per source pixel cover the method's real peak (fresh process)."""
+    declared = get_method(name).bytes_per_source_pixel
+    batch, sources, height, width = shape
+    assert _peak_growth(network, shape) <= 1.25 * declared * batch * sources * height * width
+    assert engine.slices_per_call(get_method(name), sources, height, width) >= 1
 
 
 def test_a_bad_budget_is_a_clear_error(monkeypatch):

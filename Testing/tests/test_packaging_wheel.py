@@ -83,7 +83,7 @@ def test_wheel_carries_the_bundle_and_the_demo_sample(wheel: Path):
                         "scripts/colour.py", "models/model.pt", "docs/README.md", "LICENSE"):
         assert f"medfusion/bundle/{bundle_file}" in names, bundle_file
     for bundle_file in ("configs/inference.json", "configs/metadata.json", "scripts/network.py",
-                        "models/model.pt", "docs/README.md", "LICENSE"):
+                        "scripts/fusion.py", "models/model.pt", "docs/README.md", "LICENSE"):
         assert f"medfusion/sesf_bundle/{bundle_file}" in names, bundle_file
     assert {"medfusion/demo/mri.png", "medfusion/demo/pet.png",
             "medfusion/demo/NOTICE.md"} <= names

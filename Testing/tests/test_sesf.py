@@ -1,23 +1,28 @@
-"""The ``sesf`` method and its bundle: reconstruction training through ``monai.bundle``, fusion
-of real atlas pairs through the decision map, 3 sources, tiny slices, the CLI's decision map."""
+"""The ``sesf`` method and its bundle: the bundle alone (without medfusion) trains through
+``monai.bundle`` and fuses as the core does; fusion of real atlas pairs through the decision
+map, the block exponent, row strips, 3 sources, tiny slices, the CLI's decision map."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from packaging_envs import copy_bundle_alone
 from PIL import Image
 
 from medfusion.engine import fuse_images
-from medfusion.errors import ModelError
+from medfusion.errors import InputError, ModelError
 from medfusion.methods import get_method
+from medfusion.methods.sesf import fusion
 
 BUNDLE = Path(__file__).resolve().parents[2] / "sesf_bundle"
 CROP = 40
@@ -72,17 +77,46 @@ def tiny_aanlib(aanlib: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_monai_bundle_run_training_one_epoch_writes_to_the_run_folder(
-    tiny_aanlib: Path, tmp_path: Path, repo_root: Path
+# ---------------------------------------------------------------- the bundle folder alone
+# ``medfusion`` made unimportable in the child (``sys.modules['medfusion'] = None``: any import
+# of it raises ImportError), the bundle copied alone to a temporary folder and run from there.
+NO_MEDFUSION = ("import runpy, sys; sys.modules['medfusion'] = None; "
+                "sys.argv = ['monai.bundle', *sys.argv[1:]]; "
+                "runpy.run_module('monai.bundle', run_name='__main__')")
+
+
+@pytest.fixture(scope="module")
+def lone_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sesf bundle folder copied alone (what a user downloads), without caches or runs."""
+    return copy_bundle_alone(BUNDLE, tmp_path_factory.mktemp("elsewhere") / "sesf_bundle")
+
+
+def _run_alone(bundle: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", NO_MEDFUSION, "run", *args], cwd=bundle,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_bundle_alone_cannot_import_medfusion(lone_bundle: Path) -> None:
+    code = NO_MEDFUSION.split("sys.argv")[0] + "import medfusion"
+    done = subprocess.run([sys.executable, "-c", code], cwd=lone_bundle, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0 and "import of medfusion halted" in done.stderr
+    imports = [line for path in lone_bundle.rglob("*.py") for line in path.read_text().splitlines()
+               if line.strip().startswith(("import medfusion", "from medfusion"))]
+    assert not imports
+
+
+def test_bundle_alone_trains_one_epoch_into_the_run_folder(
+    lone_bundle: Path, tiny_aanlib: Path, tmp_path: Path
 ) -> None:
-    shipped = BUNDLE / "models" / "model.pt"
+    shipped = lone_bundle / "models" / "model.pt"
     before = hashlib.sha256(shipped.read_bytes()).hexdigest()
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "monai.bundle", "run", "training",
-            "--config_file", "sesf_bundle/configs/train.json",
-            "--dataset_dir", str(tiny_aanlib), "--run_dir", str(run_dir), "--epochs", "1",
-            "--patch_size", "24", "--batch_size", "3", "--num_threads", "1"]
-    done = subprocess.run(args, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    done = _run_alone(lone_bundle, "training", "--config_file", "configs/train.json",
+                      "--dataset_dir", str(tiny_aanlib), "--run_dir", str(run_dir),
+                      "--epochs", "1", "--patch_size", "24", "--batch_size", "3",
+                      "--num_threads", "1")
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-2000:]
     assert "Epoch[1] Complete" in log and "val_psnr" in log
@@ -91,6 +125,33 @@ def test_monai_bundle_run_training_one_epoch_writes_to_the_run_folder(
     assert any(key.startswith("decoder.") for key in saved)
     assert any((run_dir / "logs").glob("events.out.tfevents*"))
     assert hashlib.sha256(shipped.read_bytes()).hexdigest() == before  # shipped weights kept
+
+
+def test_bundle_alone_fuses_as_the_core_does(lone_bundle: Path, aanlib: Path,
+                                             tmp_path: Path) -> None:
+    """A datalist of a colour PET-MRI pair and three sources, fused by the bundle alone: the
+    same 8-bit luminance and decision map as medfusion's sesf (one fusion.py, same loading)."""
+    from medfusion.io.images import to_uint8
+
+    pet = _pair_paths(aanlib, ("PET-MRI", ("MRI", "PET"), "25020.png"))
+    three = [*_pair_paths(aanlib), pet[1]]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"testing": [
+        {"sources": list(map(str, pet)), "name": "pet_mri.png"},
+        {"sources": list(map(str, three)), "name": "three.png"}]}))
+    out = tmp_path / "fused"
+    done = _run_alone(lone_bundle, "--config_file", "configs/inference.json",
+                      "--datalist", str(datalist), "--output_dir", str(out),
+                      "--block_exponent", "1")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+    method = get_method("sesf", device="cpu", block_exponent=1)
+    for name, paths in (("pet_mri", pet), ("three", three)):
+        core = fuse_images(paths, method=method, device="cpu", decision_map=True)
+        written = np.asarray(Image.open(out / f"{name}.png"))
+        assert np.array_equal(written, to_uint8(core.luminance))
+        assert np.array_equal(np.asarray(Image.open(out / f"{name}_decision.png")),
+                              core.decision_map)
+    assert set(np.unique(np.asarray(Image.open(out / "three_decision.png")))) <= {1, 2, 3}
 
 
 def test_shipped_weights_reconstruct_sources(aanlib: Path, sesf) -> None:
@@ -178,6 +239,68 @@ def test_missing_bundle_names_the_classical_fallback(tmp_path: Path) -> None:
         get_method("sesf", bundle_dir=tmp_path / "nowhere")
 
 
+# ---------------------------------------------------------------- block exponent and memory tile
+def test_block_exponent_makes_the_decision_on_blocks(aanlib: Path, sesf) -> None:
+    assert sesf.block_exponent == 0  # the bundle's default (configs/inference.json)
+    sources = fuse_images(_pair_paths(aanlib), method="average", device="cpu").sources
+    batch = torch.from_numpy(sources[:, :250, :246].copy())[None]  # partial last blocks
+    hard = {}
+    for exponent in (0, 2, 4):
+        decision = get_method("sesf", block_exponent=exponent).decide(batch)
+        labels = decision.hard[0].numpy()
+        size = 2**exponent
+        padded = np.pad(labels, ((0, -250 % size), (0, -246 % size)), mode="edge")
+        blocks = padded.reshape(padded.shape[0] // size, size, padded.shape[1] // size, size)
+        assert (blocks == blocks[:, :1, :, :1]).all()  # one label per 2^i x 2^i block
+        assert set(np.unique(labels)) == {0, 1}
+        hard[exponent] = labels
+        fused = decision.fused[0].numpy()
+        assert fused.shape == (250, 246) and 0.0 <= fused.min() and fused.max() <= 1.0
+    assert np.mean(hard[0] != hard[2]) > 0.01 and np.mean(hard[2] != hard[4]) > 0.01
+
+
+def test_larger_block_exponent_decides_faster(aanlib: Path, sesf) -> None:
+    """The block decision (everything after the encoder) costs less on a coarser grid."""
+    sources = fuse_images(_pair_paths(aanlib), method="average", device="cpu").sources
+    batch = torch.from_numpy(sources)[None]
+    energy = sesf.energy(batch.reshape(2, 1, 256, 256))
+
+    def seconds(exponent: int) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            fusion.decision_fusion(batch, lambda _: energy, exponent, sesf.settings)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    assert seconds(4) < seconds(0)
+
+
+@pytest.mark.parametrize("bad", [7, -1, 2.5, "x"])
+def test_bad_block_exponent_is_a_one_line_error(bad) -> None:
+    with pytest.raises(InputError, match="block exponent") as error:
+        get_method("sesf", block_exponent=bad)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_row_strips_equal_the_whole_slice(aanlib: Path, sesf) -> None:
+    """A tall slice with a tiny budget runs the encoder in row strips (halo = its receptive
+    field): the same activity, decision and fused slice as the whole slice."""
+    mri, ct = fuse_images(_pair_paths(aanlib), method="average", device="cpu").sources
+    tall = np.stack([np.concatenate([mri, ct, mri])[:, 96:160],
+                     np.concatenate([ct, mri, ct])[:, 96:160]])  # (2, 768, 64)
+    batch = torch.from_numpy(np.ascontiguousarray(tall))[None]
+    strips = get_method("sesf", memory_budget_mb=2)
+    slices, rows = strips.tile(2, 768, 64)
+    assert slices == 1 and rows < 768 // 8  # many strips
+    assert sesf.tile(2, 768, 64)[1] == 768  # the default budget runs it whole
+    images = batch.reshape(2, 1, 768, 64)
+    torch.testing.assert_close(strips.energy(images), sesf.energy(images), rtol=1e-5, atol=1e-6)
+    whole, tiled = sesf.decide(batch), strips.decide(batch)
+    assert torch.equal(whole.hard, tiled.hard) and torch.equal(whole.winners, tiled.winners)
+    torch.testing.assert_close(whole.fused, tiled.fused, rtol=0, atol=1e-5)
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "medfusion", "fuse", *args, "--progress", "none"],
                           cwd=cwd, capture_output=True, text=True, timeout=120)
@@ -192,6 +315,20 @@ def test_cli_saves_decision_map_for_images(aanlib: Path, tmp_path: Path, repo_ro
     decision = np.asarray(Image.open(labels))
     assert decision.shape == np.asarray(Image.open(fused)).shape
     assert set(np.unique(decision)) == {1, 2}
+
+
+def test_cli_block_exponent_applies_to_sesf(aanlib: Path, tmp_path: Path, repo_root) -> None:
+    from medfusion.io.images import to_uint8
+
+    fused = tmp_path / "fused.png"
+    done = _cli(*map(str, _pair_paths(aanlib)), "-o", str(fused), "--method", "sesf",
+                "--block-exponent", "2", cwd=repo_root)
+    assert done.returncode == 0, done.stderr
+    blocky = get_method("sesf", block_exponent=2)
+    expected = fuse_images(_pair_paths(aanlib), method=blocky, device="cpu").luminance
+    assert np.array_equal(np.asarray(Image.open(fused)), to_uint8(expected))
+    default = fuse_images(_pair_paths(aanlib), method="sesf", device="cpu").luminance
+    assert not np.array_equal(to_uint8(default), to_uint8(expected))
 
 
 def test_cli_refuses_decision_map_of_a_method_without_one(

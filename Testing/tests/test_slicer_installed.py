@@ -58,7 +58,8 @@ def test_installed_files_are_the_module_core_and_bundle(installed: Path):
     for bundle_file in ("configs/inference.json", "models/model.pt", "scripts/network.py",
                         "scripts/colour.py", "docs/README.md"):
         assert (core / "medfusion" / "bundle" / bundle_file).is_file(), bundle_file
-    for bundle_file in ("configs/inference.json", "models/model.pt", "scripts/network.py"):
+    for bundle_file in ("configs/inference.json", "models/model.pt", "scripts/network.py",
+                        "scripts/fusion.py"):
         assert (core / "medfusion" / "sesf_bundle" / bundle_file).is_file(), bundle_file
     assert (core / "medfusion" / "demo" / "mri.png").is_file()
     assert not any(p.is_symlink() for p in installed.rglob("*"))

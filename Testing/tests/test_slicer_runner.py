@@ -174,7 +174,7 @@ def test_runner_falls_back_to_cpu_when_cuda_is_absent(tmp_path):
     assert (tmp_path / "fused.nrrd").is_file()
 
 
-def test_build_command_only_sends_cnn_options_to_cnn(tmp_path):
+def test_build_command_only_sends_model_options_to_learned_methods(tmp_path):
     base = dict(reference=tmp_path / "a.nrrd", others=[tmp_path / "b.nrrd"],
                 output=tmp_path / "o.nrrd", bundle_dir=tmp_path / "bundle", block_exponent=2,
                 batch_size=4, metrics=tmp_path / "m.csv")
@@ -183,6 +183,9 @@ def test_build_command_only_sends_cnn_options_to_cnn(tmp_path):
     assert cnn[cnn.index("--bundle") + 1] == str(tmp_path / "bundle")
     assert cnn[cnn.index("--block-exponent") + 1] == "2"
     assert cnn[-2:] == ["--progress", "json"]
+    sesf = build_fuse_command(FuseRequest(**base, method="sesf"), python="py")
+    assert sesf[sesf.index("--block-exponent") + 1] == "2"  # the combo applies to sesf too
+    assert "--bundle" not in sesf  # the folder field is a cnn bundle
     average = build_fuse_command(FuseRequest(**base, method="average"), python="py")
     assert "--bundle" not in average and "--block-exponent" not in average
     assert average[average.index("--batch-size") + 1] == "4"

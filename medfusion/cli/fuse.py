@@ -25,7 +25,8 @@ from medfusion.errors import OutputError
 logger = logging.getLogger("medfusion")
 
 PROGRESS_MODES = ("bar", "json", "none")
-CNN_OPTIONS = ("bundle_dir", "block_exponent")
+CNN_OPTIONS = ("bundle_dir", "block_exponent")  # the options of the learned methods cnn, sesf
+LEARNED_METHODS = ("cnn", "sesf")
 
 
 # --------------------------------------------------------------------------- parsers
@@ -70,8 +71,9 @@ def add_fusion_options(parser: argparse.ArgumentParser) -> None:
                         "one); its configs run Python code ($ expressions): use only trusted "
                         "folders")
     parser.add_argument("--block-exponent", type=int, choices=range(0, 7), metavar="I",
-                        help="CNN block size exponent i: decides on 2^i x 2^i pixel blocks, "
-                             "0..6 (smaller: more precise, slower; default: the bundle's, 3)")
+                        help="cnn and sesf: block size exponent i, decisions on 2^i x 2^i "
+                             "pixel blocks, 0..6 (smaller: more precise, slower; default: the "
+                             "bundle's, cnn 3, sesf 0)")
     parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"),
                         help="volumes: slicing plane in patient space (default: axial)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
@@ -152,10 +154,8 @@ def build_method(args: argparse.Namespace):
     from medfusion.methods import get_method
 
     options: dict[str, Any] = {}
-    if args.method == "cnn":
+    if args.method in LEARNED_METHODS:
         options = {"bundle_dir": args.bundle, "block_exponent": args.block_exponent}
-    elif args.method == "sesf":
-        options = {"bundle_dir": args.bundle}
     return get_method(args.method, device=args.device, **options)
 
 

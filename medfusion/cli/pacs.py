@@ -71,7 +71,8 @@ def register(subparsers: Any) -> None:
         help="intensity normalisation policy (see medfusion fuse --help)",
     )
     fusion.add_argument("--block-exponent", type=int, choices=range(0, 7), metavar="I",
-                        help="CNN block size exponent i (2^i x 2^i pixel blocks, 0..6)")
+                        help="cnn and sesf: block size exponent i (2^i x 2^i pixel "
+                        "blocks, 0..6)")
     from medfusion.cli.register import add_alignment_options
 
     add_alignment_options(fusion)

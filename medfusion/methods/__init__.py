@@ -66,8 +66,8 @@ def get_method(name: str, device: str | Any = "cpu", **options: Any) -> FusionMe
     """Build the fusion method ``name`` for ``device``.
 
     Classical methods take no options (CNN-only options such as ``block_exponent`` are ignored
-    for them). ``cnn`` takes ``bundle_dir``, ``block_exponent``, ``memory_budget_mb``; ``sesf``
-    takes ``bundle_dir`` (its sliding-window ``block_size``/``overlap`` bound memory only). A
+    for them). ``cnn`` and ``sesf`` take ``bundle_dir``, ``block_exponent`` (decisions on
+    ``2^i x 2^i`` blocks, 0..6) and ``memory_budget_mb`` (default ``MEDFUSION_MEMORY_BUDGET_MB``). A
     missing or broken bundle raises :class:`ModelError` whose message names the classical fallback.
     """
     torch_device = resolve_device(device)

@@ -1,7 +1,7 @@
 """Load a MONAI bundle's network: the one loading path of every learned method (cnn, sesf).
 
 A bundle folder holds ``configs/inference.json`` (it defines ``network_def`` and whatever else a
-method reads, e.g. an ``inferer``) and ``models/model.pt``, a state dict. ``ConfigParser``
+method reads, e.g. ``block_exponent``) and ``models/model.pt``, a state dict. ``ConfigParser``
 builds the objects (the bundle's own ``scripts`` package made importable first) and the weights
 are read with ``torch.load(weights_only=True)``: no pickled code is ever run. Every problem
 becomes a one-line :class:`~medfusion.errors.ModelError` naming the method (``what``).
@@ -43,18 +43,23 @@ def use_bundle_scripts(bundle_dir: str | Path) -> None:
     sys.path.insert(0, root)
 
 
-def check_block(block_size: Any, overlap: Any) -> tuple[int, float]:
-    """Sliding-window ``(block size, overlap)`` of a learned method, checked (InputError)."""
+MAX_BLOCK_EXPONENT = 6
+
+
+def check_exponent(value: Any) -> int:
+    """The block exponent ``i`` of a learned method (decisions on ``2^i x 2^i`` blocks), checked:
+    an integer 0..6 (one-line InputError otherwise). One rule for ``cnn`` and ``sesf``."""
+    message = f"block exponent must be an integer 0..{MAX_BLOCK_EXPONENT}, got {value!r}"
     try:
-        block, lap = int(block_size), float(overlap)
+        exponent = int(value)
     except (TypeError, ValueError):
-        message = f"block size {block_size!r} / overlap {overlap!r} are not numbers"
         raise InputError(message) from None
-    if block < 8:
-        raise InputError(f"block size must be at least 8 pixels, got {block}")
-    if not 0.0 <= lap < 1.0:
-        raise InputError(f"overlap must be in [0, 1), got {lap}")
-    return block, lap
+    if exponent != value and str(value).strip() != str(exponent):
+        raise InputError(message)
+    if not 0 <= exponent <= MAX_BLOCK_EXPONENT:
+        raise InputError(f"block exponent must be in 0..{MAX_BLOCK_EXPONENT} (blocks of "
+                         f"1..{2**MAX_BLOCK_EXPONENT} pixels), got {exponent}")
+    return exponent
 
 
 def bundle_files(bundle_dir: Path, what: str = "CNN") -> tuple[Path, Path]:

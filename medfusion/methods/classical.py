@@ -13,6 +13,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from medfusion.resources import load_bundle_script, sesf_bundle_dir
+
+# The box mean, guided filter and weight normalisation are the sesf bundle's
+# (``sesf_bundle/scripts/fusion.py``): that bundle needs them when used alone, without
+# medfusion, so their one copy lives there and gff loads the same file as the sesf method does.
+_fusion = load_bundle_script(sesf_bundle_dir(), "scripts/fusion.py", "medfusion._sesf_fusion")
+_box_mean = _fusion.box_mean
+_guided_filter = _fusion.guided_filter
+_normalise_weights = _fusion.normalise_weights
+
 # 5-tap binomial kernel (Burt & Adelson's a = 0.375 generating kernel), applied separably.
 _BINOMIAL = (1.0, 4.0, 6.0, 4.0, 1.0)
 MIN_LEVEL_SIZE = 8
@@ -154,49 +164,6 @@ class GuidedFilterFusion:
         return fused.clamp_(0.0, 1.0)
 
 
-def _window_counts(size: int, radius: int, device: torch.device) -> torch.Tensor:
-    """How many pixels of a line of ``size`` fall in the window centred on each pixel."""
-    index = torch.arange(size, device=device)
-    return ((index + radius).clamp(max=size - 1) - (index - radius).clamp(min=0) + 1).double()
-
-
-def _box_mean(images: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over the (2r+1)^2 window clipped to the image (He et al.'s border handling: divide
-    by the number of pixels inside), for (N, 1, H, W) on any device.
-
-    Separable running sums: O(1) per pixel whatever the radius. They run in float64 because a
-    float32 running sum over a row loses the precision the guided filter's tiny ``eps2``
-    (1e-6) needs in its variance.
-    """
-    h, w = images.shape[-2:]
-    size = 2 * radius + 1
-    running = F.pad(images.double(), (radius + 1, radius)).cumsum(dim=-1)
-    # Columns are summed as rows of the transpose: a cumulative sum along the contiguous
-    # last dimension is much faster on CPU than along a strided one.
-    rows = (running[..., size:] - running[..., :w]).transpose(-1, -2)
-    running = F.pad(rows, (radius + 1, radius)).cumsum(dim=-1)
-    sums = (running[..., size:] - running[..., :h]).transpose(-1, -2).to(images.dtype)
-    counts = _window_counts(h, radius, images.device)[:, None] * _window_counts(
-        w, radius, images.device
-    )[None, :]
-    return sums * counts.reciprocal().to(images.dtype)
-
-
-def _guided_filter(
-    guide: torch.Tensor, source: torch.Tensor, radius: int, eps: float
-) -> torch.Tensor:
-    """He et al.'s guided filter of ``source`` with a grey ``guide``, both (N, 1, H, W); the
-    four box means of one filter run as one batch."""
-    n = guide.shape[0]
-    means = _box_mean(torch.cat([guide, source, guide * source, guide * guide]), radius)
-    mean_i, mean_p, mean_ip, mean_ii = means.split(n)
-    variance = (mean_ii - mean_i * mean_i).clamp_(min=0.0)
-    slope = (mean_ip - mean_i * mean_p) / (variance + eps)
-    offset = mean_p - slope * mean_i
-    mean_slope, mean_offset = _box_mean(torch.cat([slope, offset]), radius).split(n)
-    return mean_slope * guide + mean_offset
-
-
 def _first_argmax_one_hot(stacked: torch.Tensor) -> torch.Tensor:
     """(B, K, H, W) -> same shape, 1 where a source is the per-pixel maximum (first on ties).
 
@@ -211,17 +178,6 @@ def _first_argmax_one_hot(stacked: torch.Tensor) -> torch.Tensor:
         winner = torch.where(larger, index, winner)
     sources = torch.arange(stacked.shape[1], device=stacked.device).view(1, -1, 1, 1)
     return (sources == winner[:, None]).to(stacked.dtype)
-
-
-def _normalise_weights(weights: torch.Tensor) -> torch.Tensor:
-    """Weights summing to one per pixel over the sources (dim 1), as the paper prescribes.
-
-    The guided filter can overshoot slightly below 0; negative weights are clipped so that a
-    near-zero sum cannot blow a pixel up, and a tiny floor makes a pixel where every weight
-    was clipped an equal mix.
-    """
-    weights = weights.clamp(min=0.0).add_(1e-12)
-    return weights / weights.sum(dim=1, keepdim=True)
 
 
 def _laplacian(images: torch.Tensor) -> torch.Tensor:

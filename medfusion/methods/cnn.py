@@ -6,10 +6,11 @@ blocks of ``2^i x 2^i`` pixels) and ``models/model.pt`` is read with
 ``torch.load(weights_only=True)``. A plain config is built by importing the one network class
 (:func:`medfusion.methods.bundle.plain_config`: no MONAI import at start-up), any other through
 ``monai.bundle.ConfigParser``. The network runs through :mod:`medfusion.methods.backend` (ONNX
-Runtime when installed, checked against torch). Memory is bounded by a separate *tile*: slices
-run whole, in batches, as long as the estimated working memory fits ``memory_budget_mb``; larger
-inputs run in row strips with a halo (the same result). Every problem with the bundle becomes a
-one-line :class:`~medfusion.errors.ModelError`.
+Runtime when installed, checked against torch). Memory is bounded by the shared *tile* of
+:mod:`medfusion.methods.tiling` (one budget with the engine, ``MEDFUSION_MEMORY_BUDGET_MB``):
+slices run whole, in batches, as long as the estimated working memory fits; larger slices run in
+row strips with a halo (the same result). Every problem with the bundle becomes a one-line
+:class:`~medfusion.errors.ModelError`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any
 
 import torch
 
-from medfusion.errors import InputError, ModelError
-from medfusion.methods import backend, bundle
+from medfusion.errors import ModelError
+from medfusion.methods import backend, bundle, tiling
 from medfusion.methods.bundle import CONFIG, WEIGHTS, use_bundle_scripts  # noqa: F401 (public)
 from medfusion.resources import bundle_dir as shipped_bundle_dir
 
@@ -40,7 +41,7 @@ def pad_to_network_minimum(batch: torch.Tensor) -> tuple[torch.Tensor, tuple[int
     return batch, (height, width)
 
 
-MAX_BLOCK_EXPONENT = 6
+MAX_BLOCK_EXPONENT = bundle.MAX_BLOCK_EXPONENT
 # working memory of the network per source pixel (float32 maps alive at the peak; measured
 # 46-56 B with torch on 512^2 and 1024^2 batches, see Testing/tests/test_engine_memory.py) and
 # the halo of a row strip in blocks (the block CNN's receptive field plus the upsampling)
@@ -48,29 +49,7 @@ BYTES_PER_SOURCE_PIXEL = 4 * 14
 HALO_BLOCKS = 8
 
 
-def _check_exponent(value: Any) -> int:
-    try:
-        exponent = int(value)
-    except (TypeError, ValueError):
-        raise InputError(f"block exponent must be an integer 0..{MAX_BLOCK_EXPONENT}, "
-                         f"got {value!r}") from None
-    if exponent != value and str(value).strip() != str(exponent):
-        raise InputError(f"block exponent must be an integer 0..{MAX_BLOCK_EXPONENT}, "
-                         f"got {value!r}")
-    if not 0 <= exponent <= MAX_BLOCK_EXPONENT:
-        raise InputError(f"block exponent must be in 0..{MAX_BLOCK_EXPONENT} (blocks of "
-                         f"1..{2**MAX_BLOCK_EXPONENT} pixels), got {exponent}")
-    return exponent
-
-
-def _check_budget(value: Any) -> float:
-    try:
-        budget = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"memory budget must be a number of MB, got {value!r}") from None
-    if not budget > 0:
-        raise InputError(f"memory budget must be positive, got {value!r} MB")
-    return budget
+_check_exponent = bundle.check_exponent  # the one rule for cnn and sesf (0..6)
 
 
 class CNNFusion:
@@ -83,7 +62,8 @@ class CNNFusion:
         block_exponent: the paper's block size ``i`` (blocks of ``2^i x 2^i`` pixels, 0..6):
             smaller is more precise and slower; default the bundle's ``block_exponent``.
         memory_budget_mb: working memory allowed per network call; sets the memory tile
-            (slices per call, row strips for huge slices); default the bundle's value.
+            (slices per call, row strips for huge slices); default the one budget of
+            :func:`medfusion.methods.tiling.memory_budget_mb` (``MEDFUSION_MEMORY_BUDGET_MB``).
     """
 
     name = "cnn"
@@ -105,9 +85,9 @@ class CNNFusion:
                      else _check_exponent(block_exponent)}
         settings, network = bundle.build_network(self.bundle_dir, config_file, required, overrides)
         self.block_exponent = _check_exponent(settings["block_exponent"])
-        budget = memory_budget_mb if memory_budget_mb is not None else settings.get(
-            "memory_budget_mb", 512)
-        self.memory_budget_mb = _check_budget(budget)
+        # None: the shared budget, read at each call (tiling.memory_budget_mb)
+        self.memory_budget_mb = (None if memory_budget_mb is None
+                                 else tiling.check_budget(memory_budget_mb))
         self.module = bundle.load_weights(network, weights_file, "CNN").to(self.device).eval()
         # what __call__ runs: the module through the fastest checked backend (backend.py)
         self.network = backend.accelerate(self.module, self.device)
@@ -131,32 +111,18 @@ class CNNFusion:
     def tile(self, sources: int, height: int, width: int) -> tuple[int, int]:
         """The memory tile for slices of ``height x width`` with ``sources`` sources:
         ``(slices per network call, rows per strip)``; ordinary slices run whole."""
-        per_slice = BYTES_PER_SOURCE_PIXEL * sources * height * width
-        budget = self.memory_budget_mb * 2**20
-        if per_slice <= budget:
-            return max(1, int(budget // per_slice)), height
-        align = max(2**self.block_exponent, 4)
-        rows = int(budget // (BYTES_PER_SOURCE_PIXEL * sources * width)) - 2 * self._halo()
-        return 1, max(align, rows // align * align)
+        return tiling.tile(sources, height, width, BYTES_PER_SOURCE_PIXEL, self._halo(),
+                           self._align(), self.memory_budget_mb)
+
+    def _align(self) -> int:
+        return max(2**self.block_exponent, 4)
 
     def _halo(self) -> int:
-        return HALO_BLOCKS * max(2**self.block_exponent, 4)
+        return HALO_BLOCKS * self._align()
 
     def _run_tiled(self, inputs: torch.Tensor) -> torch.Tensor:
-        b, k, h, w = inputs.shape
-        slices, rows = self.tile(k, h, w)
-        if rows >= h:
-            parts = [self.network(inputs[i : i + slices]) for i in range(0, b, slices)]
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
-        halo = self._halo()
-        fused = inputs.new_empty((b, 1, h, w))
-        for i in range(b):
-            for top in range(0, h, rows):
-                start, stop = max(0, top - halo), min(h, top + rows + halo)
-                strip = self.network(inputs[i : i + 1, :, start:stop])
-                fused[i : i + 1, :, top : top + rows] = strip[:, :, top - start : top - start
-                                                              + min(rows, h - top)]
-        return fused
+        return tiling.run_tiled(self.network, inputs, BYTES_PER_SOURCE_PIXEL, self._halo(),
+                                self._align(), self.memory_budget_mb)
 
 
 def build_method(device: str | torch.device = "cpu", **options: Any) -> CNNFusion:

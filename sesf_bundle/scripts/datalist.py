@@ -1,7 +1,8 @@
 """Datalist of single source images for reconstruction training, from the atlas ``splits.json``.
 
 Every source image of every co-registered group of a split is one sample
-``{"image": path, "modality": str, "name": "<PAIR>/<MODALITY>/<file>"}`` (MONAI datalist style).
+``{"image": path, "modality": str, "name": "<PAIR>/<MODALITY>/<file>"}`` (MONAI datalist style);
+the groups themselves (:func:`build_groups`) are what ``configs/inference.json`` fuses.
 The groups are those of ``monai_bundle/scripts/datalist.py`` (same ``splits.json`` reading), so the
 SESF encoder never sees a validation patient either. Usage as a script writes the datalist JSON::
 
@@ -17,24 +18,30 @@ from pathlib import Path
 SPLITS = {"training": "train", "validation": "validation"}
 
 
-def build_images(dataset_dir: str | Path, split: str, pairs: list[str] | None = None) -> list[dict]:
-    """Source images of one split (``"train"`` or ``"validation"``) of ``dataset_dir``."""
+def build_groups(dataset_dir: str | Path, split: str, pairs: list[str] | None = None) -> list[dict]:
+    """Co-registered groups of one split (``"train"`` or ``"validation"``) of ``dataset_dir``:
+    ``{"sources": [path per modality], "modalities": [...], "name": "<PAIR>/<file>"}``."""
     root = Path(dataset_dir)
     splits_file = root / "splits.json"
     if not splits_file.is_file():
         raise FileNotFoundError(f"no splits.json in dataset_dir {root}")
     spec = json.loads(splits_file.read_text())["pairs"]
+    return [
+        {"sources": [str(root / pair / modality / name) for modality in info["modalities"]],
+         "modalities": list(info["modalities"]), "name": f"{pair}/{name}"}
+        for pair, info in sorted(spec.items()) if not pairs or pair in pairs
+        for name in info[split]
+    ]
+
+
+def build_images(dataset_dir: str | Path, split: str, pairs: list[str] | None = None) -> list[dict]:
+    """Source images of one split of ``dataset_dir``, each group's images in turn."""
     images: list[dict] = []
-    for pair, info in sorted(spec.items()):
-        if pairs and pair not in pairs:
-            continue
-        for name in info[split]:
-            for modality in info["modalities"]:
-                images.append({
-                    "image": str(root / pair / modality / name),
-                    "modality": modality,
-                    "name": f"{pair}/{modality}/{name}",
-                })
+    for group in build_groups(dataset_dir, split, pairs):
+        pair, name = group["name"].split("/", 1)
+        for path, modality in zip(group["sources"], group["modalities"], strict=True):
+            images.append({"image": path, "modality": modality,
+                           "name": f"{pair}/{modality}/{name}"})
     return images
 
 

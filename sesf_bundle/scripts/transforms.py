@@ -1,30 +1,45 @@
 """Dictionary transform of the SESF bundle: load one source image as its luminance (1, H, W).
 
-The luminance is exactly what ``medfusion`` fuses (its own reader and BT.601 Y for colour
-PET/SPECT), so the encoder is trained on the inputs it will see.
+The bundle works on its own (no ``medfusion``): images are read with MONAI's ``LoadImage``
+(PIL reader, rows first), scaled by their storage range (8-bit / 255, 16-bit / 65535) and colour
+PET/SPECT reduced to their BT.601 luminance Y in float32, in the same fixed order of operations
+as MedFusion's ``color.luminance``, so the bundle fuses the very samples the core fuses (a test
+checks the bits are equal).
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from functools import lru_cache
 
 import numpy as np
 import torch
 from monai.transforms import MapTransform
 
+BT601 = (np.float32(0.299), np.float32(0.587), np.float32(0.114))  # Y of R, G, B
+
+
+@lru_cache(maxsize=1)
+def _reader():
+    from monai.data import PILReader
+    from monai.transforms import LoadImage
+
+    return LoadImage(reader=PILReader(reverse_indexing=False), image_only=True, dtype=None)
+
 
 def load_luminance(path: str) -> np.ndarray:
-    """8/16-bit image -> float32 luminance in [0, 1] (colour through BT.601 Y, as medfusion)."""
-    from medfusion import color
-    from medfusion.io.images import read_image, to_unit_range
-
-    array = read_image(path)
-    if color.is_colour(array):
-        return np.clip(color.rgb_to_ycbcr(to_unit_range(array))[..., 0], 0.0, 1.0).astype(
-            np.float32
-        )
-    plane = array if array.ndim == 2 else array[..., 0]
-    return np.asarray(to_unit_range(plane), dtype=np.float32)
+    """An 8/16-bit 2D image -> (H, W) float32 luminance in [0, 1] (colour: BT.601 Y)."""
+    array = np.asarray(_reader()(str(path)))
+    if array.dtype.kind in "ui":
+        unit = array.astype(np.float32) / np.float32(np.iinfo(array.dtype).max)
+    else:
+        unit = array.astype(np.float32)
+    if unit.ndim == 2:
+        return unit
+    red, green, blue = unit[..., 0], unit[..., 1 % unit.shape[-1]], unit[..., 2 % unit.shape[-1]]
+    if np.array_equal(red, green) and np.array_equal(green, blue):
+        return np.ascontiguousarray(red)  # grey stored as RGB
+    return red * BT601[0] + green * BT601[1] + blue * BT601[2]
 
 
 class LoadLuminanced(MapTransform):
@@ -36,5 +51,5 @@ class LoadLuminanced(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
-        d[self.key] = torch.from_numpy(load_luminance(str(d[self.key]))[None])
+        d[self.key] = torch.from_numpy(np.clip(load_luminance(str(d[self.key])), 0.0, 1.0)[None])
         return d

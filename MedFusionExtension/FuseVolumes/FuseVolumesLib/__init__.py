@@ -11,7 +11,15 @@ Python. The module builds on them:
 - :mod:`.dependencies`: which Python packages are missing and how to install them safely.
 """
 
-from .command import AXES, BLOCK_EXPONENTS, DEVICES, METHODS, FuseRequest, build_fuse_command
+from .command import (
+    AXES,
+    BLOCK_EXPONENTS,
+    DEVICES,
+    LEARNED_METHODS,
+    METHODS,
+    FuseRequest,
+    build_fuse_command,
+)
 from .dependencies import (
     REQUIREMENTS,
     InstallPlan,
@@ -28,6 +36,7 @@ __all__ = [
     "AXES",
     "BLOCK_EXPONENTS",
     "DEVICES",
+    "LEARNED_METHODS",
     "METHODS",
     "REQUIREMENTS",
     "FuseRequest",

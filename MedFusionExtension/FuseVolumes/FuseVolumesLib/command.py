@@ -15,7 +15,9 @@ from pathlib import Path
 METHODS: tuple[str, ...] = ("cnn", "sesf", "gff", "laplacian", "average", "max")
 AXES: tuple[str, ...] = ("axial", "coronal", "sagittal")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-# the CNN's block size exponent i (blocks of 2^i x 2^i pixels); "default": the bundle's
+# methods that run a MONAI bundle: they take a block exponent
+LEARNED_METHODS: tuple[str, ...] = ("cnn", "sesf")
+# the block size exponent i of cnn and sesf (blocks of 2^i x 2^i pixels); "default": the bundle's
 BLOCK_EXPONENTS: tuple[str, ...] = ("default", "0", "1", "2", "3", "4", "5", "6")
 REGISTER_KINDS: tuple[str, ...] = ("none", "rigid", "affine")
 MIN_INPUTS = 2
@@ -27,8 +29,8 @@ class FuseRequest:
     """What to fuse and how: the panel's parameters as file paths and plain values.
 
     ``block_exponent`` of None and ``batch_size`` of 0 mean "the core's default"; ``bundle_dir``
-    of None means the shipped bundle. ``bundle_dir`` and ``block_exponent`` only matter for
-    ``cnn``.
+    of None means the shipped bundle. ``block_exponent`` matters for the learned methods
+    (:data:`LEARNED_METHODS`: ``cnn`` and ``sesf``), ``bundle_dir`` (a cnn bundle) for ``cnn``.
     """
 
     reference: Path
@@ -79,9 +81,9 @@ def build_fuse_command(request: FuseRequest, python: str | None = None) -> list[
     command = [python or sys.executable, "-m", "medfusion", "fuse"]
     command += [str(request.reference), *(str(p) for p in request.others)]
     command += ["-o", str(request.output), "--method", request.method]
-    if request.method == "cnn":
-        if request.bundle_dir is not None:
-            command += ["--bundle", str(request.bundle_dir)]
+    if request.method == "cnn" and request.bundle_dir is not None:
+        command += ["--bundle", str(request.bundle_dir)]
+    if request.method in LEARNED_METHODS:
         if request.block_exponent is not None:
             command += ["--block-exponent", str(request.block_exponent)]
     command += ["--axis", request.axis, "--device", request.device]
