@@ -2,7 +2,7 @@
 
 MedFusion compares volumes in physical space, so two series of one session that are on
 different voxel grids are resampled correctly. But the patient may move between series (the
-TCGA case in the shared data: T2/FLAIR are off T1 by about 18 mm and 5 degrees), and then
+TCGA case in the shared data: T2/FLAIR are off T1 by about 18-23 mm and 5-15 degrees), and then
 scanner coordinates alone fuse doubled outlines. This module does two jobs:
 
 - :func:`check_alignment`: a quick rigid registration at low resolution (about 4 mm voxels,
@@ -217,7 +217,7 @@ def _metric_mask(image):
     Why a mask, and why a wide one (measured, docs/registration.md): without a mask a volume
     with a cropped field of view (upper 60 % of the SPM12 EPI) registers 18 mm off; with the
     old margin of 2 voxels the optimum of the unmoved SPM12 T1/T2/PD pairs (same 152
-    subjects) lies 0.95-1.03 mm off identity, with 16 mm 0.7-0.8 mm; 30 mm or more fails on
+    subjects) lies 0.94-1.05 mm off identity, with 16 mm 0.73-0.88 mm; 30 mm or more fails on
     the cropped EPI again, and 20 mm on a noisy T1 against itself (the mask then reaches the
     edge of the volume, and mutual information grows as noise samples leave the overlap).
     The margin keeps the head's outline against the air in the metric.
