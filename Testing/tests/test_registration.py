@@ -77,6 +77,41 @@ def test_check_detects_a_known_move_and_its_size(spm12: Path) -> None:
     assert abs(report.offset_mm - math.dist((0, 0, 0), (12, -5, 4))) < 2.0
 
 
+def test_check_fires_just_above_its_thresholds_and_not_below(spm12: Path) -> None:
+    """A real aligned pair stays silent; moves just over either threshold fire."""
+    reference = sitk.ReadImage(str(spm12 / "T1.nii"))
+    moving = sitk.ReadImage(str(spm12 / "PD.nii"))
+    aligned = registration.check_alignment(reference, moving, "PD")
+    assert not aligned.misaligned and aligned.offset_mm < 1.5, aligned.message()
+    centre = registration._content(sitk.Cast(reference, sitk.sitkFloat32), "T1").mean(axis=0)
+    shift = sitk.Euler3DTransform()
+    step = (registration.OFFSET_THRESHOLD_MM + 2.0) / math.sqrt(3.0)
+    shift.SetTranslation((step, -step, step))
+    report = registration.check_alignment(reference, _move_header(moving, shift), "PD")
+    assert report.misaligned and report.offset_mm > registration.OFFSET_THRESHOLD_MM
+    turn = sitk.Euler3DTransform()
+    turn.SetCenter(tuple(centre))
+    turn.SetRotation(0.0, 0.0, math.radians(registration.ROTATION_THRESHOLD_DEG + 2.0))
+    report = registration.check_alignment(reference, _move_header(moving, turn), "PD")
+    assert report.misaligned and report.rotation_deg > registration.ROTATION_THRESHOLD_DEG
+
+
+def test_check_is_silent_on_noisy_and_cropped_aligned_volumes(spm12: Path) -> None:
+    """Background noise and a cropped field of view are no misalignment (the metric mask's
+    margin is chosen for both: docs/registration.md)."""
+    reference = sitk.ReadImage(str(spm12 / "T1.nii"))
+    array = sitk.GetArrayFromImage(reference).astype(np.float32)
+    noise = np.random.default_rng(16).normal(0, 0.05 * np.percentile(array, 99), array.shape)
+    noisy = sitk.GetImageFromArray((array + noise).astype(np.float32))
+    noisy.CopyInformation(reference)
+    report = registration.check_alignment(reference, noisy, "noisy T1")
+    assert not report.misaligned and report.offset_mm < 1.0, report.message()
+    epi = sitk.ReadImage(str(spm12 / "EPI.nii"))
+    cropped = epi[:, :, int(0.4 * epi.GetSize()[2]):]
+    report = registration.check_alignment(reference, cropped, "cropped EPI")
+    assert not report.misaligned and report.offset_mm < 4.0, report.message()
+
+
 def test_rigid_registration_recovers_a_known_transform(spm12: Path) -> None:
     fixed = sitk.ReadImage(str(spm12 / "T1.nii"))
     moving = sitk.ReadImage(str(spm12 / "T2.nii"))
@@ -90,7 +125,7 @@ def test_rigid_registration_recovers_a_known_transform(spm12: Path) -> None:
     a, b = registration.transform_matrix(estimated)
     c, d = registration.transform_matrix(truth)
     tre = np.linalg.norm(points @ a.T + b - (points @ c.T + d), axis=1).mean()
-    assert tre < 1.5, tre
+    assert tre < 1.0, tre  # T1/T2 come from the same subjects: the truth is known here
     assert aligned.GetSize() == fixed.GetSize() and aligned.GetOrigin() == fixed.GetOrigin()
     np.testing.assert_array_equal(sitk.GetArrayFromImage(moving), before)  # input untouched
 
