@@ -180,7 +180,7 @@ def qncie(
 # in advance are computed: equal windows give 1, a constant window gives 0 (fmi.m's Pearson c is
 # 0 there, so its joint PDF is the product of the marginals and its MI is 0 up to round-off).
 
-_FMI_CHUNK = 2048  # windows per block: small work arrays (measured best of 512..8192)
+_FMI_CHUNK = 4096  # windows per block (~10 MB of work arrays): best of 1024..16384 on 512² slices
 _TINY = 1e-300  # p * log(|p| + _TINY) is p log|p| for |p| > 1e-284 (all that occur), 0 at 0
 
 
