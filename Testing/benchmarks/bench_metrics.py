@@ -16,6 +16,12 @@ other processes take from a shared core does not count there). The last lines gi
 minor page faults of one full table: fresh NumPy temporaries are fresh pages from the OS
 (glibc trims freed heap), which costs ~1-2 us each on this VM; ``MALLOC_TOP_PAD_=67108864``
 (or ``MALLOC_TRIM_THRESHOLD_`` + ``MALLOC_MMAP_THRESHOLD_``) in the environment removes them.
+
+Last measured (issue 12; 2-core VM, other jobs running, load 1.7-3.9; minimum of three rounds
+interleaved with the code before, bf22e0c): ``python Testing/benchmarks/bench_metrics.py --size
+512 --no-naive --repeat 5 --slices 8`` gave compute_metrics 177 ms CPU on 1 thread (216
+before), 133 ms wall on 2 threads (186), volume_metrics 201 ms CPU per slice on 1 thread (259);
+FMI 62 ms, VIF 30, QE 26, SSIM 19 as single calls. Per metric: docs/metrics.md, Speed.
 """
 
 from __future__ import annotations
