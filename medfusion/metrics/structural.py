@@ -256,8 +256,8 @@ def _sobel_strength_orientation(image: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """Sobel edge strength and orientation ``atan(sy/sx)`` (pi/2 where sx == 0), zero padding.
 
     VIFB's ``conv2`` kernels h3 (x) and h1 (y): sx = left minus right column, sy = lower minus
-    upper row (the signs matter: atan(sy/sx) is pinned to +pi/2 where sx == 0). Shared by
-    QABF, QSF_MIN and QSF_MAX within one ``compute_metrics`` call.
+    upper row (the signs matter: atan(sy/sx) is pinned to +pi/2 where sx == 0). Memoised within
+    one ``compute_metrics`` call: the fused image's maps serve every source.
     """
     return shared(("sobel",), (image,), lambda: _sobel(image))
 
@@ -306,9 +306,10 @@ def _edge_preservation(g_s: np.ndarray, a_s: np.ndarray, g_f: np.ndarray,
 def edge_sums(source: np.ndarray, fused: np.ndarray) -> tuple[float, float]:
     """``(sum_px Q^SF g_S, sum_px g_S)`` of one prepared source against the fused image: the
     numerator and denominator of QAB/F (L = 1) and Q^{S/F}, shared by QABF, QSF_MIN and
-    QSF_MAX within one ``compute_metrics`` call."""
+    QSF_MAX within one ``compute_metrics`` call. Only the fused image's Sobel maps are kept for
+    the other sources: each source's are needed once (two fewer full-size maps held per source)."""
     def compute() -> tuple[float, float]:
-        g_s, a_s = _sobel_strength_orientation(source)
+        g_s, a_s = _sobel(source)
         g_f, a_f = _sobel_strength_orientation(fused)
         q = _edge_preservation(g_s, a_s, g_f, a_f)
         return float(np.einsum("ij,ij->", q, g_s)), float(g_s.sum())
