@@ -17,8 +17,9 @@ per-slice metrics), under ``/usr/bin/time``: wall and CPU seconds and peak RSS a
 memory target 1.5 x (inputs + output) + 300 MB.
 
 Last measured (issue 12, the same ``medfusion fuse`` commands run by hand under ``/usr/bin/time
--v``, torch backend, load 3-5 from other jobs): cnn 20.6 s wall / 20.2 s CPU / 1559 MB without
-``--metrics``, 162.1 s / 117.3 s / 1795 MB with it (245.3 s / 155.9 s before); README, Speed.
+-v`` with ``MEDFUSION_BACKEND=torch``, load 1.8-3.5 from other jobs): cnn 11.2 s wall / 15.4 s
+CPU / 1528 MB without ``--metrics``, 120.2 s / 130.5 s / 1759 MB with it (133.1 s / 154.1 s /
+1687 MB with the metrics code before); README, Speed.
 """
 
 from __future__ import annotations
