@@ -14,25 +14,20 @@ the weaker-preserved source's edges that survive: high only when every source is
 
 from __future__ import annotations
 
-import numpy as np
-
 from medfusion.metrics._common import GREY_MAX, prepare, undefined
-from medfusion.metrics.structural import _edge_preservation, _sobel_strength_orientation
+from medfusion.metrics.structural import edge_sums
 
 
 def per_source_qabf(fused: object, *sources: object, data_range: float = GREY_MAX) -> list[float]:
     """``[Q^{S/F} for S in sources]``, each in [0, ~0.975]; NaN (+ warning) for a flat source."""
     image, checked = prepare(fused, sources, data_range)
-    g_f, a_f = _sobel_strength_orientation(image)
     values: list[float] = []
     for index, source in enumerate(checked, start=1):
-        g_s, a_s = _sobel_strength_orientation(source)
-        weight = float(g_s.sum())
+        numerator, weight = edge_sums(source, image)
         if weight == 0.0:
             values.append(undefined("QSF", f"source {index} has no edge (constant)"))
             continue
-        q = _edge_preservation(g_s, a_s, g_f, a_f)
-        values.append(float(np.einsum("ij,ij->", q, g_s)) / weight)
+        values.append(numerator / weight)
     return values
 
 

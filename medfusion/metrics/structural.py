@@ -256,8 +256,13 @@ def _sobel_strength_orientation(image: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """Sobel edge strength and orientation ``atan(sy/sx)`` (pi/2 where sx == 0), zero padding.
 
     VIFB's ``conv2`` kernels h3 (x) and h1 (y): sx = left minus right column, sy = lower minus
-    upper row (the signs matter: atan(sy/sx) is pinned to +pi/2 where sx == 0).
+    upper row (the signs matter: atan(sy/sx) is pinned to +pi/2 where sx == 0). Memoised within
+    one ``compute_metrics`` call: the fused image's maps serve every source.
     """
+    return shared(("sobel",), (image,), lambda: _sobel(image))
+
+
+def _sobel(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sx, sy = gradient_3x3(image, 2.0, "constant")
     sy *= -1.0
     strength = np.sqrt(sx * sx + sy * sy)
@@ -298,6 +303,20 @@ def _edge_preservation(g_s: np.ndarray, a_s: np.ndarray, g_f: np.ndarray,
     return q
 
 
+def edge_sums(source: np.ndarray, fused: np.ndarray) -> tuple[float, float]:
+    """``(sum_px Q^SF g_S, sum_px g_S)`` of one prepared source against the fused image: the
+    numerator and denominator of QAB/F (L = 1) and Q^{S/F}, shared by QABF, QSF_MIN and
+    QSF_MAX within one ``compute_metrics`` call. Only the fused image's Sobel maps are kept for
+    the other sources: each source's are needed once (two fewer full-size maps held per source)."""
+    def compute() -> tuple[float, float]:
+        g_s, a_s = _sobel(source)
+        g_f, a_f = _sobel_strength_orientation(fused)
+        q = _edge_preservation(g_s, a_s, g_f, a_f)
+        return float(np.einsum("ij,ij->", q, g_s)), float(g_s.sum())
+
+    return shared(("edge sums",), (source, fused), compute)
+
+
 def qabf(fused: object, *sources: object, data_range: float = GREY_MAX, L: float = 1.0) -> float:
     """QAB/F: Xydeas-Petrovic edge-information preservation.
 
@@ -311,13 +330,18 @@ def qabf(fused: object, *sources: object, data_range: float = GREY_MAX, L: float
     NaN + warning when no source has any edge.
     """
     image, checked = prepare(fused, sources, data_range)
-    g_f, a_f = _sobel_strength_orientation(image)
     numerator = denominator = 0.0
     for source in checked:
-        g_s, a_s = _sobel_strength_orientation(source)
-        weight = g_s**L if L != 1.0 else g_s
-        numerator += float(np.einsum("ij,ij->", _edge_preservation(g_s, a_s, g_f, a_f), weight))
-        denominator += float(weight.sum())
+        if L == 1.0:
+            part, weight_sum = edge_sums(source, image)
+        else:
+            g_s, a_s = _sobel_strength_orientation(source)
+            g_f, a_f = _sobel_strength_orientation(image)
+            weight = g_s**L
+            part = float(np.einsum("ij,ij->", _edge_preservation(g_s, a_s, g_f, a_f), weight))
+            weight_sum = float(weight.sum())
+        numerator += part
+        denominator += weight_sum
     if denominator == 0:
         return undefined("QABF", "no source has any edge (all constant)")
     return numerator / denominator
