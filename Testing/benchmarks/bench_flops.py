@@ -6,12 +6,16 @@
   ``torch.utils.flop_counter`` (multiply-add = 2 FLOPs), seconds per backend
   (:mod:`medfusion.methods.backend`), and the ratio of that time to FLOPs / limit;
 - the default ``cnn`` method (what ``medfusion fuse`` runs, block size and overlap of the bundle)
-  on the same slice.
+  on the same slice;
+- ``--batches 1,2,4,8,16``: the network (plain torch) on a stack of 16 such slice pairs in calls
+  of that many slices, per slice: what sets ``medfusion.methods.cnn.CPU_PIXELS_PER_CALL`` (the
+  cache tile; calls of many large slices run out of this CPU's caches).
 
 Times are the minimum of ``--repeat`` calls after a warm-up (the CPU may be shared: the minimum
 is the least disturbed run), wall clock and process CPU time.
 
     nice python Testing/benchmarks/bench_flops.py [--threads 2] [--repeat 5] [--size 512]
+        [--batches 1,2,4,8,16]
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batches", default="",
+                        help="comma-separated slices per network call to compare (e.g. 1,2,8)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -92,6 +98,29 @@ def main() -> None:
     for label, wall, cpu in rows:
         print(f"{label:<34}{wall * 1e3:>9.1f}{cpu * 1e3:>9.1f}{flops / wall / 1e9:>9.1f}"
               f"{wall / ideal:>9.1f}")
+    if args.batches:
+        per_call_table(module, args.size, [int(n) for n in args.batches.split(",")],
+                       args.repeat, ideal)
+
+
+def per_call_table(module: torch.nn.Module, size: int, batches: list[int], repeat: int,
+                   ideal: float) -> None:
+    """The network on 16 slice pairs in calls of ``n`` slices: time per slice for each ``n``."""
+    stack = torch.rand(16, 2, size, size)
+
+    def run(per_call: int) -> None:
+        for start in range(0, len(stack), per_call):
+            module(stack[start : start + per_call])
+
+    print(f"\n# the network (torch) on 16 {size}x{size} pairs, by slices per call")
+    header = f"{'slices per call':<16}{'wall ms/slice':>15}{'cpu ms/slice':>14}{'x limit':>9}"
+    print(header)
+    print("-" * len(header))
+    with torch.inference_mode():
+        for per_call in batches:
+            wall, cpu = _best(lambda n=per_call: run(n), repeat)
+            print(f"{per_call:<16}{wall / 16 * 1e3:>15.2f}{cpu / 16 * 1e3:>14.2f}"
+                  f"{wall / 16 / ideal:>9.1f}")
 
 
 if __name__ == "__main__":

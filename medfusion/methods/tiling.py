@@ -65,17 +65,23 @@ def tile(
     halo: int,
     align: int = 1,
     budget_mb: float | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[int, int]:
     """``(slices per call, rows per strip)`` for slices of ``channels x height x width``.
 
-    Slices that fit the budget run whole (``rows == height``), as many per call as fit; a larger
-    slice runs alone in strips of a multiple of ``align`` rows (at least ``align``), each with
-    ``halo`` rows on both sides counted in its memory.
+    Slices that fit the budget run whole (``rows == height``), as many per call as fit and, when
+    ``max_pixels`` is given, no more than keep ``channels x height x width x slices`` within it
+    (a cache tile: on CPU a network's temporaries stay in cache); a larger slice runs alone in
+    strips of a multiple of ``align`` rows (at least ``align``), each with ``halo`` rows on both
+    sides counted in its memory.
     """
     budget = memory_budget_bytes(budget_mb)
     per_slice = bytes_per_pixel * channels * height * width
     if per_slice <= budget:
-        return max(1, int(budget // max(per_slice, 1.0))), height
+        slices = max(1, int(budget // max(per_slice, 1.0)))
+        if max_pixels is not None:
+            slices = min(slices, max(1, max_pixels // max(channels * height * width, 1)))
+        return slices, height
     rows = int(budget // (bytes_per_pixel * channels * width)) - 2 * halo
     return 1, max(align, rows // align * align)
 
@@ -87,6 +93,7 @@ def run_tiled(
     halo: int,
     align: int = 1,
     budget_mb: float | None = None,
+    max_pixels: int | None = None,
 ) -> torch.Tensor:
     """``run`` ((N, C, H, W) -> (N, C', H, W), shape-preserving in H and W) applied to
     ``inputs`` (B, C, H, W) within the memory tile of :func:`tile`; the same result as
@@ -94,7 +101,7 @@ def run_tiled(
     import torch
 
     b, c, h, w = inputs.shape
-    slices, rows = tile(c, h, w, bytes_per_pixel, halo, align, budget_mb)
+    slices, rows = tile(c, h, w, bytes_per_pixel, halo, align, budget_mb, max_pixels)
     if rows >= h:
         parts = [run(inputs[i : i + slices]) for i in range(0, b, slices)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
