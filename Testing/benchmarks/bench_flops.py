@@ -5,7 +5,8 @@
 - the bundle's network on one 512x512 slice pair: FLOPs counted by
   ``torch.utils.flop_counter`` (multiply-add = 2 FLOPs), seconds per backend
   (:mod:`medfusion.methods.backend`), and the ratio of that time to FLOPs / limit;
-- the default ``cnn`` method (what ``medfusion fuse`` runs, block size and overlap of the bundle)
+- the default ``cnn`` method (what ``medfusion fuse`` runs: the bundle's block exponent, the memory
+  and cache tiles)
   on the same slice;
 - ``--batches 1,2,4,8,16``: the network (plain torch) on a stack of 16 such slice pairs in calls
   of that many slices, per slice: what sets ``medfusion.methods.cnn.CPU_PIXELS_PER_CALL`` (the

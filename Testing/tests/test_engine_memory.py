@@ -69,7 +69,10 @@ def _peak_growth(network: str, shape: tuple[int, ...]) -> int:
             "with torch.inference_mode(): m(x)\n"
             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True, env={**os.environ, "MEDFUSION_BACKEND": "torch"},
+                          check=True, env={**os.environ, "MEDFUSION_BACKEND": "torch",
+                                           # the whole slice at once: no row strips, whose
+                                           # size would follow from the declared number
+                                           "MEDFUSION_MEMORY_BUDGET_MB": "100000"},
                           timeout=300)
     return int(done.stdout.split()[-1])
 

@@ -78,12 +78,18 @@ def test_check_detects_a_known_move_and_its_size(spm12: Path) -> None:
 
 
 def test_check_fires_just_above_its_thresholds_and_not_below(spm12: Path) -> None:
-    """A real aligned pair stays silent; moves just over either threshold fire."""
+    """A real aligned pair and a move 3 mm under the offset threshold stay silent; moves just
+    over either threshold fire."""
     reference = sitk.ReadImage(str(spm12 / "T1.nii"))
     moving = sitk.ReadImage(str(spm12 / "PD.nii"))
     aligned = registration.check_alignment(reference, moving, "PD")
     assert not aligned.misaligned and aligned.offset_mm < 1.5, aligned.message()
     centre = registration._content(sitk.Cast(reference, sitk.sitkFloat32), "T1").mean(axis=0)
+    below = sitk.Euler3DTransform()
+    small = (registration.OFFSET_THRESHOLD_MM - 3.0) / math.sqrt(3.0)
+    below.SetTranslation((small, -small, small))
+    report = registration.check_alignment(reference, _move_header(moving, below), "PD")
+    assert not report.misaligned, report.message()
     shift = sitk.Euler3DTransform()
     step = (registration.OFFSET_THRESHOLD_MM + 2.0) / math.sqrt(3.0)
     shift.SetTranslation((step, -step, step))

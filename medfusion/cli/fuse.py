@@ -25,8 +25,6 @@ from medfusion.errors import OutputError
 logger = logging.getLogger("medfusion")
 
 PROGRESS_MODES = ("bar", "json", "none")
-CNN_OPTIONS = ("bundle_dir", "block_exponent")  # the options of the learned methods cnn, sesf
-LEARNED_METHODS = ("cnn", "sesf")
 
 
 # --------------------------------------------------------------------------- parsers
@@ -151,7 +149,7 @@ def engine_options(args: argparse.Namespace, count: int) -> dict[str, Any]:
 
 def build_method(args: argparse.Namespace):
     """Build the fusion method once (the CNN loads its bundle once for a whole batch)."""
-    from medfusion.methods import get_method
+    from medfusion.methods import LEARNED_METHODS, get_method
 
     options: dict[str, Any] = {}
     if args.method in LEARNED_METHODS:

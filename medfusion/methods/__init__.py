@@ -65,8 +65,8 @@ def resolve_device(device: str | Any = "auto"):
 def get_method(name: str, device: str | Any = "cpu", **options: Any) -> FusionMethod:
     """Build the fusion method ``name`` for ``device``.
 
-    Classical methods take no options (CNN-only options such as ``block_exponent`` are ignored
-    for them). ``cnn`` and ``sesf`` take ``bundle_dir``, ``block_exponent`` (decisions on
+    Classical methods take no options (the learned methods' options such as ``block_exponent`` are
+    ignored for them). ``cnn`` and ``sesf`` take ``bundle_dir``, ``block_exponent`` (decisions on
     ``2^i x 2^i`` blocks, 0..6) and ``memory_budget_mb`` (default ``MEDFUSION_MEMORY_BUDGET_MB``). A
     missing or broken bundle raises :class:`ModelError` whose message names the classical fallback.
     """

@@ -101,8 +101,11 @@ class SESFFusion:
                                 budget_mb=self.memory_budget_mb)
 
     def tile(self, sources: int, height: int, width: int) -> tuple[int, int]:
-        """``(images per encoder call, rows per strip)`` for ``sources`` images of a slice."""
-        return tiling.tile(sources, height, width, BYTES_PER_SOURCE_PIXEL, self.halo,
+        """``(images per encoder call, rows per strip)`` of :meth:`energy` for a slice of
+        ``sources`` sources: the encoder sees each source as its own one-channel image, so the
+        tile does not depend on ``sources`` (kept for the same signature as ``cnn``)."""
+        del sources
+        return tiling.tile(1, height, width, BYTES_PER_SOURCE_PIXEL, self.halo,
                            budget_mb=self.memory_budget_mb)
 
     def decide(self, batch: torch.Tensor) -> Any:

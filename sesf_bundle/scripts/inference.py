@@ -113,14 +113,20 @@ class DecisionFuser:
         """Fuse every group; write ``output_dir/<name>`` (and its decision map); the paths."""
         from PIL import Image
 
+        root = Path(output_dir).resolve()
+        targets = [(root / group["name"]).resolve() for group in groups]
+        for group, target in zip(groups, targets, strict=True):
+            if root not in target.parents:
+                raise ValueError(f"output name {group['name']!r} leaves {output_dir}")
+        if len(set(targets)) != len(targets):
+            raise ValueError("two groups would write the same output name; give them names")
         written = []
-        for group in groups:
+        for group, target in zip(groups, targets, strict=True):
             planes = [load_luminance(p) for p in group["sources"]]
             if len({p.shape for p in planes}) != 1:
                 raise ValueError(f"sources of {group['name']} differ in size: "
                                  f"{sorted({p.shape for p in planes})}")
             decision = self.fuse(np.stack(planes))
-            target = Path(output_dir) / group["name"]
             target.parent.mkdir(parents=True, exist_ok=True)
             pixels = np.clip(np.rint(decision.fused[0].numpy() * 255.0), 0, 255)
             Image.fromarray(pixels.astype(np.uint8)).save(target)

@@ -1,10 +1,12 @@
 """Dictionary transform of the SESF bundle: load one source image as its luminance (1, H, W).
 
 The bundle works on its own (no ``medfusion``): images are read with MONAI's ``LoadImage``
-(PIL reader, rows first), scaled by their storage range (8-bit / 255, 16-bit / 65535) and colour
-PET/SPECT reduced to their BT.601 luminance Y in float32, in the same fixed order of operations
-as MedFusion's ``color.luminance``, so the bundle fuses the very samples the core fuses (a test
-checks the bits are equal).
+(PIL reader, rows first), scaled by their storage range (8-bit / 255) and colour PET/SPECT
+reduced to their BT.601 luminance Y in float32, in the same fixed order of operations as
+MedFusion's ``color.luminance``, so the bundle fuses the very samples the core fuses (a test
+checks the bits are equal). Alone it reads 8-bit grey and RGB images (the atlas' format) and
+refuses other storage modes (16-bit, palette, alpha, float) with a one-line error rather than
+misread them: MedFusion's reader converts those.
 """
 
 from __future__ import annotations
@@ -27,13 +29,20 @@ def _reader():
     return LoadImage(reader=PILReader(reverse_indexing=False), image_only=True, dtype=None)
 
 
+READABLE_MODES = ("L", "RGB")  # PIL modes whose samples MONAI's PIL reader returns as they are
+
+
 def load_luminance(path: str) -> np.ndarray:
-    """An 8/16-bit 2D image -> (H, W) float32 luminance in [0, 1] (colour: BT.601 Y)."""
+    """An 8-bit grey or RGB 2D image -> (H, W) float32 luminance in [0, 1] (colour: BT.601 Y)."""
+    from PIL import Image
+
+    with Image.open(str(path)) as image:
+        mode = image.mode
+    if mode not in READABLE_MODES:
+        raise ValueError(f"{path}: the sesf bundle alone reads 8-bit grey or RGB images, not PIL "
+                         f"mode {mode!r} (convert it, or fuse with medfusion, which reads it)")
     array = np.asarray(_reader()(str(path)))
-    if array.dtype.kind in "ui":
-        unit = array.astype(np.float32) / np.float32(np.iinfo(array.dtype).max)
-    else:
-        unit = array.astype(np.float32)
+    unit = array.astype(np.float32) / np.float32(255.0)
     if unit.ndim == 2:
         return unit
     red, green, blue = unit[..., 0], unit[..., 1 % unit.shape[-1]], unit[..., 2 % unit.shape[-1]]
