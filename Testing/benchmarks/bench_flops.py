@@ -23,20 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
-
-
-def _best(func, repeat: int) -> tuple[float, float]:
-    func()
-    wall, cpu = [], []
-    for _ in range(repeat):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        func()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return min(wall), min(cpu)
+from timing import best_of
 
 
 def conv_limit(repeat: int) -> float:
@@ -45,7 +34,7 @@ def conv_limit(repeat: int) -> float:
     x = torch.rand(1, 64, 256, 256)
     flops = 2 * 64 * 64 * 9 * 256 * 256
     with torch.inference_mode():
-        wall, _ = _best(lambda: conv(x), repeat)
+        wall, _ = best_of(lambda: conv(x), repeat)
     return flops / wall
 
 
@@ -91,11 +80,11 @@ def main() -> None:
         runner = backend.accelerate(module, "cpu", backend=name)
         used = runner.prepare()
         with torch.inference_mode():
-            rows.append((f"network, backend {used}", *_best(lambda r=runner: r(batch),
+            rows.append((f"network, backend {used}", *best_of(lambda r=runner: r(batch),
                                                             args.repeat)))
     default = get_method("cnn", device="cpu")
     label = f"default cnn method ({default.network.prepare()}, i = {default.block_exponent})"
-    rows.append((label, *_best(lambda: default(batch), args.repeat)))
+    rows.append((label, *best_of(lambda: default(batch), args.repeat)))
     for label, wall, cpu in rows:
         print(f"{label:<34}{wall * 1e3:>9.1f}{cpu * 1e3:>9.1f}{flops / wall / 1e9:>9.1f}"
               f"{wall / ideal:>9.1f}")
@@ -119,7 +108,7 @@ def per_call_table(module: torch.nn.Module, size: int, batches: list[int], repea
     print("-" * len(header))
     with torch.inference_mode():
         for per_call in batches:
-            wall, cpu = _best(lambda n=per_call: run(n), repeat)
+            wall, cpu = best_of(lambda n=per_call: run(n), repeat)
             print(f"{per_call:<16}{wall / 16 * 1e3:>15.2f}{cpu / 16 * 1e3:>14.2f}"
                   f"{wall / 16 / ideal:>9.1f}")
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,7 @@ from test_metrics_reference import (  # noqa: E402
     naive_qncie,
     naive_vifp,
 )
+from timing import best_of  # noqa: E402
 
 import medfusion.metrics as M  # noqa: E402
 
@@ -55,18 +55,6 @@ def _load(data: Path) -> tuple[np.ndarray, np.ndarray]:
     ct = np.asarray(Image.open(data / "CT-MRI" / "CT" / "20005.png").convert("L"), float)
     mri = np.asarray(Image.open(data / "CT-MRI" / "MRI" / "20005.png").convert("L"), float)
     return ct, mri
-
-
-def _time(func, repeat: int) -> tuple[float, float]:
-    """Minimum wall and minimum CPU seconds of ``repeat`` calls (after one warm-up)."""
-    func()
-    wall, cpu = [], []
-    for _ in range(repeat):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        func()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return min(wall), min(cpu)
 
 
 def _faults(func) -> int:
@@ -114,7 +102,7 @@ def main() -> None:
     print(f"{'metric':8} {'wall ms':>9} {'cpu ms':>8} {'naive ms':>10} {'speed-up':>9}")
     total = total_cpu = 0.0
     for name in M.available_metrics():
-        seconds, cpu = _time(lambda n=name: M.compute_metrics(f, [a, b], names=[n], workers=1),
+        seconds, cpu = best_of(lambda n=name: M.compute_metrics(f, [a, b], names=[n], workers=1),
                              args.repeat)
         total += seconds
         total_cpu += cpu
@@ -124,28 +112,28 @@ def main() -> None:
             if name == "FMI":
                 c = args.naive_crop
                 crop = (slice(96, 96 + c), slice(96, 96 + c))
-                t = _time(lambda crop=crop: naive_fmi(a[crop], b[crop], f[crop]), 1)[0]
+                t = best_of(lambda crop=crop: naive_fmi(a[crop], b[crop], f[crop]), 1)[0]
                 t *= (256 - 2) ** 2 / (c - 2) ** 2
             else:
-                t = _time(naive[name], 1)[0]
+                t = best_of(naive[name], 1)[0]
             naive_ms = f"{t * 1e3:10.0f}"
             ratio = f"{t / seconds:8.0f}x"
         print(f"{name:8} {seconds * 1e3:9.2f} {cpu * 1e3:8.2f} {naive_ms:>10} {ratio:>9}")
     print(f"sum of single-metric calls: {total * 1e3:.1f} ms wall, {total_cpu * 1e3:.1f} ms cpu")
     for workers in (1, 2):
-        wall, cpu = _time(lambda w=workers: M.compute_metrics(f, [a, b], workers=w),
+        wall, cpu = best_of(lambda w=workers: M.compute_metrics(f, [a, b], workers=w),
                           args.repeat)
         faults = _faults(lambda w=workers: M.compute_metrics(f, [a, b], workers=w))
         print(f"compute_metrics(all {len(M.available_metrics())}), {workers} thread(s): "
               f"{wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms cpu, {faults} page faults")
-    wall, cpu = _time(lambda: M.compute_metrics(f, [a, b], target=a), args.repeat)
+    wall, cpu = best_of(lambda: M.compute_metrics(f, [a, b], target=a), args.repeat)
     print(f"... with a target (6 more values): {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms cpu")
 
     volume = [np.stack([np.roll(x, i, axis=1) for i in range(args.slices)]) for x in (f, a, b)]
     default = M.table.default_workers()
     print(f"volume_metrics of {args.slices} slices of {a.shape[0]}x{a.shape[1]}:")
     for workers in sorted({1, default}):
-        wall, cpu = _time(lambda w=workers: M.volume_metrics(volume[0], volume[1:], workers=w),
+        wall, cpu = best_of(lambda w=workers: M.volume_metrics(volume[0], volume[1:], workers=w),
                           max(1, args.repeat // 3))
         print(f"  {workers} thread(s): {wall / args.slices * 1e3:.1f} ms wall per slice, "
               f"{cpu / args.slices * 1e3:.1f} ms cpu per slice")
