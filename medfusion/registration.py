@@ -191,6 +191,26 @@ def mean_displacement_mm(transform, points: np.ndarray) -> float:
     return float(np.linalg.norm(moved - points, axis=1).mean())
 
 
+def target_registration_error_mm(estimated, truth, points: np.ndarray) -> float:
+    """Mean distance (mm) between where ``estimated`` and ``truth`` send ``points`` ((N, 3))."""
+    a, b = transform_matrix(estimated)
+    c, d = transform_matrix(truth)
+    return float(np.linalg.norm(points @ a.T + b - (points @ c.T + d), axis=1).mean())
+
+
+def moved_header(image, transform):
+    """A copy of ``image`` whose content sits at ``transform(p)`` for each original point p:
+    its origin and direction moved, its voxels untouched (a known misalignment, no resampling)."""
+    import SimpleITK as sitk
+
+    moved = sitk.Image(image)
+    matrix, offset = transform_matrix(transform)
+    direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    moved.SetOrigin(tuple(matrix @ np.asarray(image.GetOrigin(), float) + offset))
+    moved.SetDirection(tuple((matrix @ direction).ravel()))
+    return moved
+
+
 def _start_transform(fixed, moving, centre: np.ndarray, initialiser: str):
     import SimpleITK as sitk
 

@@ -64,16 +64,6 @@ def random_rigid(rng: np.random.Generator, centre: np.ndarray, max_mm: float = 2
     return euler
 
 
-def move_header(image: sitk.Image, transform) -> sitk.Image:
-    """A copy of ``image`` whose content sits at ``transform(p)`` for each original point p."""
-    moved = sitk.Image(image)
-    matrix, offset = registration.transform_matrix(transform)
-    direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
-    moved.SetOrigin(tuple(matrix @ np.asarray(image.GetOrigin(), float) + offset))
-    moved.SetDirection(tuple((matrix @ direction).ravel()))
-    return moved
-
-
 def cropped(image: sitk.Image, voxels: int = 4) -> sitk.Image:
     """``image`` (float32) without ``voxels`` slices on each face (8 mm for the templates).
 
@@ -87,13 +77,6 @@ def cropped(image: sitk.Image, voxels: int = 4) -> sitk.Image:
     return sitk.Cast(image, sitk.sitkFloat32)[voxels:int(size[0]) - voxels,
                                               voxels:int(size[1]) - voxels,
                                               voxels:int(size[2]) - voxels]
-
-
-def tre(estimated, truth, points: np.ndarray) -> float:
-    """Mean distance (mm) between where two transforms send ``points``."""
-    a, b = registration.transform_matrix(estimated)
-    c, d = registration.transform_matrix(truth)
-    return float(np.linalg.norm(points @ a.T + b - (points @ c.T + d), axis=1).mean())
 
 
 def compose(outer, inner):
@@ -132,12 +115,13 @@ def known_transforms(spm: Path, repeats: int, seed: int) -> None:
         tres, tres_own, seconds, checks = [], [], [], []
         for _ in range(repeats):
             truth = random_rigid(rng, centre)
-            moved = move_header(moving, truth)
+            moved = registration.moved_header(moving, truth)
             started, cpu = time.perf_counter(), time.process_time()
             _, estimated = registration.register(fixed, moved, "rigid", name)
             seconds.append((time.perf_counter() - started, time.process_time() - cpu))
-            tres.append(tre(estimated, truth, points))
-            tres_own.append(tre(estimated, compose(truth, own), points))
+            tres.append(registration.target_registration_error_mm(estimated, truth, points))
+            tres_own.append(registration.target_registration_error_mm(
+                estimated, compose(truth, own), points))
             report = registration.check_alignment(fixed, moved, name)
             true_offset = registration.mean_displacement_mm(truth, points)
             checks.append((true_offset, report.offset_mm, report.misaligned))
@@ -170,7 +154,7 @@ def _resampled_pair(spm: Path, size: tuple[int, int, int], spacing: tuple[float,
                            sitk.sitkFloat32)
     points = registration._subsample(content_points(fixed))  # the fixed volume's own content
     truth = random_rigid(rng, points.mean(axis=0))
-    return fixed, move_header(moving, truth), truth, points
+    return fixed, registration.moved_header(moving, truth), truth, points
 
 
 def speed(spm: Path, skip_large: bool, seed: int) -> None:
@@ -188,7 +172,7 @@ def speed(spm: Path, skip_large: bool, seed: int) -> None:
         _, estimated = registration.register(fixed, moving, "rigid", "T2")
         seconds = (time.perf_counter() - started, time.process_time() - cpu)
         rows.append([label, f"{seconds[0]:.1f} / {seconds[1]:.1f}",
-                     f"{tre(estimated, truth, points):.2f}",
+                     f"{registration.target_registration_error_mm(estimated, truth, points):.2f}",
                      f"{check_seconds[0]:.1f} / {check_seconds[1]:.1f}",
                      f"{registration.mean_displacement_mm(truth, points):.1f}->"
                      f"{report.offset_mm:.1f}"])
@@ -349,7 +333,8 @@ def sensitivity(spm: Path, seed: int, repeats: int) -> None:
             moving = cropped(sitk.ReadImage(str(spm / f"{name}.nii")))
             for _ in range(repeats):
                 truth = random_rigid(rng, points.mean(axis=0), size_mm, size_deg)
-                report = registration.check_alignment(fixed, move_header(moving, truth), name)
+                moved = registration.moved_header(moving, truth)
+                report = registration.check_alignment(fixed, moved, name)
                 fired += report.misaligned
                 cases += 1
                 estimates.append(f"{registration.mean_displacement_mm(truth, points):.1f}->"
@@ -438,7 +423,8 @@ def margins(spm: Path, seed: int) -> None:
             noise_offsets = [registration.check_alignment(fixed, image, "noisy T1").offset_mm
                              for image in noisy]
             rows.append([f"{margin:g}" + (" (shipped)" if margin == shipped else ""),
-                         f"{own[0]:.2f} / {own[1]:.2f}", f"{tre(part, full, points):.2f}",
+                         f"{own[0]:.2f} / {own[1]:.2f}",
+                         f"{registration.target_registration_error_mm(part, full, points):.2f}",
                          f"{registration.check_alignment(fixed, top, 'EPI top').offset_mm:.2f}",
                          f"{max(noise_offsets):.2f}"])
     finally:

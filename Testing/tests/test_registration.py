@@ -25,16 +25,6 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _move_header(image: sitk.Image, transform) -> sitk.Image:
-    """Copy of ``image`` whose content sits at transform(p) for each original point p."""
-    moved = sitk.Image(image)
-    matrix, offset = registration.transform_matrix(transform)
-    direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
-    moved.SetOrigin(tuple(matrix @ np.asarray(image.GetOrigin(), float) + offset))
-    moved.SetDirection(tuple((matrix @ direction).ravel()))
-    return moved
-
-
 @pytest.fixture(scope="module")
 def tcga_small(tcga: Path, tmp_path_factory) -> Path:
     """t1 and flair of TCGA-FG-6692 binned 2x2 in-plane (1.8x1.8x5.5 mm), as files."""
@@ -71,7 +61,7 @@ def test_check_detects_a_known_move_and_its_size(spm12: Path) -> None:
     reference = sitk.ReadImage(str(spm12 / "T1.nii"))
     shift = sitk.Euler3DTransform()
     shift.SetTranslation((12.0, -5.0, 4.0))
-    moved = _move_header(sitk.ReadImage(str(spm12 / "T2.nii")), shift)
+    moved = registration.moved_header(sitk.ReadImage(str(spm12 / "T2.nii")), shift)
     report = registration.check_alignment(reference, moved, "T2")
     assert report.misaligned
     assert abs(report.offset_mm - math.dist((0, 0, 0), (12, -5, 4))) < 2.0
@@ -88,17 +78,17 @@ def test_check_fires_just_above_its_thresholds_and_not_below(spm12: Path) -> Non
     below = sitk.Euler3DTransform()
     small = (registration.OFFSET_THRESHOLD_MM - 3.0) / math.sqrt(3.0)
     below.SetTranslation((small, -small, small))
-    report = registration.check_alignment(reference, _move_header(moving, below), "PD")
+    report = registration.check_alignment(reference, registration.moved_header(moving, below), "PD")
     assert not report.misaligned, report.message()
     shift = sitk.Euler3DTransform()
     step = (registration.OFFSET_THRESHOLD_MM + 2.0) / math.sqrt(3.0)
     shift.SetTranslation((step, -step, step))
-    report = registration.check_alignment(reference, _move_header(moving, shift), "PD")
+    report = registration.check_alignment(reference, registration.moved_header(moving, shift), "PD")
     assert report.misaligned and report.offset_mm > registration.OFFSET_THRESHOLD_MM
     turn = sitk.Euler3DTransform()
     turn.SetCenter(tuple(centre))
     turn.SetRotation(0.0, 0.0, math.radians(registration.ROTATION_THRESHOLD_DEG + 2.0))
-    report = registration.check_alignment(reference, _move_header(moving, turn), "PD")
+    report = registration.check_alignment(reference, registration.moved_header(moving, turn), "PD")
     assert report.misaligned and report.rotation_deg > registration.ROTATION_THRESHOLD_DEG
 
 
@@ -127,10 +117,9 @@ def test_rigid_registration_recovers_a_known_transform(spm12: Path) -> None:
     truth.SetRotation(math.radians(6), math.radians(-4), math.radians(9))
     truth.SetTranslation((11.0, -8.0, 6.0))
     before = sitk.GetArrayFromImage(moving).copy()
-    aligned, estimated = registration.register(fixed, _move_header(moving, truth), "rigid")
-    a, b = registration.transform_matrix(estimated)
-    c, d = registration.transform_matrix(truth)
-    tre = np.linalg.norm(points @ a.T + b - (points @ c.T + d), axis=1).mean()
+    moved = registration.moved_header(moving, truth)
+    aligned, estimated = registration.register(fixed, moved, "rigid")
+    tre = registration.target_registration_error_mm(estimated, truth, points)
     assert tre < 1.0, tre  # T1/T2 come from the same subjects: the truth is known here
     assert aligned.GetSize() == fixed.GetSize() and aligned.GetOrigin() == fixed.GetOrigin()
     np.testing.assert_array_equal(sitk.GetArrayFromImage(moving), before)  # input untouched
