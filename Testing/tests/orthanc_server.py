@@ -249,6 +249,17 @@ def orthanc_available() -> bool:
     return Path(ORTHANC_BINARY).is_file() and Path(DICOMWEB_PLUGIN).is_file()
 
 
+def _require_orthanc() -> None:
+    """Skip (or, with ``MEDFUSION_REQUIRE_ORTHANC=1`` as in CI, fail) without an Orthanc with its
+    DICOMweb plugin; otherwise set the password the test servers are configured with."""
+    if not orthanc_available():
+        message = f"Orthanc or its DICOMweb plugin not installed ({ORTHANC_BINARY})"
+        if os.environ.get("MEDFUSION_REQUIRE_ORTHANC") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    os.environ[PASSWORD_ENV] = PASSWORD
+
+
 _shared: dict[str, object] = {"server": None, "users": 0}
 _lock = threading.Lock()
 
@@ -256,12 +267,7 @@ _lock = threading.Lock()
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
     """A running Orthanc shared by all PACS test modules; stopped after the last one."""
-    if not orthanc_available():
-        message = f"Orthanc or its DICOMweb plugin not installed ({ORTHANC_BINARY})"
-        if os.environ.get("MEDFUSION_REQUIRE_ORTHANC") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    os.environ[PASSWORD_ENV] = PASSWORD
+    _require_orthanc()
     with _lock:
         if _shared["server"] is None:
             server = OrthancServer(
@@ -354,12 +360,7 @@ def faulty_orthanc(
 ) -> Iterator[OrthancServer]:
     """The misbehaving Orthanc (above) with small MR + PT studies: ``drop``, ``refuse`` and
     ``long-values`` (source headers with values too long for their VR, as some scanners write)."""
-    if not orthanc_available():
-        message = f"Orthanc or its DICOMweb plugin not installed ({ORTHANC_BINARY})"
-        if os.environ.get("MEDFUSION_REQUIRE_ORTHANC") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    os.environ[PASSWORD_ENV] = PASSWORD
+    _require_orthanc()
     workdir = tmp_path_factory.mktemp("orthanc-faulty")
     server = OrthancServer(
         workdir=workdir,
