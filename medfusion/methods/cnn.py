@@ -41,21 +41,17 @@ def pad_to_network_minimum(batch: torch.Tensor) -> tuple[torch.Tensor, tuple[int
     return batch, (height, width)
 
 
-MAX_BLOCK_EXPONENT = bundle.MAX_BLOCK_EXPONENT
 # working memory of the network per source pixel (float32 maps alive at the peak; measured
 # 46-56 B with torch on 512^2 and 1024^2 batches, see Testing/tests/test_engine_memory.py) and
 # the halo of a row strip in blocks (the block CNN's receptive field plus the upsampling)
 BYTES_PER_SOURCE_PIXEL = 4 * 14
 HALO_BLOCKS = 8
 # source pixels per network call on CPU (the cache tile): the network's full-resolution
-# temporaries of about 2^20 input pixels stay in this CPU's caches; 512^2 pairs ran at 9.4 ms
-# per slice in calls of 2 slices against 12.5 ms in calls of 8 and 16.4 ms in calls of 16
-# (Testing/benchmarks/bench_flops.py --batches 1,2,4,8,16); on a GPU calls are as large as the
-# memory budget allows
+# temporaries of about 2^20 input pixels stay in this CPU's caches; 512^2 pairs ran at 9.3-11.8
+# ms per slice in calls of 1-2 slices against 10.4-27.5 in calls of 8 and 20-24 in calls of 16
+# (Testing/benchmarks/bench_flops.py --batches 1,2,4,8,16 --repeat 9, load 1.5); on a GPU calls
+# are as large as the memory budget allows
 CPU_PIXELS_PER_CALL = 1 << 20
-
-
-_check_exponent = bundle.check_exponent  # the one rule for cnn and sesf (0..6)
 
 
 class CNNFusion:
@@ -88,9 +84,9 @@ class CNNFusion:
         config_file, weights_file = bundle.bundle_files(self.bundle_dir, "CNN")
         required = ("network_def", "block_exponent")
         overrides = {"block_exponent": None if block_exponent is None
-                     else _check_exponent(block_exponent)}
+                     else bundle.check_exponent(block_exponent)}
         settings, network = bundle.build_network(self.bundle_dir, config_file, required, overrides)
-        self.block_exponent = _check_exponent(settings["block_exponent"])
+        self.block_exponent = bundle.check_exponent(settings["block_exponent"])
         # None: the shared budget, read at each call (tiling.memory_budget_mb)
         self.memory_budget_mb = (None if memory_budget_mb is None
                                  else tiling.check_budget(memory_budget_mb))
