@@ -1,18 +1,17 @@
 """Dictionary transform of the SESF bundle: load one source image as its luminance (1, H, W).
 
-The bundle works on its own (no ``medfusion``): images are read with MONAI's ``LoadImage``
-(PIL reader, rows first), scaled by their storage range (8-bit / 255) and colour PET/SPECT
-reduced to their BT.601 luminance Y in float32, in the same fixed order of operations as
-MedFusion's ``color.luminance``, so the bundle fuses the very samples the core fuses (a test
-checks the bits are equal). Alone it reads 8-bit grey and RGB images (the atlas' format) and
-refuses other storage modes (16-bit, palette, alpha, float) with a one-line error rather than
-misread them: MedFusion's reader converts those.
+The bundle works on its own (no ``medfusion``): images are read with Pillow (rows first; one
+open for the mode check and the samples), scaled by their storage range (8-bit / 255) and
+colour PET/SPECT reduced to their BT.601 luminance Y in float32, in the same fixed order of
+operations as MedFusion's ``color.luminance``, so the bundle fuses the very samples the core
+fuses (a test checks the bits are equal). Alone it reads 8-bit grey and RGB images (the atlas'
+format) and refuses other storage modes (16-bit, palette, alpha, float) with a one-line error
+rather than misread them: MedFusion's reader converts those.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -21,15 +20,7 @@ from monai.transforms import MapTransform
 BT601 = (np.float32(0.299), np.float32(0.587), np.float32(0.114))  # Y of R, G, B
 
 
-@lru_cache(maxsize=1)
-def _reader():
-    from monai.data import PILReader
-    from monai.transforms import LoadImage
-
-    return LoadImage(reader=PILReader(reverse_indexing=False), image_only=True, dtype=None)
-
-
-READABLE_MODES = ("L", "RGB")  # PIL modes whose samples MONAI's PIL reader returns as they are
+READABLE_MODES = ("L", "RGB")  # 8-bit grey and RGB: samples / 255 are the core's
 
 
 def load_luminance(path: str) -> np.ndarray:
@@ -37,15 +28,15 @@ def load_luminance(path: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(str(path)) as image:
-        mode = image.mode
-    if mode not in READABLE_MODES:
-        raise ValueError(f"{path}: the sesf bundle alone reads 8-bit grey or RGB images, not PIL "
-                         f"mode {mode!r} (convert it, or fuse with medfusion, which reads it)")
-    array = np.asarray(_reader()(str(path)))
+        if image.mode not in READABLE_MODES:
+            raise ValueError(f"{path}: the sesf bundle alone reads 8-bit grey or RGB images, not "
+                             f"PIL mode {image.mode!r} (convert it, or fuse with medfusion, which "
+                             "reads it)")
+        array = np.asarray(image)
     unit = array.astype(np.float32) / np.float32(255.0)
     if unit.ndim == 2:
         return unit
-    red, green, blue = unit[..., 0], unit[..., 1 % unit.shape[-1]], unit[..., 2 % unit.shape[-1]]
+    red, green, blue = unit[..., 0], unit[..., 1], unit[..., 2]
     if np.array_equal(red, green) and np.array_equal(green, blue):
         return np.ascontiguousarray(red)  # grey stored as RGB
     return red * BT601[0] + green * BT601[1] + blue * BT601[2]
