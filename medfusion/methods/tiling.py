@@ -9,7 +9,9 @@ whole slice and the result is the whole-slice result.
 
 The budget is read here and nowhere else: ``MEDFUSION_MEMORY_BUDGET_MB`` (default 256), the same
 number the engine sizes its method calls with (:func:`medfusion.engine.slices_per_call`), so a
-method call from the engine never splits its batch again and only an oversized slice is tiled.
+method call from the engine is never split again for memory and only an oversized slice is
+tiled; a method may still split it into smaller calls for speed (``max_pixels``: the CNN's
+cache tile on CPU).
 A method may still be given an explicit budget (``memory_budget_mb``) for tests or callers that
 want another bound.
 """
