@@ -11,11 +11,14 @@ Prints markdown tables:
 1. **Known rigid transforms.** SPM12 T1 is fixed; T2, PD, PET and SPECT (and EPI) are moved by
    random rigid transforms (translation up to 20 mm, rotation up to 15 deg, seeded). The move
    is applied to the moving volume's header (origin and direction), so no interpolation blurs
-   it, after cropping 8 mm off each face of the moving volume (see :func:`cropped`). TRE:
-   mean distance over the T1 content voxels (Otsu) between the estimated and the true
-   transform. "TRE vs own optimum": against the registration of the unmoved pair, i.e. how well
-   the start position is undone, apart from where mutual information puts the optimum for that
-   pair of contrasts. Also: what the misalignment check estimated, and whether it fired.
+   it, after cropping 8 mm off each face of the moving volume (see :func:`cropped`). Two more
+   rows, PET-like and SPECT-like, are synthesised from T1 itself (:func:`synthesised`), so
+   their truth is exactly the identity, and are moved by the real PET/SPECT rows' transforms.
+   TRE: mean distance between the estimated and the true transform over the brain voxels
+   (:func:`brain_mask`) and over the head (T1's Otsu foreground). "TRE vs own optimum" (brain):
+   against the registration of the unmoved pair, i.e. how well the start position is undone,
+   apart from where mutual information puts the optimum for that pair of volumes. Also: what
+   the misalignment check estimated, and whether it fired.
 2. **Speed.** A 256x256x26 pair (0.9x0.9x5.5 mm, like the TCGA series) and a 512x512x300 pair,
    both built from SPM12 T1/T2 with a known move; ``register`` end to end (estimate + resample).
 3. **TCGA-FG-6692.** t2, flair, t1c against t1: the check before, the registration, the check
