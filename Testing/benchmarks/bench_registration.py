@@ -107,13 +107,13 @@ def brain_mask(spm: Path) -> np.ndarray:
 
     Why PET and not T1: the T1 template averages 152 heads and is so smooth that its skull is a
     shallow dip (about 0.32 between scalp 0.40 and grey matter 0.5-0.6), so no T1 threshold or
-    erosion parts brain from scalp (Otsu, eroded 2-6 mm, keeps the whole 3.3 l head). The PET
-    template (15O-water, i.e. perfusion) is high in grey matter, about half that in white
-    matter and at most 0.25 in scalp and muscle, so 40 % puts the edge at T1's skull minimum;
-    face and neck uptake are separate components. The mask is 2.1 l and reaches down the
-    brainstem. PET sits about 1.5 mm off T1 along x; that moves the mask's edge, and a rigid
-    residual's error field changes across 1.5 mm by at most 1.5 mm times its angle (< 0.03 mm
-    below 1 deg), so the brain TRE does not depend on it.
+    erosion parts brain from scalp (Otsu, eroded 2-6 mm, largest component, dilated back:
+    3.2-3.5 l, the whole head). The PET template (15O-water, i.e. perfusion) is high in grey
+    matter, about half that in white matter and at most 0.25 in scalp and muscle, so 40 % puts
+    the edge at T1's skull minimum; face and neck uptake are separate components. The mask is
+    2.1 l and reaches down the brainstem. PET sits about 1.5 mm off T1 along x; that moves the
+    mask's edge, and a rigid residual's error field changes across 1.5 mm by at most 1.5 mm
+    times its angle (< 0.03 mm below 1 deg), so the brain TRE does not depend on it.
     """
     pet = sitk.ReadImage(str(spm / "PET.nii"))
     maximum = float(sitk.GetArrayViewFromImage(pet).max())
@@ -163,7 +163,8 @@ class Uptake:
 
 
 # FDG-like PET: white matter about a third of grey, 7 mm FWHM, 3 mm voxels; HMPAO-like SPECT:
-# white matter about 0.6 of grey, 14 mm FWHM, 4 mm voxels on an x-flipped grid.
+# white matter about 0.6 of grey, 14 mm FWHM, 4 mm voxels on an x-flipped grid. Each is moved
+# by the transforms of the real row named first.
 SYNTHETIC = {
     "PET-like": ("PET", Uptake((0.0, 0.15, 0.05, 1.0, 0.35), 7.0, 0.03, 3.0)),
     "SPECT-like": ("SPECT", Uptake((0.0, 0.2, 0.1, 1.0, 0.6), 14.0, 0.05, 4.0, flip_x=True)),
