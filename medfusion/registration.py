@@ -154,6 +154,15 @@ def _content(image, label: str) -> np.ndarray:
             f"{label} has too little content to register ({count} content voxels, "
             f"{small_axis} voxels on its thinnest axis at {max(image.GetSpacing()):.1f} mm)"
         )
+    return voxel_points(image, mask)
+
+
+def voxel_points(image, mask: np.ndarray) -> np.ndarray:
+    """(N, 3) physical points (LPS, mm) of the voxels of ``image`` where ``mask`` is true.
+
+    ``mask`` is a boolean array shaped like ``GetArrayFromImage(image)`` (z, y, x); the points
+    are where TRE and displacements are averaged, so grids that are flipped or oblique count.
+    """
     indices = np.argwhere(mask)[:, ::-1].astype(float)  # (x, y, z) voxel indices
     spacing = np.asarray(image.GetSpacing(), float)
     direction = np.asarray(image.GetDirection(), float).reshape(3, 3)

@@ -264,3 +264,22 @@ def test_affine_starts_from_rigid_and_stays_plausible(tcga_small: Path) -> None:
         far = sitk.Image(moving)
         far.SetOrigin((5000.0, 0.0, 0.0))
         registration.register(fixed, far, "rigid")
+
+
+def test_voxel_points_are_physical_points_on_flipped_oblique_grids() -> None:
+    """The points TRE is averaged over (brain voxels in the benchmark) follow the grid's
+    spacing, origin and direction, not only its indices."""
+    image = sitk.Image([5, 6, 7], sitk.sitkFloat32)
+    image.SetSpacing((2.0, 3.0, 4.0))
+    image.SetOrigin((90.0, -126.0, 7.5))
+    turn = sitk.Euler3DTransform()
+    turn.SetRotation(0.2, -0.1, 0.3)
+    flip = np.diag([-1.0, 1.0, 1.0])  # x flipped, like the SPM12 SPECT template
+    image.SetDirection(tuple((np.asarray(turn.GetMatrix()).reshape(3, 3) @ flip).ravel()))
+    mask = np.zeros((7, 6, 5), bool)
+    picked = [(0, 0, 0), (4, 5, 6), (1, 2, 3)]  # (x, y, z) indices
+    for x, y, z in picked:
+        mask[z, y, x] = True
+    points = registration.voxel_points(image, mask)
+    expected = sorted(image.TransformIndexToPhysicalPoint(index) for index in picked)
+    np.testing.assert_allclose(sorted(map(tuple, points)), expected, atol=1e-9)
