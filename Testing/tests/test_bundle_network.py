@@ -54,3 +54,14 @@ def test_gradients_are_finite_at_every_block_exponent(network, exponent: int) ->
     net(x).mean().backward()
     assert torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("scale", [2, 4, 8, 64])
+def test_upsampling_is_torch_bilinear(network, scale: int) -> None:
+    """The network's matrix-product upsampling gives torch's bilinear (align_corners=False)
+    result, edges included, on odd sizes."""
+    upsample = sys.modules[type(network).__module__].upsample_bilinear
+    x = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(scale))
+    expected = torch.nn.functional.interpolate(x, scale_factor=scale, mode="bilinear",
+                                               align_corners=False)
+    torch.testing.assert_close(upsample(x, scale), expected, atol=1e-6, rtol=0)

@@ -119,16 +119,38 @@ class FusionNet(nn.Module):
         maps = self.head[2](hidden).contiguous().reshape(b, k * 2, hb, wb)
         coarse = mean if block == self.base_pool else F.avg_pool2d(x, self.base_pool)
         if block == self.base_pool:  # one upsampling pass for the maps and the base layer
-            up = F.interpolate(torch.cat([maps, coarse], dim=1), size=(hp, wp),
-                               mode="bilinear", align_corners=False)
+            up = upsample_bilinear(torch.cat([maps, coarse], dim=1), block)
             maps, base = up[:, : 2 * k], up[:, 2 * k :]
         else:
-            base = F.interpolate(coarse, size=(hp, wp), mode="bilinear", align_corners=False)
+            base = upsample_bilinear(coarse, self.base_pool)
             if block > 1:
-                maps = F.interpolate(maps, size=(hp, wp), mode="bilinear", align_corners=False)
+                maps = upsample_bilinear(maps, block)
         maps = maps.reshape(b, k, 2, hp, wp)
         fused = combine_sources(x, base, maps[:, :, 0], maps[:, :, 1], self.max_prior)
         return fused[..., :h, :w].clamp(0.0, 1.0)
+
+
+def upsample_bilinear(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)`` for an
+    integer ``scale``, as two matrix products with three columns of weights.
+
+    Output pixel ``scale * j + r`` mixes cells ``j - 1, j, j + 1`` of the edge-padded input with
+    weights that depend on the phase ``r`` only, first along the width, then the height. Why:
+    the same numbers (to float rounding) in 10-20 % less time than ONNX Runtime's Resize for the
+    network's maps (torch's own kernel: about the same).
+    """
+    n, c, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+    offset = (torch.arange(scale, dtype=x.dtype, device=x.device) + 0.5) / scale - 0.5
+    before = offset < 0  # phases left of their cell's centre mix it with the cell before
+    zero = torch.zeros_like(offset)
+    weights = torch.stack([torch.where(before, -offset, zero),
+                           torch.where(before, 1.0 + offset, 1.0 - offset),
+                           torch.where(before, zero, offset)], dim=1)  # (scale, 3)
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    columns = torch.stack([padded[..., 0:w], padded[..., 1:w + 1], padded[..., 2:w + 2]], dim=-1)
+    wide = torch.matmul(columns, weights.t()).reshape(n, c, h + 2, w * scale)
+    rows = torch.stack([wide[:, :, 0:h], wide[:, :, 1:h + 1], wide[:, :, 2:h + 2]], dim=-2)
+    return torch.matmul(weights, rows).reshape(n, c, h * scale, w * scale)
 
 
 def combine_sources(x: torch.Tensor, base: torch.Tensor, logit: torch.Tensor, gain: torch.Tensor,
