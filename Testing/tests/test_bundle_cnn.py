@@ -153,31 +153,3 @@ def test_copy_of_bundle_loads_its_own_code(bundle_copy: Path, pet_mri: torch.Ten
     method = get_method("cnn", bundle_dir=bundle_copy)
     shipped = get_method("cnn")
     assert torch.allclose(method(pet_mri), shipped(pet_mri), atol=1e-5)
-
-
-def test_weights_from_before_the_refinement_path_load_with_it_off() -> None:
-    """A state dict without ``refine.*`` keys (the network before its full-resolution path)
-    loads strictly, with the path's last layer at zero (its output exactly 0), the same state
-    dict on every load (one ONNX cache key), and still trains (a non-zero first layer)."""
-    from medfusion.methods.bundle import use_bundle_scripts
-
-    use_bundle_scripts(BUNDLE)
-    from scripts.network import FusionNet
-
-    earlier = {k: v for k, v in FusionNet(3).state_dict().items() if not k.startswith("refine.")}
-    first, second = FusionNet(3), FusionNet(3)
-    first.load_state_dict(earlier)
-    second.load_state_dict(earlier)
-    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(),
-                                 strict=True):
-        assert torch.equal(a, b), name
-    assert not first.refine[-1].weight.any() and not first.refine[-1].bias.any()
-    assert first.refine[0].weight.abs().sum() > 0
-    seen = []
-    first.refine.register_forward_hook(lambda module, args, out: seen.append(out))
-    for sources in (2, 3):
-        first(torch.rand(1, sources, 40, 56))
-    assert all(not out.any() for out in seen)
-    missing = {k: v for k, v in earlier.items() if not k.startswith("head.")}
-    with pytest.raises(RuntimeError, match="Missing key"):
-        FusionNet(3).load_state_dict(missing)

@@ -42,10 +42,9 @@ def pad_to_network_minimum(batch: torch.Tensor) -> tuple[torch.Tensor, tuple[int
 
 
 # working memory of the network per source pixel (float32 maps alive at the peak; measured
-# 46-56 B with torch on 512^2 and 1024^2 batches before the full-resolution refinement, 98 B
-# with it on 4 x 2 x 512^2; see Testing/tests/test_engine_memory.py) and
+# 46-56 B with torch on 512^2 and 1024^2 batches, see Testing/tests/test_engine_memory.py) and
 # the halo of a row strip in blocks (the block CNN's receptive field plus the upsampling)
-BYTES_PER_SOURCE_PIXEL = 4 * 28
+BYTES_PER_SOURCE_PIXEL = 4 * 14
 HALO_BLOCKS = 8
 # source pixels per network call on CPU (the cache tile): the network's full-resolution
 # temporaries of about 2^20 input pixels stay in this CPU's caches; 512^2 pairs ran at 9.3-11.8

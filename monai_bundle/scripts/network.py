@@ -14,22 +14,12 @@ pixels (smooth maps: no block seams). The fused image is::
 so it starts as a soft pixel maximum (``beta * x_k``) and learns where to re-inject the
 details of the source that is not selected (what keeps the weaker source's edges).
 
-Full-resolution refinement: the upsampled maps are smooth, so on their own they cannot follow
-fine structure (a thin MRI edge inside a bright SPECT blob). A small per-pixel path (3x3 conv
-on ``[x_k, detail_k, up(logit_k), up(gain_k), max_j |detail_j|, mean_j |detail_j|]`` with
-``refine_features`` channels, then a 1x1 conv) adds a correction to both logits before the
-softmax and the sigmoid; it is shared by all sources and pools over them like the block CNN
-(order-free). Its last layer starts at zero, and weights saved before it existed load with it
-there (same output as the network they were trained in).
-
 Block exponent ``i``: the CNN runs on ``(H / 2^i) x (W / 2^i)`` positions, so its work falls
 4x per step of ``i``; a small ``i`` follows structures more precisely, a large ``i`` is faster.
 One set of weights serves every ``i`` (training draws ``i`` at random per batch).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +28,6 @@ from torch import nn
 MAX_BLOCK_EXPONENT = 6
 STATS = 2  # block mean and block variance of each source
 BASE_POOL = 4  # the base layer is the bilinear upsampling of 4x4 block means
-# per-pixel inputs of the refinement path, per source: x_k, detail_k, the upsampled selection
-# logit and gain of source k, and max and mean over all sources of |detail|
-REFINE_INPUTS = 6
 
 
 class FusionNet(nn.Module):
@@ -51,8 +38,6 @@ class FusionNet(nn.Module):
         features: channels of the block CNN.
         min_sources: inputs with fewer channels are rejected (fusion needs at least two).
         max_prior: initial ``beta`` (weight of each source's intensity in its selection logit).
-        refine_features: channels of the full-resolution refinement path (a 3x3 conv on
-            per-pixel inputs, then a 1x1 conv to corrections of the selection logit and gain).
     """
 
     def __init__(
@@ -61,14 +46,12 @@ class FusionNet(nn.Module):
         features: int = 24,
         min_sources: int = 2,
         max_prior: float = 8.0,
-        refine_features: int = 8,
     ) -> None:
         super().__init__()
         self.block_exponent = check_block_exponent(block_exponent)
         self.base_pool = BASE_POOL
         self.stats = STATS
         self.min_sources = int(min_sources)
-        self.refine_inputs = REFINE_INPUTS
         self.max_prior = nn.Parameter(torch.tensor(float(max_prior)))
         self.encoder = nn.Sequential(
             nn.Conv2d(STATS, features, 3, padding=1),
@@ -84,18 +67,6 @@ class FusionNet(nn.Module):
         nn.init.zeros_(self.head[-1].weight)  # start as the soft pixel maximum
         with torch.no_grad():
             self.head[-1].bias.copy_(torch.tensor([0.0, -2.0]))
-        # full-resolution refinement: the block maps are smooth (bilinear from the block grid),
-        # so they cannot follow fine structure; this per-pixel path corrects both logits where
-        # one source's detail stands out against the others' (|detail| pooled over sources:
-        # order-free). Its last layer starts at zero: the network starts as without it
-        self.refine = nn.Sequential(
-            nn.Conv2d(REFINE_INPUTS, int(refine_features), 3, padding=1),
-            nn.LeakyReLU(0.1, inplace=True),
-            nn.Conv2d(int(refine_features), 2, 1),
-        )
-        nn.init.zeros_(self.refine[-1].weight)
-        nn.init.zeros_(self.refine[-1].bias)
-        self.register_load_state_dict_pre_hook(_fill_refine_of_earlier_weights)
         # the block CNN runs channels-last (weights here, inputs in forward): oneDNN's NCHW
         # kernels for these few channels were 3-5x slower on CPU (a dilated 24->24 3x3 conv on
         # 64x64 maps, batch 16: 37 ms NCHW, 10 ms channels-last); loaded weights keep the layout
@@ -148,47 +119,14 @@ class FusionNet(nn.Module):
             if block > 1:
                 maps = F.interpolate(maps, size=(hp, wp), mode="bilinear", align_corners=False)
         maps = maps.reshape(b, k, 2, hp, wp)
-        detail = x - base
-        magnitude = detail.abs()
-        # the refinement runs channels-last like the block CNN (NCHW kernels for these few
-        # channels at full resolution were 4-8x slower); its inputs are stacked along the last
-        # axis of that view and the corrections read from it, with no layout copies
-        refine_in = torch.stack(
-            [x, detail, maps[:, :, 0], maps[:, :, 1],
-             magnitude.amax(dim=1, keepdim=True).expand(-1, k, -1, -1),
-             magnitude.mean(dim=1, keepdim=True).expand(-1, k, -1, -1)], dim=-1)
-        refine_in = refine_in.reshape(b * k, hp, wp, self.refine_inputs).permute(0, 3, 1, 2)
-        correction = self.refine(refine_in).permute(0, 2, 3, 1).reshape(b, k, hp, wp, 2)
-        logit = maps[:, :, 0] + correction[..., 0]
-        gain_logit = maps[:, :, 1] + correction[..., 1]
-        weights = torch.softmax(torch.addcmul(logit, self.max_prior, x), dim=1)
+        weights = torch.softmax(torch.addcmul(maps[:, :, 0], self.max_prior, x), dim=1)
         # c_k = w_k + extra_k: the unselected share (1 - w_k) of source k's detail comes back
         # as much as sigmoid(gain_k) says; F = sum_k w_k x_k + extra_k (x_k - base_k), in fused
         # multiply-adds (fewer full-resolution passes)
-        gain = torch.sigmoid(gain_logit)
+        gain = torch.sigmoid(maps[:, :, 1])
         extra = torch.addcmul(gain, weights, gain, value=-1.0)
-        fused = torch.addcmul(weights * x, extra, detail).sum(dim=1, keepdim=True)
+        fused = torch.addcmul(weights * x, extra, x - base).sum(dim=1, keepdim=True)
         return fused[..., :h, :w].clamp(0.0, 1.0)
-
-
-def _fill_refine_of_earlier_weights(module, state_dict, prefix, *args) -> None:
-    """Weights saved before the refinement path existed (no ``refine.*`` keys, every block-CNN
-    key present) load with the path at an initialisation: the first layer drawn as PyTorch's
-    default conv initialisation but from a fixed seed (every load the same state dict, so the
-    same ONNX cache key; trainable from there), the last layer zero (the same fused image as
-    the network the weights were trained in). Any other mismatch still fails strict loading."""
-    if any(key.startswith(prefix + "refine.") for key in state_dict):
-        return
-    if f"{prefix}encoder.0.weight" not in state_dict or f"{prefix}head.2.weight" not in state_dict:
-        return
-    generator = torch.Generator().manual_seed(0)
-    first, last = module.refine[0], module.refine[-1]
-    bound = 1.0 / math.sqrt(first.weight[0].numel())
-    for name, like in (("0.weight", first.weight), ("0.bias", first.bias)):
-        value = torch.rand(like.shape, generator=generator) * (2 * bound) - bound
-        state_dict[f"{prefix}refine.{name}"] = value.to(like)
-    state_dict[f"{prefix}refine.{len(module.refine) - 1}.weight"] = torch.zeros_like(last.weight)
-    state_dict[f"{prefix}refine.{len(module.refine) - 1}.bias"] = torch.zeros_like(last.bias)
 
 
 def check_block_exponent(value: object) -> int:
