@@ -133,6 +133,14 @@ def _working_spacing(image, max_voxels: int) -> float:
     return max(min(image.GetSpacing()), float(np.prod(extent) / max_voxels) ** (1.0 / 3.0))
 
 
+def foreground(image):
+    """Content voxels of ``image`` (a SimpleITK mask, 1 above the Otsu threshold of 128 bins):
+    the one rule for what counts as content in the check, the registration and its metric."""
+    import SimpleITK as sitk
+
+    return sitk.OtsuThreshold(image, 0, 1, 128)
+
+
 def _content(image, label: str) -> np.ndarray:
     """(N, 3) physical points of the content voxels (above the Otsu threshold) of ``image``.
 
@@ -146,7 +154,7 @@ def _content(image, label: str) -> np.ndarray:
     low, high = float(array.min()), float(array.max())
     if high - low <= 1e-6 * max(1.0, abs(high)):
         raise InputError(f"{label} is constant ({low:g}); too little content to register")
-    mask = sitk.GetArrayFromImage(sitk.OtsuThreshold(image, 0, 1, 128)).astype(bool)
+    mask = sitk.GetArrayFromImage(foreground(image)).astype(bool)
     count = int(mask.sum())
     small_axis = min(image.GetSize())
     if count < MIN_CONTENT_VOXELS or small_axis < 4:
@@ -255,7 +263,7 @@ def _metric_mask(image):
     import SimpleITK as sitk
 
     radius = [max(1, int(math.ceil(MASK_MARGIN_MM / s))) for s in image.GetSpacing()]
-    return sitk.BinaryDilate(sitk.OtsuThreshold(image, 0, 1, 128), radius)
+    return sitk.BinaryDilate(foreground(image), radius)
 
 
 def _optimise(fixed, moving, transform, label: str, shrink: list[int], sigmas: list[float],

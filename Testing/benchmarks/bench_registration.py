@@ -132,8 +132,8 @@ def tissue_classes(fixed: sitk.Image, brain: np.ndarray) -> np.ndarray:
     inside the brain mask two Otsu thresholds of the brain's T1 values (128 bins) split CSF,
     grey and white matter (23 %, 38 % and 39 % of the brain on the SPM12 T1).
     """
-    head = sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.OtsuThreshold(
-        sitk.Cast(fixed, sitk.sitkFloat32), 0, 1, 128))).astype(bool)
+    head = sitk.GetArrayFromImage(sitk.BinaryFillhole(registration.foreground(
+        sitk.Cast(fixed, sitk.sitkFloat32)))).astype(bool)
     values = sitk.GetArrayViewFromImage(fixed)
     otsu = sitk.OtsuMultipleThresholdsImageFilter()
     otsu.SetNumberOfThresholds(2)
@@ -261,7 +261,8 @@ def known_transforms(spm: Path, repeats: int, seed: int) -> None:
             f"{sum(fired for *_, fired in checks)}/{len(checks)}",
         ])
     print("## Known rigid transforms (SPM12 T1 fixed; <= 20 mm, <= 15 deg)\n")
-    print(f"Brain mask: {brain.sum()} voxels ({brain.sum() * 8e-3:.0f} ml); head (T1 Otsu): "
+    voxel_ml = float(np.prod(fixed.GetSpacing())) / 1000.0
+    print(f"Brain mask: {brain.sum()} voxels ({brain.sum() * voxel_ml:.0f} ml); head (T1 Otsu): "
           f"{len(points)} voxels. *-like rows move by the same transforms as the real row.\n")
     table(["moving", "truth", "cases", "TRE brain mm, mean (max)", "TRE head mm, mean (max)",
            "brain TRE vs own optimum mm", "own optimum off identity (brain) mm",
