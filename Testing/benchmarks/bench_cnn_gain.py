@@ -39,12 +39,18 @@ def main() -> None:
     parser.add_argument("--weights", help="weights file to look at (default: the shipped ones)")
     parser.add_argument("--pairs", type=int, default=8, help="validation pairs per pair type")
     args = parser.parse_args()
-    bundle = REPO / "monai_bundle"
-    if args.weights:  # a copy of the bundle with these weights
-        bundle = Path(tempfile.mkdtemp()) / "bundle"
-        shutil.copytree(REPO / "monai_bundle", bundle, ignore=shutil.ignore_patterns("eval"))
-        shutil.copy(args.weights, bundle / "models" / "model.pt")
-    network = get_method("cnn", bundle_dir=bundle).module
+    with tempfile.TemporaryDirectory() as scratch:
+        bundle = REPO / "monai_bundle"
+        if args.weights:  # a copy of the bundle with these weights
+            bundle = Path(scratch) / "bundle"
+            shutil.copytree(REPO / "monai_bundle", bundle, ignore=shutil.ignore_patterns("eval"))
+            shutil.copy(args.weights, bundle / "models" / "model.pt")
+        network = get_method("cnn", bundle_dir=bundle).module
+    report(network, args)
+
+
+def report(network: torch.nn.Module, args: argparse.Namespace) -> None:
+    """Run ``network`` on ``args.pairs`` validation pairs per type and print the table."""
     code = sys.modules[type(network).__module__]
     combine, seen = code.combine_sources, {}
 
