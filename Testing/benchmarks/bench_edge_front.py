@@ -4,7 +4,8 @@ Why: issue 11 asks, per pair type, for a weaker-source share ``min_S Q^{S/F}`` a
 ``max`` *and* a Q^{AB/F} above ``gff``'s. Both are sums over pixels of how well the fused
 gradient matches a source's gradient, weighted by that source's edge strength; where the two
 sources' edges cross, one gradient has to win. This script traces that trade-off with a fusion
-that keeps whole gradients by construction (no network, no blending of edges):
+that keeps whole gradients by construction (no network, no blending of edges;
+``scripts.targets.edge_selection_fusion``, also a candidate of the CNN's supervised targets):
 
     per pixel, follow the gradient of the source with the largest s_k = G_2(|grad x_k|) / D_k^a,
     D_k = mean |grad x_k| over the image, and integrate the chosen gradient field (a Poisson
@@ -17,13 +18,13 @@ bound: blending can beat it where the sources' edges agree, as the CNN does on P
 rows of ``max``, ``gff``, ``laplacian`` and (``--cnn``) the bundle's CNN are printed beside them.
 Scores as in the report: 8-bit rint of the fused luminance, ``data_range=255``.
 
-Last run (session 19, all 189 validation pairs, ``--cnn --exponents 0,0.2,0.3,0.4,0.5,0.7,1``),
-Q^{AB/F} / VIF / min_S Q^{S/F}: SPECT-MRI a=0 0.7924 / 0.9790 / 0.2336, a=0.3 0.7800 / 0.8899 /
-0.2956, a=0.7 0.7272 / 0.7569 / 0.4144, a=1 0.6464 / 0.6815 / 0.5125 against gff 0.7825 / 0.9824
-/ 0.1992, max 0.6545 / 0.7460 / 0.4321 and the CNN 0.7742 / 1.0077 / 0.3061: where whole-edge
-selection keeps max's share of SPECT's edges, its Q^{AB/F} is ~0.71, far under gff's. PET-MRI
-a=0.3 0.8002 / 0.8514 / 0.5675 (the CNN 0.7940 / 1.0619 / 0.7359 lies above the curve); CT-MRI
-a=0 0.5933 / 0.5213 / 0.4746.
+Last run (session 19, all 189 validation pairs, ``--cnn --exponents 0,0.2,0.3,0.4,0.5,0.7,1``,
+the session-18 CNN), Q^{AB/F} / VIF / min_S Q^{S/F}: SPECT-MRI a=0 0.7924 / 0.9790 / 0.2336,
+a=0.3 0.7800 / 0.8899 / 0.2956, a=0.7 0.7272 / 0.7569 / 0.4144, a=1 0.6464 / 0.6815 / 0.5125
+against gff 0.7825 / 0.9824 / 0.1992, max 0.6545 / 0.7460 / 0.4321 and the CNN 0.7742 / 1.0077
+/ 0.3061: where whole-edge selection keeps max's share of SPECT's edges, its Q^{AB/F} is ~0.71,
+far under gff's. PET-MRI a=0.3 0.8002 / 0.8514 / 0.5675 (the CNN 0.7940 / 1.0619 / 0.7359 lies
+above the curve); CT-MRI a=0 0.5933 / 0.5213 / 0.4746.
 
     python Testing/benchmarks/bench_edge_front.py [--step 1] [--exponents 0,0.3,0.5,0.7,1]
         [--pairs SPECT-MRI,PET-MRI] [--cnn]
@@ -38,62 +39,17 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import scipy.fft
-import scipy.ndimage
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "monai_bundle"))
 
 from scripts.datalist import build_groups  # noqa: E402
+from scripts.targets import edge_selection_fusion  # noqa: E402
 from scripts.transforms import LoadFusionGroupd  # noqa: E402
 
 import medfusion.metrics as fm  # noqa: E402
 from medfusion.methods import get_method  # noqa: E402
-
-SALIENCY_SIGMA = 2.0  # pixels: the per-pixel choice looks at slightly smoothed gradient strength
-ANCHOR_SIGMA = 20.0  # pixels: frequencies below this follow max's image
-
-
-def forward_gradients(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Forward differences of ``(K, H, W)`` along x and y (0 on the last column / row)."""
-    gx, gy = np.zeros_like(images), np.zeros_like(images)
-    gx[..., :, :-1] = images[..., :, 1:] - images[..., :, :-1]
-    gy[..., :-1, :] = images[..., 1:, :] - images[..., :-1, :]
-    return gx, gy
-
-
-def integrate(gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
-    """The zero-mean image whose forward differences best match ``(gx, gy)`` in least squares
-    (Poisson equation, Neumann borders, solved exactly by a DCT-II)."""
-    h, w = gx.shape
-    divergence = np.zeros((h, w))
-    divergence[:, :-1] += gx[:, :-1]
-    divergence[:, 1:] -= gx[:, :-1]
-    divergence[:-1] += gy[:-1]
-    divergence[1:] -= gy[:-1]
-    eigen = ((2 * np.cos(np.pi * np.arange(h) / h) - 2)[:, None]
-             + (2 * np.cos(np.pi * np.arange(w) / w) - 2)[None])
-    eigen[0, 0] = 1.0
-    spectrum = scipy.fft.dctn(divergence, norm="ortho") / eigen
-    spectrum[0, 0] = 0.0
-    return scipy.fft.idctn(spectrum, norm="ortho")
-
-
-def edge_selection_fusion(sources: np.ndarray, exponent: float) -> np.ndarray:
-    """Fuse ``(K, H, W)`` sources in [0, 1] by per-pixel gradient selection (module docstring)."""
-    gx, gy = forward_gradients(sources)
-    strength = np.hypot(gx, gy)
-    overall = strength.reshape(len(sources), -1).mean(axis=1).clip(1e-12)
-    saliency = np.stack([scipy.ndimage.gaussian_filter(s, SALIENCY_SIGMA) for s in strength])
-    saliency /= overall[:, None, None] ** exponent
-    chosen = saliency.argmax(axis=0)[None]
-    fused = integrate(np.take_along_axis(gx, chosen, 0)[0], np.take_along_axis(gy, chosen, 0)[0])
-    reference = sources.max(axis=0)
-    fused += reference.mean() - fused.mean()
-    fused += (scipy.ndimage.gaussian_filter(reference, ANCHOR_SIGMA)
-              - scipy.ndimage.gaussian_filter(fused, ANCHOR_SIGMA))
-    return np.clip(fused, 0.0, 1.0)
 
 
 def scores(fused: np.ndarray, sources: np.ndarray) -> tuple[float, ...]:

@@ -75,11 +75,42 @@ def test_weaker_edge_term_rewards_keeping_both_sources(losses, ct_mri: torch.Ten
     assert only_mri == pytest.approx(1 - share, abs=0.02)  # soft minimum ~ the minimum
 
 
-def test_targets_keep_the_candidate_with_the_best_weaker_share(losses, ct_mri) -> None:
-    from scripts.targets import TOLERANCE, choose_target
+def test_targets_keep_both_sources_then_the_best_edges(losses, ct_mri) -> None:
+    from scripts.targets import REFERENCE_ONLY, SHARE_BAR_RULES, TOLERANCE, choose_target
 
     rule, pixels, scores = choose_target(ct_mri[0].numpy())
     assert pixels.dtype == np.uint8 and pixels.shape == (256, 256)
-    best = max(v["QSF_MIN"] for v in scores.values())
-    assert scores[rule]["QSF_MIN"] >= best - TOLERANCE
-    assert {"max", "gff", "laplacian", "average"} <= set(scores)
+    assert {"max", "gff", "laplacian", "average", "edge_selection_0"} <= set(scores)
+    bar = max(scores[name]["QSF_MIN"] for name in SHARE_BAR_RULES)
+    assert scores[rule]["QSF_MIN"] >= bar - TOLERANCE  # keeps the weaker source as max does
+    assert rule not in REFERENCE_ONLY  # max is the bar, never the target
+    eligible = [name for name, v in scores.items()
+                if v["QSF_MIN"] >= bar - TOLERANCE and name not in REFERENCE_ONLY]
+    best = max(scores[n]["QABF"] + scores[n]["VIF"] / 2 for n in eligible)
+    assert scores[rule]["QABF"] + scores[rule]["VIF"] / 2 == best
+    ineligible = [name for name in scores if name not in eligible]
+    assert all("QABF" not in scores[name] for name in ineligible)
+
+
+def test_edge_selection_keeps_each_sources_edges_whole(losses) -> None:
+    from scripts.targets import _forward_gradients, _integrate, edge_selection_fusion
+
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 64))
+    gx, gy = _forward_gradients(image)
+    rebuilt = _integrate(gx, gy)  # an image's own gradients give it back, up to its mean
+    assert np.abs(rebuilt + image.mean() - image).max() < 1e-9
+    # source A has stripes on the left only, source B rings on the right only, each on its own
+    # grey level: the fusion must carry both patterns with their full contrast
+    y, x = np.mgrid[0:128, 0:128].astype(np.float64)
+    a = np.full((128, 128), 0.3)
+    a[:, :56] += 0.2 * np.sin(x[:, :56] / 2.0)
+    b = np.full((128, 128), 0.6)
+    b[:, 72:] += 0.2 * np.sin(np.hypot(x - 100, y - 64)[:, 72:] / 2.0)
+    fused = edge_selection_fusion(np.stack([a, b]), 0.0)
+    assert fused.shape == a.shape and 0.0 <= fused.min() and fused.max() <= 1.0
+    for source, part in ((a, np.s_[8:-8, 8:48]), (b, np.s_[8:-8, 80:-8])):
+        sx, sy = (g[part].ravel() for g in _forward_gradients(source))
+        fx, fy = (g[part].ravel() for g in _forward_gradients(fused))
+        assert np.corrcoef(np.r_[sx, sy], np.r_[fx, fy])[0, 1] > 0.99
+        assert np.std(fused[part]) == pytest.approx(np.std(source[part]), rel=0.1)

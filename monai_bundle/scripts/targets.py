@@ -2,9 +2,12 @@
 
 Why: the atlas has no fused ground truth, and each classical rule fails somewhere (``max`` drops
 the darker source's edges, ``average`` halves every edge, ``laplacian`` and ``gff`` flatten
-bright uptake). Per group we fuse with every candidate rule below and keep the one that keeps
-*both* sources best: the highest weaker-source share ``min_S Q^{S/F}``; candidates within
-``tolerance`` of that best share are tie-broken by ``QAB/F + VIF / K``. Only the training split
+bright uptake). Per group we fuse with every candidate rule below, among them three whole-edge
+selections (:func:`edge_selection_fusion`, a gradient-domain fusion), and keep the one with the
+best ``QAB/F + VIF / K`` among those that keep the weaker source's edges at least as well as
+``max`` and ``laplacian`` do (weaker-source share ``min_S Q^{S/F}`` within ``tolerance`` of
+theirs; if none does, the candidates with the best share). ``max`` is scored as that bar only,
+never chosen: as a target it taught the CNN a pixel maximum (session 18). Only the training split
 is used (the validation split stays for model selection). Targets are 8-bit PNGs written under
 ``target_dir`` (not committed; rebuilt on demand, deterministic) with a ``targets.json`` index
 recording the rule chosen per group and its scores.
@@ -58,6 +61,65 @@ def _max_base_detail_sum(batch: torch.Tensor, radius: int = 4) -> torch.Tensor:
     return (base.amax(dim=1) + detail.sum(dim=1)).clamp(0.0, 1.0)
 
 
+def _forward_gradients(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Forward differences of ``(K, H, W)`` along x and y (0 on the last column / row)."""
+    gx, gy = np.zeros_like(images), np.zeros_like(images)
+    gx[..., :, :-1] = images[..., :, 1:] - images[..., :, :-1]
+    gy[..., :-1, :] = images[..., 1:, :] - images[..., :-1, :]
+    return gx, gy
+
+
+def _integrate(gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    """The zero-mean image whose forward differences best match ``(gx, gy)`` in least squares
+    (Poisson equation, Neumann borders, solved exactly by a DCT-II)."""
+    import scipy.fft
+
+    h, w = gx.shape
+    divergence = np.zeros((h, w))
+    divergence[:, :-1] += gx[:, :-1]
+    divergence[:, 1:] -= gx[:, :-1]
+    divergence[:-1] += gy[:-1]
+    divergence[1:] -= gy[:-1]
+    eigen = ((2 * np.cos(np.pi * np.arange(h) / h) - 2)[:, None]
+             + (2 * np.cos(np.pi * np.arange(w) / w) - 2)[None])
+    eigen[0, 0] = 1.0
+    spectrum = scipy.fft.dctn(divergence, norm="ortho") / eigen
+    spectrum[0, 0] = 0.0
+    return scipy.fft.idctn(spectrum, norm="ortho")
+
+
+def edge_selection_fusion(sources: np.ndarray, exponent: float, saliency_sigma: float = 2.0,
+                          anchor_sigma: float = 20.0) -> np.ndarray:
+    """Whole-edge selection of ``(K, H, W)`` sources in [0, 1], a gradient-domain fusion.
+
+    Per pixel the gradient of the source with the largest ``G(|grad x_k|) / D_k^exponent`` is
+    kept (``G``: Gaussian of ``saliency_sigma``; ``D_k``: the source's mean gradient strength,
+    so a larger exponent favours the source with the weaker edges), the chosen gradient field
+    is integrated (Poisson solve), and frequencies below ``anchor_sigma`` are those of ``max``.
+    Why: it keeps each chosen edge whole, with no seam where the choice changes source.
+    """
+    import scipy.ndimage
+
+    sources = np.asarray(sources, dtype=np.float64)
+    gx, gy = _forward_gradients(sources)
+    strength = np.hypot(gx, gy)
+    overall = strength.reshape(len(sources), -1).mean(axis=1).clip(1e-12)
+    saliency = np.stack([scipy.ndimage.gaussian_filter(s, saliency_sigma) for s in strength])
+    saliency /= overall[:, None, None] ** exponent
+    chosen = saliency.argmax(axis=0)[None]
+    fused = _integrate(np.take_along_axis(gx, chosen, 0)[0], np.take_along_axis(gy, chosen, 0)[0])
+    reference = sources.max(axis=0)
+    fused += reference.mean() - fused.mean()
+    fused += (scipy.ndimage.gaussian_filter(reference, anchor_sigma)
+              - scipy.ndimage.gaussian_filter(fused, anchor_sigma))
+    return np.clip(fused, 0.0, 1.0)
+
+
+EDGE_SELECTION_EXPONENTS = (0.0, 0.3, 0.6)
+SHARE_BAR_RULES = ("max", "laplacian")
+REFERENCE_ONLY = ("max",)  # scored as the bar, never a target: the CNN would learn a maximum
+
+
 def candidate_fusions(batch: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every candidate rule's fusion of ``(1, K, H, W)`` sources in [0, 1] -> ``{name: (H, W)}``."""
     try:
@@ -71,12 +133,17 @@ def candidate_fusions(batch: torch.Tensor) -> dict[str, torch.Tensor]:
     out = {name: get_method(name)(batch)[0] for name in ("average", "max", "laplacian", "gff")}
     out["laplacian_maxbase"] = _pyramid_fusion(batch, "max")[0]
     out["maxbase_detailsum"] = _max_base_detail_sum(batch)[0]
+    sources = batch[0].double().numpy()
+    for exponent in EDGE_SELECTION_EXPONENTS:
+        fused = edge_selection_fusion(sources, exponent)
+        out[f"edge_selection_{exponent:g}"] = torch.from_numpy(fused).to(batch.dtype)
     return out
 
 
 def choose_target(sources: np.ndarray, tolerance: float = TOLERANCE) -> tuple[str, np.ndarray,
                                                                               dict]:
-    """Best candidate for ``sources (K, H, W)`` in [0, 1]: ``(rule, 8-bit image, scores)``.
+    """Target for ``sources (K, H, W)`` in [0, 1] by the module's rule: ``(rule, 8-bit image,
+    scores)`` (``QSF_MIN`` of every candidate, ``QABF`` and ``VIF`` of the eligible ones).
 
     Scored with the bundle's torch forms of the metrics (``scripts.losses``; they agree with
     ``medfusion.metrics`` to about 1e-3) on the 8-bit rounded candidates, all in one batch.
@@ -91,8 +158,14 @@ def choose_target(sources: np.ndarray, tolerance: float = TOLERANCE) -> tuple[st
     stacked = batch.expand(len(names), -1, -1, -1)
     with torch.no_grad():
         share = per_source_edge_preservation(fused, stacked).amin(dim=1)
-        best_share = float(share.max())
-        eligible = [j for j in range(len(names)) if float(share[j]) >= best_share - tolerance]
+        # the bar of issue 11: keep at least as much of the weaker source's edges as max and
+        # laplacian do; among the candidates that do, the best edges and fidelity win
+        bar = max(float(share[names.index(n)]) for n in SHARE_BAR_RULES)
+        choosable = [j for j, name in enumerate(names) if name not in REFERENCE_ONLY]
+        eligible = [j for j in choosable if float(share[j]) >= bar - tolerance]
+        if not eligible:  # nothing keeps as much: the candidates closest to the bar
+            best = max(float(share[j]) for j in choosable)
+            eligible = [j for j in choosable if float(share[j]) >= best - tolerance]
         edges = edge_preservation(fused[eligible], stacked[eligible])
         fidelity = visual_fidelity(fused[eligible], stacked[eligible])
     scores = {n: {"QSF_MIN": float(share[j])} for j, n in enumerate(names)}
