@@ -79,6 +79,7 @@ def _peak_growth(network: str, shape: tuple[int, ...]) -> int:
 
 @pytest.mark.parametrize("name, network, shape", [
     ("cnn", "get_method('cnn').module", (4, 2, 512, 512)),
+    ("cnn", "get_method('cnn').module", (2, 6, 512, 512)),  # pairwise softmax: K^2 maps
     ("sesf", "get_method('sesf')", (1, 2, 512, 512)),  # encoder and decision
 ])
 def test_a_learned_method_declares_its_working_set(name, network, shape):

@@ -41,10 +41,12 @@ def pad_to_network_minimum(batch: torch.Tensor) -> tuple[torch.Tensor, tuple[int
     return batch, (height, width)
 
 
-# working memory of the network per source pixel (float32 maps alive at the peak; measured
-# 46-56 B with torch on 512^2 and 1024^2 batches, see Testing/tests/test_engine_memory.py) and
-# the halo of a row strip in blocks (the block CNN's receptive field plus the upsampling)
-BYTES_PER_SOURCE_PIXEL = 4 * 14
+# working memory of the network per source pixel (float32 maps alive at the peak: about 12 plus
+# K for K sources, the pairwise softmax holding K^2 maps; measured with torch on 2 x K x 512^2
+# batches: 57 B for K = 2, 64 for 4, 76 for 6, see Testing/tests/test_engine_memory.py; this
+# covers K <= 8 within the test's 25 %) and the halo of a row strip in blocks (the block CNN's
+# receptive field plus the upsampling)
+BYTES_PER_SOURCE_PIXEL = 4 * 16
 HALO_BLOCKS = 8
 # source pixels per network call on CPU (the cache tile): the network's full-resolution
 # temporaries of about 2^20 input pixels stay in this CPU's caches; 512^2 pairs ran at 9.3-11.8
