@@ -172,9 +172,8 @@ def combine_sources(x: torch.Tensor, base: torch.Tensor, logit: torch.Tensor, ga
     exponentials (4 for the usual 2 sources).
     """
     logits = torch.addcmul(logit, max_prior, x)
-    b, k = x.shape[0], x.shape[1]
     pairwise = torch.exp(logits.unsqueeze(1) - logits.unsqueeze(2))  # [k, j] = exp(z_j - z_k)
-    totals = torch.matmul(x.new_ones((1, k)), pairwise.reshape(b * k, k, -1))  # sum over j
+    totals = _source_sum(pairwise.flatten(0, 1))  # sum over j, one row per (batch, k)
     weights = torch.reciprocal(totals).reshape(x.shape)
     kept_detail = torch.sigmoid(gain) * (x - base)  # s_k d_k
     return _source_sum(kept_detail) + _source_sum(weights * (x - kept_detail))
