@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "monai_bundle"))
 
+from bundle_weights import bundle_with_weights  # noqa: E402
 from scripts.datalist import build_groups  # noqa: E402
 from scripts.transforms import LoadFusionGroupd  # noqa: E402
 
@@ -39,12 +38,7 @@ def main() -> None:
     parser.add_argument("--weights", help="weights file to look at (default: the shipped ones)")
     parser.add_argument("--pairs", type=int, default=8, help="validation pairs per pair type")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        bundle = REPO / "monai_bundle"
-        if args.weights:  # a copy of the bundle with these weights
-            bundle = Path(scratch) / "bundle"
-            shutil.copytree(REPO / "monai_bundle", bundle, ignore=shutil.ignore_patterns("eval"))
-            shutil.copy(args.weights, bundle / "models" / "model.pt")
+    with bundle_with_weights(args.weights) as bundle:
         network = get_method("cnn", bundle_dir=bundle).module
     report(network, args)
 

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "monai_bundle"))
 
+from bundle_weights import bundle_with_weights  # noqa: E402
 from scripts.datalist import build_groups  # noqa: E402
 from scripts.transforms import LoadFusionGroupd  # noqa: E402
 
@@ -121,13 +120,7 @@ def main() -> None:
         report(f"method {name} ({time.perf_counter() - start:.0f} s)", means, counts)
     for weights in args.weights or ([] if args.method else [None]):
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as scratch:
-            bundle = REPO / "monai_bundle"
-            if weights:
-                bundle = Path(scratch) / "bundle"
-                shutil.copytree(REPO / "monai_bundle", bundle,
-                                ignore=shutil.ignore_patterns("eval", "runs", "*.ts"))
-                shutil.copy(weights, bundle / "models" / "model.pt")
+        with bundle_with_weights(weights) as bundle:
             method = get_method("cnn", bundle_dir=bundle, block_exponent=args.block_exponent)
             means = score(method, pairs)
         report(f"{weights or 'shipped'} (i = {args.block_exponent}, "
