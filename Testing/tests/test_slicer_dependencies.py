@@ -75,7 +75,7 @@ def test_newer_versions_are_kept_never_downgraded():
     newer = {"numpy": "2.3.1", "SimpleITK": "2.5.7", "pydicom": "3.0.2", "nibabel": "5.4.2",
              "torch": "2.13.0+cu126", "monai": "1.7.0", "pytorch-ignite": "0.5.5",
              "scipy": "1.17.1", "pillow": "12.0.0", "PyYAML": "6.0.3", "tqdm": "4.70.1",
-             "onnxruntime": "1.33.0", "onnx": "1.24.0", "onnxscript": "0.8.0"}
+             "onnxruntime": "1.33.0", "onnx": "1.24.0", "onnxscript": "0.8.0", "numba": "0.69.0"}
     plan = plan_installation(newer, core_installed="0.1.0")
     assert plan.satisfied and plan.pip_commands("c.txt") == []
     assert "monai==1.7.0" in plan.constraints  # newer than the pin 1.6.1: frozen, not pinned down
@@ -165,7 +165,10 @@ def test_requirements_cover_what_fuse_really_imports(tmp_path):
     owners = importlib.metadata.packages_distributions()
     imported = {_normal(dist) for module in top for dist in owners.get(module, [])}
     allowed = _closure({req.distribution for req in REQUIREMENTS} | {"medfusion"})
-    assert sorted(imported - allowed) == []
+    # numba imports cffi (and with it pycparser) where it happens to be installed, for its cffi
+    # support; without them it works the same
+    optional = {"cffi", "pycparser"}
+    assert sorted(imported - allowed - optional) == []
 
 
 def _normal(name: str) -> str:

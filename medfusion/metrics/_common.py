@@ -12,12 +12,11 @@ import contextlib
 import contextvars
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from functools import lru_cache
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from medfusion.errors import InputError
+from medfusion.metrics import _compiled
 
 GREY_MAX = 255.0
 
@@ -168,27 +167,24 @@ def grey_levels(image: np.ndarray, bins: int = 256, normalize: bool = False) -> 
     """
     if bins < 2 or bins > 65536:
         raise MetricInputError(f"bins must be between 2 and 65536, got {bins}")
-    if normalize:
-        low, high = float(image.min()), float(image.max())
-        # same operation order as VIFB/Liu ((x - min) / (max - min) * 255): ties at .5 matter
-        image = (image - low) / (high - low) * GREY_MAX if high > low else np.zeros_like(image)
-    levels = np.clip(np.floor(image + 0.5), 0, GREY_MAX).astype(np.int64)
-    if bins != 256:
-        levels = levels * bins // 256
-    return levels
+    low, high = (float(image.min()), float(image.max())) if normalize else (0.0, 0.0)
+    # same operation order as VIFB/Liu ((x - min) / (max - min) * 255): ties at .5 matter; a
+    # constant image maps to 0
+    image = np.ascontiguousarray(image) if not normalize or high > low else np.zeros_like(image)
+    return _compiled.grey_levels(image, low, high, normalize and high > low, bins)
 
 
 def histogram(levels: np.ndarray, bins: int) -> np.ndarray:
     """Probability of each bin of an integer-level image."""
-    counts = np.bincount(levels.ravel(), minlength=bins).astype(np.float64)
+    counts = _compiled.counts(np.ascontiguousarray(levels).ravel(), bins)
     return counts / counts.sum()
 
 
 def joint_histogram(levels_a: np.ndarray, levels_b: np.ndarray, bins: int) -> np.ndarray:
-    """Joint probability table ``p[a, b]`` of two integer-level images (one ``bincount``)."""
-    flat = levels_a.ravel() * bins + levels_b.ravel()
-    counts = np.bincount(flat, minlength=bins * bins).astype(np.float64)
-    return (counts / counts.sum()).reshape(bins, bins)
+    """Joint probability table ``p[a, b]`` of two integer-level images."""
+    counts = _compiled.joint_counts(np.ascontiguousarray(levels_a),
+                                    np.ascontiguousarray(levels_b), bins)
+    return counts / counts.sum()
 
 
 def entropy_of(p: np.ndarray, base: float = 2.0) -> float:
@@ -204,71 +200,22 @@ def gaussian_kernel(size: int, sigma: float) -> np.ndarray:
     return kernel / kernel.sum()
 
 
-_BAND_ROWS = 16  # output rows per banded matrix product
-_MAX_PRODUCT = 1 << 17  # m*n*k of one product: OpenBLAS runs those below 2**18 on one thread
-
-
-@lru_cache(maxsize=32)
-def _band(kernel_bytes: bytes, rows: int, step: int) -> np.ndarray:
-    """Banded Toeplitz matrix: row i holds the kernel at columns step*i .. step*i + n - 1."""
-    kernel = np.frombuffer(kernel_bytes)
-    band = np.zeros((rows, step * (rows - 1) + kernel.size))
-    for i in range(rows):
-        band[i, step * i:step * i + kernel.size] = kernel
-    band.setflags(write=False)  # shared by every caller through the cache
-    return band
-
-
-def _correlate_rows(image: np.ndarray, kernel: np.ndarray, step: int) -> np.ndarray:
-    """'Valid' correlation along axis 0, every ``step``-th output row, as a C-ordered array.
-
-    Blocks of ``_BAND_ROWS`` output rows are one small matrix product each (band @ rows of the
-    image, all blocks in one batched ``matmul`` over an overlapping strided view): BLAS beats
-    ``correlate1d``'s scalar loop ~2x although the band holds zeros. Each product stays below
-    OpenBLAS's threading threshold: its worker threads would fight over a shared CPU.
-    """
-    size = kernel.size
-    height, width = image.shape
-    out_rows = len(range(0, height - size + 1, step))
-    band = _band(kernel.tobytes(), _BAND_ROWS, step)
-    span = band.shape[1]
-    out = np.empty((out_rows, width))
-    full = out_rows // _BAND_ROWS
-    rest = out_rows - full * _BAND_ROWS
-    chunk = max(1, _MAX_PRODUCT // (_BAND_ROWS * span))
-    for start in range(0, width, chunk):
-        part = image[:, start:start + chunk]
-        cols = part.shape[1]
-        if full:
-            s0, s1 = part.strides
-            blocks = as_strided(part, (full, span, cols), (step * _BAND_ROWS * s0, s0, s1),
-                                writeable=False)
-            target = out[:full * _BAND_ROWS, start:start + cols]
-            np.matmul(band, blocks, out=target.reshape(full, _BAND_ROWS, cols))
-        if rest:
-            first = full * _BAND_ROWS * step
-            tail = band[:rest, :step * (rest - 1) + size]
-            np.matmul(tail, part[first:first + tail.shape[1]],
-                      out=out[full * _BAND_ROWS:, start:start + cols])
-    return out
-
-
 def filter_valid(image: np.ndarray, kernel: np.ndarray, step: int = 1) -> np.ndarray:
     """Separable correlation of a 2D image with a 1D kernel along both axes, 'valid' part only,
     keeping every ``step``-th row and column (``step=2``: multiscale VIF's downsampling).
 
     Equals MATLAB ``filter2(outer(k, k), image, 'valid')(1:step:end, 1:step:end)`` (to
-    round-off). Columns first on the transposed view, then rows: both passes are
-    :func:`_correlate_rows`, and the result is C-ordered.
+    round-off); C-ordered. Compiled (``_compiled.filter_valid``): ~2.5x faster than banded BLAS
+    products, and free of the GIL.
     """
     size = kernel.size
     if min(image.shape) < size:
         raise MetricInputError(f"images must be at least {size}x{size} pixels, got {image.shape}")
-    kernel = np.ascontiguousarray(kernel, dtype=np.float64)
-    return _correlate_rows(_correlate_rows(image.T, kernel, step).T, kernel, step)
+    return _compiled.filter_valid(np.ascontiguousarray(image, dtype=np.float64),
+                                  np.ascontiguousarray(kernel, dtype=np.float64), step)
 
 
-def _padded(image: np.ndarray, mode: str) -> np.ndarray:
+def pad_border(image: np.ndarray, mode: str) -> np.ndarray:
     """``image`` with a one-pixel border of zeros (``"constant"``) or copies (``"nearest"``)."""
     out = np.empty((image.shape[0] + 2, image.shape[1] + 2))
     out[1:-1, 1:-1] = image
@@ -281,37 +228,14 @@ def _padded(image: np.ndarray, mode: str) -> np.ndarray:
     return out
 
 
-def gradient_3x3(image: np.ndarray, center: float, mode: str = "constant"
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Correlations ('same' size) of ``image`` with ``outer([1, c, 1], [1, 0, -1])`` (x: left
-    minus right) and ``outer([1, 0, -1], [1, c, 1])`` (y: upper minus lower row).
-
-    ``center`` c = 1: Prewitt, 2: Sobel. ``mode`` "constant": zero padding (MATLAB ``filter2`` /
-    ``conv2`` 'same'); "nearest": ``imfilter`` 'replicate'. Separable slices instead of two
-    9-tap 2D correlations.
-    """
-    p = _padded(image, mode)
-    across = p[:, :-2] - p[:, 2:]  # left minus right neighbour, every padded row
-    gx = across[:-2] + across[2:]
-    down = p[:-2] - p[2:]  # upper minus lower neighbour, every padded column
-    gy = down[:, :-2] + down[:, 2:]
-    if center == 1.0:
-        gx += across[1:-1]
-        gy += down[:, 1:-1]
-    else:
-        gx += center * across[1:-1]
-        gy += center * down[:, 1:-1]
-    return gx, gy
-
-
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson correlation (MATLAB ``corr2``); NaN when either input is constant."""
-    dx = x - x.mean()
-    dy = y - y.mean()
-    denominator = np.sqrt((dx * dx).sum() * (dy * dy).sum())
+    xy, xx, yy = _compiled.centred_products(np.ascontiguousarray(x), np.ascontiguousarray(y),
+                                            float(x.mean()), float(y.mean()))
+    denominator = np.sqrt(xx * yy)
     if denominator == 0:
         return float("nan")
-    return float((dx * dy).sum() / denominator)
+    return float(xy / denominator)
 
 
 def reduce_over_sources(values: Sequence[float], reduce: str) -> float:

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from medfusion.metrics._common import GREY_MAX, MetricInputError, prepare, undefined
+from medfusion.metrics._common import GREY_MAX, MetricInputError, prepare, shared, undefined
 
 
 def _per_source_mse(fused: object, sources: tuple[object, ...], data_range: float) -> list[float]:
+    """Each source's ``mean((S - F)^2)``, shared by MSE, RMSE and PSNR of one
+    ``compute_metrics`` call."""
     image, checked = prepare(fused, sources, data_range)
-    return [float(np.mean((s - image) ** 2)) for s in checked]
+
+    def mse_of(source: np.ndarray) -> float:
+        difference = source - image
+        difference *= difference
+        return float(difference.mean())
+
+    return [shared(("mse",), (s, image), lambda s=s: mse_of(s)) for s in checked]
 
 
 def _unit(scale: float) -> float:

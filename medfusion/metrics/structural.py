@@ -6,12 +6,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from medfusion.metrics import _compiled
 from medfusion.metrics._common import (
     GREY_MAX,
     MetricInputError,
-    filter_valid,
     gaussian_kernel,
-    gradient_3x3,
+    pad_border,
     prepare,
     reduce_over_sources,
     shared,
@@ -47,19 +47,21 @@ class _LocalStats:
         self.norm = kernel.size**2 / (kernel.size**2 - 1.0) if sample else 1.0
         self.key = (kernel.tobytes(), sample)
 
+    def moments(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Windowed mean and variance, computed together (one pass over the image)."""
+        return shared(("moments", *self.key), (image,),
+                      lambda: _compiled.moments_valid(image, self.kernel, self.norm))
+
     def mean(self, image: np.ndarray) -> np.ndarray:
-        return shared(("mean", *self.key), (image,), lambda: filter_valid(image, self.kernel))
+        return self.moments(image)[0]
 
     def var(self, image: np.ndarray) -> np.ndarray:
-        return shared(("var", *self.key), (image,), lambda: self.cov(image, image))
+        return self.moments(image)[1]
 
     def cov(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Windowed covariance, a new array (the callers change it in place)."""
-        out = filter_valid(x * y, self.kernel)
-        out -= self.mean(x) * self.mean(y)
-        if self.norm != 1.0:
-            out *= self.norm
-        return out
+        return _compiled.covariance_valid(x, y, self.kernel, self.mean(x), self.mean(y),
+                                          self.norm)
 
     def ssim_map(self, x: np.ndarray, y: np.ndarray, stabilized: bool = True) -> np.ndarray:
         """SSIM map (``stabilized``) or Wang & Bovik's UIQI map (C1 = C2 = 0); symmetric."""
@@ -72,21 +74,7 @@ class _LocalStats:
         vx, vy, cxy = self.var(x), self.var(y), self.cov(x, y)
         if stabilized:
             c1, c2 = (_K1 * GREY_MAX) ** 2, (_K2 * GREY_MAX) ** 2
-            # ((2 mx my + c1)(2 cxy + c2)) / ((mx^2 + my^2 + c1)(vx + vy + c2)), in place
-            num = mx * my
-            num *= 2.0
-            num += c1
-            cxy *= 2.0  # cov() returned a fresh array
-            cxy += c2
-            num *= cxy
-            den = mx * mx
-            den += my * my
-            den += c1
-            var_sum = vx + vy
-            var_sum += c2
-            den *= var_sum
-            num /= den
-            return num
+            return _compiled.ssim_map(mx, my, vx, vy, cxy, c1, c2)
         # img_qi.m degenerate cases: flat windows compare means only, black windows contrast only
         var_sum, mean_sq = vx + vy, mx * mx + my * my
         q = np.ones_like(mx)
@@ -134,19 +122,9 @@ def _piella_terms(
     0); windows where every source is flat get equal weights and 0.5 added to each variance
     (Liu et al.'s ``metricPeilla`` convention).
     """
-    variances = np.stack([stats.var(s) for s in checked])
-    # E[x^2] - mu^2 leaves round-off (+-1e-11) in flat windows, which would make lambda
-    # arbitrary there (in MATLAB too): variances below _FLAT_VARIANCE count as exactly 0
-    variances *= variances >= _FLAT_VARIANCE
-    total = variances.sum(axis=0)
-    flat = total == 0
-    if flat.any():
-        variances += 0.5 * flat
-        total += 0.5 * len(checked) * flat
-    quality = np.zeros_like(total)
-    for variance, source in zip(variances, checked, strict=True):
-        quality += variance / total * stats.ssim_map(image, source, stabilized)
-    return quality, variances.max(axis=0)
+    return _compiled.piella_quality(tuple(stats.var(s) for s in checked),
+                                    tuple(stats.ssim_map(image, s, stabilized) for s in checked),
+                                    _FLAT_VARIANCE)
 
 
 def _weighted_quality(image: np.ndarray, checked: Sequence[np.ndarray], window: str,
@@ -207,14 +185,8 @@ def piella_qw(
 
 def _prewitt_magnitude(image: np.ndarray) -> np.ndarray:
     """Liu's ``metricPeilla`` edge image: Prewitt magnitude, ``filter2`` 'same' (zero padding)."""
-    def compute() -> np.ndarray:
-        gx, gy = gradient_3x3(image, 1.0, "constant")
-        gx *= gx
-        gy *= gy
-        gx += gy
-        return np.sqrt(gx, out=gx)
-
-    return shared(("prewitt",), (image,), compute)
+    return shared(("prewitt",), (image,),
+                  lambda: _compiled.gradient_magnitude(pad_border(image, "constant"), 1.0))
 
 
 def piella_qe(
@@ -263,39 +235,18 @@ def _sobel_strength_orientation(image: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def _sobel(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    sx, sy = gradient_3x3(image, 2.0, "constant")
-    sy *= -1.0
-    strength = np.sqrt(sx * sx + sy * sy)
-    flat = sx == 0
-    sx += flat  # 1 where sx == 0: a finite ratio, replaced below
-    sy /= sx
-    orientation = np.arctan(sy, out=sy)
-    orientation[flat] = np.pi / 2
-    return strength, orientation
+    strength, ratio = _compiled.sobel_strength_ratio(pad_border(image, "constant"))
+    return strength, np.arctan(ratio, out=ratio)
 
 
 def _edge_preservation(g_s: np.ndarray, a_s: np.ndarray, g_f: np.ndarray,
                        a_f: np.ndarray) -> np.ndarray:
-    """``Q^SF = Q_g(G^SF) * Q_a(A^SF)``: sigmoid-mapped strength and orientation agreement
-    (in place on fresh arrays: the images are large and the temporaries many)."""
-    # G = min / max, 1 where both strengths are 0 (then min = max = 0: (0 + 1) / (0 + 1))
-    none = np.equal(g_s, 0.0)
-    none &= np.equal(g_f, 0.0)
-    strength = np.minimum(g_s, g_f)
-    strength += none
-    high = np.maximum(g_s, g_f)
-    high += none
-    strength /= high
-    strength -= _DG
-    strength *= _KG
+    """``Q^SF = Q_g(G^SF) * Q_a(A^SF)``: sigmoid-mapped strength and orientation agreement."""
+    strength, orientation = _compiled.edge_agreement_exponents(g_s, a_s, g_f, a_f,
+                                                               _KG, _DG, _KA, _DA)
     q = np.exp(strength, out=strength)
     q += 1.0
     q = np.divide(_TG, q, out=q)
-    orientation = np.subtract(a_s, a_f, out=high)
-    np.abs(orientation, out=orientation)
-    orientation /= -np.pi / 2
-    orientation += 1.0 - _DA
-    orientation *= _KA
     np.exp(orientation, out=orientation)
     orientation += 1.0
     q /= orientation

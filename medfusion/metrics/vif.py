@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from medfusion.metrics import _compiled
 from medfusion.metrics._common import (
     GREY_MAX,
     filter_valid,
@@ -34,37 +35,14 @@ def _vifp_terms(images: list[np.ndarray], sources: int) -> tuple[np.ndarray, np.
         kernel = gaussian_kernel(size, size / 5.0)
         if scale > 1:
             images = [filter_valid(x, kernel, step=2) for x in images]
-        mu = [filter_valid(x, kernel) for x in images]
-        var = [filter_valid(x * x, kernel) for x in images]
-        for m, v in zip(mu, var, strict=True):
-            v -= m * m
-            np.maximum(v, 0.0, out=v)
-        mu_d, sigma2_sq = mu[sources], var[sources]
-        dist_ok = sigma2_sq >= _EPS
+        mu, var = zip(*(_compiled.moments_valid(x, kernel, 1.0) for x in images), strict=True)
         for k in range(sources):
-            sigma1_sq = var[k]
-            sigma12 = filter_valid(images[k] * images[sources], kernel)
-            sigma12 -= mu[k] * mu_d
-            # vifp_mscale's special cases as masks: g = 0 for a flat reference or distorted
-            # window or g < 0; sv^2 = sigma2^2 - g sigma12 then equals its sigma2^2 (flat
-            # reference, g < 0) and falls under the eps floor with it (flat distorted window)
-            ref_ok = sigma1_sq >= _EPS
-            g = sigma1_sq + _EPS
-            np.divide(sigma12, g, out=g)
-            g *= ref_ok & dist_ok & (g >= 0)
-            sigma12 *= g
-            sv_sq = np.subtract(sigma2_sq, sigma12, out=sigma12)
-            np.maximum(sv_sq, _EPS, out=sv_sq)
-            sv_sq += _SIGMA_NSQ
-            sigma1_sq = sigma1_sq * ref_ok
-            g *= g
-            g *= sigma1_sq
-            g /= sv_sq
-            g += 1.0
-            num[k] += np.log10(g, out=g).sum()
-            sigma1_sq *= 1.0 / _SIGMA_NSQ
-            sigma1_sq += 1.0
-            den[k] += np.log10(sigma1_sq, out=sigma1_sq).sum()
+            sigma12 = _compiled.covariance_valid(images[k], images[sources], kernel, mu[k],
+                                                 mu[sources], 1.0)
+            part_num, part_den = _compiled.vif_information(var[k], var[sources], sigma12,
+                                                           _EPS, _SIGMA_NSQ)
+            num[k] += np.log10(part_num, out=part_num).sum()
+            den[k] += np.log10(part_den, out=part_den).sum()
     return num, den
 
 

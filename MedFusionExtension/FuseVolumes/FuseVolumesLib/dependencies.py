@@ -59,6 +59,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("monai", "monai", "1.4", "1.6.1"),
     Requirement("pytorch-ignite", "ignite", "0.4.11", "0.5.5"),
     Requirement("scipy", "scipy", "1.10", "1.17.1"),
+    Requirement("numba", "numba", "0.59", "0.68.1"),
     Requirement("pillow", "PIL", "10", "13.0.0"),
     Requirement("PyYAML", "yaml", "6", "6.0.3"),
     Requirement("tqdm", "tqdm", "4.60", "4.70.1"),
