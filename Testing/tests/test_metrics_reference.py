@@ -266,9 +266,18 @@ def test_fmi_window_pairs_cover_negative_correlation_and_ties():
     s_ties = rng.integers(0, 3, (400, 9)).astype(float)
     f_ties = rng.integers(0, 3, (400, 9)).astype(float)
     s, f = np.concatenate([s, s_ties]), np.concatenate([f, f_ties])
-    from medfusion.metrics._compiled import nmi_of_columns
+    from medfusion.metrics._compiled import nmi_of_windows
 
-    fast = nmi_of_columns(s.T.copy(), f.T.copy())  # windows are columns, column-major order
+    # window pair k side by side in 3 x 3n maps (values in column-major order, as fmi.m's (:));
+    # only the windows at columns 3k are computed
+    count = len(s)
+    s_map = s.reshape(count, 3, 3).transpose(2, 0, 1).reshape(3, 3 * count)
+    f_map = f.reshape(count, 3, 3).transpose(2, 0, 1).reshape(3, 3 * count)
+    todo = np.zeros((1, 3 * count - 2), dtype=bool)
+    todo[0, ::3] = True
+    out = np.zeros(todo.shape)
+    nmi_of_windows(f_map, s_map[None].copy(), todo, 3, out)
+    fast = out[0, ::3]
     slow = [_naive_fmi_pair(s[k].reshape(3, 3, order="F"), f[k].reshape(3, 3, order="F"))
             for k in range(len(s))]
     np.testing.assert_allclose(fast, slow, atol=1e-12)

@@ -167,11 +167,14 @@ def grey_levels(image: np.ndarray, bins: int = 256, normalize: bool = False) -> 
     """
     if bins < 2 or bins > 65536:
         raise MetricInputError(f"bins must be between 2 and 65536, got {bins}")
-    low, high = (float(image.min()), float(image.max())) if normalize else (0.0, 0.0)
-    # same operation order as VIFB/Liu ((x - min) / (max - min) * 255): ties at .5 matter; a
-    # constant image maps to 0
-    image = np.ascontiguousarray(image) if not normalize or high > low else np.zeros_like(image)
-    return _compiled.grey_levels(image, low, high, normalize and high > low, bins)
+    low = high = 0.0
+    if normalize:
+        low, high = float(image.min()), float(image.max())
+        if high == low:  # a constant image maps to 0
+            image = np.zeros_like(image)
+    # the stretch keeps VIFB/Liu's operation order ((x - min) / (max - min) * 255): ties at .5
+    # matter
+    return _compiled.grey_levels(np.ascontiguousarray(image), low, high, high > low, bins)
 
 
 def histogram(levels: np.ndarray, bins: int) -> np.ndarray:

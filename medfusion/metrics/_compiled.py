@@ -436,24 +436,6 @@ def _pair_nmi(a_pdf: np.ndarray, a_log: np.ndarray, a_sd: float, a_h: float,
 
 
 @numba.njit(cache=True, nogil=True)
-def nmi_of_columns(src: np.ndarray, fus: np.ndarray) -> np.ndarray:
-    """:func:`_pair_nmi` of each column pair of two (l, n) arrays of window values."""
-    length, count = src.shape
-    a, a_pdf, a_log = np.empty(length), np.empty(length), np.empty(length)
-    f, f_pdf, f_log = np.empty(length), np.empty(length), np.empty(length)
-    work, cells = np.empty((3, 2 * length)), np.empty((2, 2 * length), dtype=np.int64)
-    out = np.empty(count)
-    for n in range(count):
-        for k in range(length):
-            a[k] = src[k, n]
-            f[k] = fus[k, n]
-        a_sd, a_h = _marginal(a, a_pdf, a_log)
-        f_sd, f_h = _marginal(f, f_pdf, f_log)
-        out[n] = _pair_nmi(a_pdf, a_log, a_sd, a_h, f_pdf, f_log, f_sd, f_h, work, cells)
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
 def nmi_of_windows(fus_map: np.ndarray, src_maps: np.ndarray, todo: np.ndarray, side: int,
                    out: np.ndarray) -> None:
     """:func:`_pair_nmi` of the ``side x side`` windows of the fused map and of each source map
