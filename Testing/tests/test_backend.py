@@ -76,11 +76,11 @@ def test_onnxruntime_matches_torch_on_a_real_pair_and_caches_the_export(
     three = torch.cat([atlas_batch[:1], atlas_batch[1:, :1]], dim=1)[:, :, :120, :97]
     assert float((runner(three) - _plain(network, three)).abs().max()) <= backend.TOLERANCE
     exported = list(cache.glob(f"*{backend.model_key(network)}*.onnx"))
-    assert len(exported) == 1
+    assert sorted(path.name.split("-")[2] for path in exported) == ["k2", "k3"]  # one per count
     assert not list(cache.glob(".tmp-*"))  # written atomically: no temporary left
 
     # a second load reads the cache: exporting again would fail here
-    def no_export(module):
+    def no_export(module, sources):
         raise AssertionError("exported twice")
 
     monkeypatch.setattr(backend, "export_onnx", no_export)
@@ -93,7 +93,7 @@ def test_onnxruntime_matches_torch_on_a_real_pair_and_caches_the_export(
 def test_a_backend_failing_at_run_time_falls_back_to_torch(network, atlas_batch, cache):
     runner = backend.accelerate(network, "cpu", backend="onnxruntime")
     assert runner.prepare() == "onnxruntime"
-    runner._run.run.session = None  # the session is gone: running it raises
+    runner._run.runs[2].run.session = None  # the session is gone: running it raises
     fused = runner(atlas_batch)
     assert runner.backend == "torch"
     assert torch.equal(fused, _plain(network, atlas_batch))
@@ -192,6 +192,33 @@ def test_a_network_onnx_cannot_serve_falls_back_to_torch(cache):
     batch = torch.rand(2, 2, 32, 32)
     assert torch.equal(runner(batch), _plain(module, batch))
     assert not list(cache.glob(f"*{backend.model_key(module)}*"))  # nothing unchecked cached
+
+
+class _TwoSourceOnlyNetwork(torch.nn.Module):
+    """ONNX serves its two-source path only: three or more sources call the unknown operator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = x[:, :1] * self.scale
+        return first + x[:, 1:2] if x.shape[1] == 2 else _host_square(first)
+
+
+@needs_ort
+def test_each_source_count_gets_its_own_export_or_torch(cache):
+    """A graph traced on two sources holds the two-source path only: three sources get their own
+    export, and where that fails torch serves them while two sources stay on ONNX Runtime."""
+    module = _TwoSourceOnlyNetwork().eval()
+    runner = backend.accelerate(module, "cpu", backend="onnxruntime")
+    assert runner.prepare() == "onnxruntime"
+    two, three = torch.rand(2, 2, 32, 40), torch.rand(1, 3, 24, 16)
+    assert float((runner(two) - _plain(module, two)).abs().max()) <= backend.TOLERANCE
+    assert torch.equal(runner(three), _plain(module, three))
+    assert runner.backend == "onnxruntime"
+    assert runner._run.runs[3] is module  # torch for three sources, ONNX Runtime for two
+    assert [p.name.split("-")[2] for p in cache.glob(f"*{backend.model_key(module)}*")] == ["k2"]
 
 
 @needs_ort

@@ -2,11 +2,13 @@
 
 :func:`accelerate` wraps any ``torch.nn.Module`` whose forward maps one float32 tensor to one
 tensor (the bundle's ``FusionNet`` and its successors: batch, sources, height and width are all
-dynamic) and returns an :class:`InferenceRunner`, a callable with the module's signature:
+dynamic for torch) and returns an :class:`InferenceRunner`, a callable with the module's signature:
 
 - ``onnxruntime``: the module exported to ONNX and run by ONNX Runtime (CPU); on this project's
   CPU it runs the fusion network in a fifth to a third of plain torch's time. The export
-  (under a second) happens once per network: it is checked against plain torch and cached in
+  (under a second) happens once per network and number of sources (batch, height and width are
+  dynamic in the graph; the source count is fixed, because a network may take a shorter path for
+  two sources, and a traced graph holds one path): it is checked against plain torch and cached in
   the user cache folder (``MEDFUSION_CACHE_DIR``, else ``$XDG_CACHE_HOME/medfusion``, else
   ``~/.cache/medfusion``) under a key hashed from the module's weights, its class and ``repr``,
   the source of the file that defines it, and the torch and ONNX Runtime versions. The bundle's
@@ -47,10 +49,15 @@ BACKEND_ENV = "MEDFUSION_BACKEND"
 CACHE_ENV = "MEDFUSION_CACHE_DIR"
 TOLERANCE = 1e-4
 # bumped when the way models are exported changes, so that old cache entries are not reused
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 3
 # (batch, sources, height, width) inputs on which a backend is compared with plain torch; the
 # last is no multiple of any block, so the padding to ``input_multiple`` is checked too
 PROBE_SHAPES = ((1, 2, 64, 64), (2, 3, 48, 80), (1, 2, 37, 53))
+
+
+def probe_shapes(sources: int) -> tuple[tuple[int, int, int, int], ...]:
+    """The probe inputs with ``sources`` sources (an ONNX export serves one source count)."""
+    return tuple((batch, sources, height, width) for batch, _, height, width in PROBE_SHAPES)
 
 
 def input_multiple(module: torch.nn.Module) -> int:
@@ -153,8 +160,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def export_onnx(module: torch.nn.Module) -> bytes:
-    """The module as a serialised ONNX model with every input dimension dynamic.
+def export_onnx(module: torch.nn.Module, sources: int = 2) -> bytes:
+    """The module as a serialised ONNX model for inputs of ``sources`` sources, with the batch,
+    height and width dynamic.
 
     The TorchScript exporter first (``dynamo=False``: well under a second for the fusion
     networks), the dynamo exporter (``dynamo=True``, needs ``onnxscript``; tens of seconds on a
@@ -164,7 +172,7 @@ def export_onnx(module: torch.nn.Module) -> bytes:
     import warnings
 
     module = module.cpu().eval()
-    example = torch.rand(*PROBE_SHAPES[0])
+    example = torch.rand(*probe_shapes(sources)[0])
     errors = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -173,7 +181,7 @@ def export_onnx(module: torch.nn.Module) -> bytes:
             torch.onnx.export(
                 module, (example,), stream, dynamo=False, input_names=["sources"],
                 output_names=["fused"], opset_version=17,
-                dynamic_axes={"sources": {0: "batch", 1: "sources", 2: "height", 3: "width"},
+                dynamic_axes={"sources": {0: "batch", 2: "height", 3: "width"},
                               "fused": {0: "batch", 2: "height", 3: "width"}},
             )
             return stream.getvalue()
@@ -186,7 +194,7 @@ def export_onnx(module: torch.nn.Module) -> bytes:
             program = torch.onnx.export(
                 module, (example,), None, dynamo=True, input_names=["sources"],
                 output_names=["fused"], verbose=False,
-                dynamic_shapes={parameter: dict.fromkeys(range(4), Dim.DYNAMIC)},
+                dynamic_shapes={parameter: dict.fromkeys((0, 2, 3), Dim.DYNAMIC)},
             )
             return program.model_proto.SerializeToString()
         except Exception as error:  # exporter missing, or code it cannot trace
@@ -194,17 +202,21 @@ def export_onnx(module: torch.nn.Module) -> bytes:
     raise RuntimeError("; ".join(errors))
 
 
-def cached_onnx(module: torch.nn.Module, directory: Path | None = None) -> Path | bytes:
-    """Path of the module's ONNX export in the cache, exporting it first when missing.
+def cached_onnx(module: torch.nn.Module, directory: Path | None = None, sources: int = 2
+                ) -> Path | bytes:
+    """Path of the module's ONNX export for ``sources`` sources in the cache, exporting it first
+    when missing.
 
     A new export is checked against plain torch on the probe inputs before it is stored, so a
-    cache entry (named by :func:`model_key` and the ONNX Runtime version) is a checked one and
+    cache entry (named by :func:`model_key`, the source count and the ONNX Runtime version) is a
+    checked one and
     loading it later costs no probe run. Where the cache cannot be written, the checked model
     itself (bytes) is returned.
     """
     import onnxruntime
 
-    name = f"{type(module).__name__}-{model_key(module)}-ort{onnxruntime.__version__}.onnx"
+    name = (f"{type(module).__name__}-{model_key(module)}-k{sources}"
+            f"-ort{onnxruntime.__version__}.onnx")
     path = (directory or cache_dir()) / name
     if not path.is_file():
         logger.info("exporting the network to ONNX once (cached in %s)", path.parent)
@@ -213,12 +225,12 @@ def cached_onnx(module: torch.nn.Module, directory: Path | None = None) -> Path 
         for q in quiet:
             q.setLevel(logging.WARNING)
         try:
-            model = export_onnx(module)
+            model = export_onnx(module, sources)
         finally:
             for q, level in zip(quiet, levels, strict=True):
                 q.setLevel(level)
         difference = _matches(_PaddedRun(_OnnxRuntimeNetwork(model, 1), input_multiple(module)),
-                              module, torch.device("cpu"))
+                              module, torch.device("cpu"), probe_shapes(sources))
         if difference > TOLERANCE:
             raise RuntimeError(f"ONNX Runtime's outputs differ from torch by {difference:.2g}")
         try:
@@ -253,12 +265,44 @@ class _OnnxRuntimeNetwork:
         return torch.from_numpy(output).to(inputs.device)
 
 
-def _matches(candidate: Callable, module: torch.nn.Module, device: torch.device) -> float:
+class _OnnxRuntimePerSourceCount:
+    """ONNX Runtime sessions of one module, one per number of sources (an export serves one),
+    each exported (or read from the cache) when a batch with that many sources first comes."""
+
+    def __init__(self, module: torch.nn.Module, threads: int, cache: Path | None) -> None:
+        self.module, self.threads, self.cache = module, threads, cache
+        self.runs: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def run_for(self, sources: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The padded session for ``sources`` sources (built and checked on first use)."""
+        with self._lock:
+            if sources not in self.runs:
+                session = _OnnxRuntimeNetwork(cached_onnx(self.module, self.cache, sources),
+                                              self.threads)
+                self.runs[sources] = _PaddedRun(session, input_multiple(self.module))
+            return self.runs[sources]
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        sources = int(inputs.shape[1])
+        try:
+            run = self.run_for(sources)
+        except Exception as error:  # this source count cannot be exported: torch serves it
+            logger.warning("ONNX Runtime cannot serve %d sources (%s: %s); using torch for them",
+                           sources, type(error).__name__,
+                           (str(error).strip().splitlines() or [""])[0])
+            with self._lock:
+                run = self.runs.setdefault(sources, self.module)
+        return run(inputs)
+
+
+def _matches(candidate: Callable, module: torch.nn.Module, device: torch.device,
+             shapes: tuple[tuple[int, ...], ...] = PROBE_SHAPES) -> float:
     """Largest absolute difference between ``candidate`` and ``module`` on the probe inputs."""
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     with torch.inference_mode():
-        for shape in PROBE_SHAPES:
+        for shape in shapes:
             probe = torch.rand(*shape, generator=generator).to(device)
             expected = module(probe)
             got = candidate(probe)
@@ -341,9 +385,10 @@ class InferenceRunner:
         if name == "onnxruntime":
             if self.device.type != "cpu":
                 raise RuntimeError("the ONNX Runtime backend runs on CPU only")
-            session = _OnnxRuntimeNetwork(cached_onnx(self.module, self.cache),
-                                          torch.get_num_threads())
-            return _PaddedRun(session, input_multiple(self.module))
+            sessions = _OnnxRuntimePerSourceCount(self.module, torch.get_num_threads(),
+                                                  self.cache)
+            sessions.run_for(TIMING_SHAPE[1])  # the usual source count: export now, or fail now
+            return sessions
         if name == "compile":
             return _PaddedRun(torch.compile(self.module, dynamic=True),
                               input_multiple(self.module))
