@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from medfusion.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the command line does (freed temporaries reused, no page faults)
     exponents = [int(e) for e in args.exponents.split(",")]
     groups = build_groups(args.dataset_dir, "validation")
     load = LoadFusionGroupd()

@@ -16,7 +16,10 @@ Times are the minimum of ``--repeat`` calls after a warm-up (the CPU may be shar
 is the least disturbed run), wall clock and process CPU time.
 
     nice python Testing/benchmarks/bench_flops.py [--threads 2] [--repeat 5] [--size 512]
-        [--batches 1,2,4,8,16]
+        [--batches 1,2,4,8,16] [--no-malloc-tuning]
+
+The allocator is tuned as the command line tunes it (``medfusion.allocator``) unless
+``--no-malloc-tuning``: without it, every large temporary of the network costs fresh pages.
 """
 
 from __future__ import annotations
@@ -53,8 +56,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batches", default="",
                         help="comma-separated slices per network call to compare (e.g. 1,2,8)")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="leave glibc's allocator as it is (the CLI tunes it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.no_malloc_tuning:
+        from medfusion.allocator import keep_freed_memory
+
+        keep_freed_memory()  # as the command line does (freed temporaries reused, no page faults)
 
     from medfusion.methods import backend, get_method
 
