@@ -2,7 +2,7 @@
 
 :func:`accelerate` wraps any ``torch.nn.Module`` whose forward maps one float32 tensor to one
 tensor (the bundle's ``FusionNet`` and its successors: batch, sources, height and width are all
-dynamic for torch) and returns an :class:`InferenceRunner`, a callable with the module's signature:
+dynamic) and returns an :class:`InferenceRunner`, a callable with the module's signature:
 
 - ``onnxruntime``: the module exported to ONNX and run by ONNX Runtime (CPU); on this project's
   CPU it runs the fusion network in a fifth to a third of plain torch's time. The export
@@ -209,9 +209,8 @@ def cached_onnx(module: torch.nn.Module, directory: Path | None = None, sources:
 
     A new export is checked against plain torch on the probe inputs before it is stored, so a
     cache entry (named by :func:`model_key`, the source count and the ONNX Runtime version) is a
-    checked one and
-    loading it later costs no probe run. Where the cache cannot be written, the checked model
-    itself (bytes) is returned.
+    checked one and loading it later costs no probe run. Where the cache cannot be written, the
+    checked model itself (bytes) is returned.
     """
     import onnxruntime
 
