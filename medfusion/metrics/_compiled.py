@@ -392,7 +392,7 @@ def fast_logs(values: np.ndarray) -> np.ndarray:
 # bound by the cache's bandwidth; measured slower).
 
 
-@numba.njit(**_JIT)
+@numba.njit(**_JIT, inline="always")  # inlined into nmi_of_windows: ~3 % faster
 def _marginal(values: np.ndarray, pdf: np.ndarray, logs: np.ndarray) -> tuple[float, float]:
     """fmi.m's window PDF (min-max, then sum-normalised; constant -> uniform) into ``pdf`` and
     ``log(pdf)`` into ``logs``; returns (index standard deviation, entropy in nats). ``pdf``
@@ -426,7 +426,7 @@ def _marginal(values: np.ndarray, pdf: np.ndarray, logs: np.ndarray) -> tuple[fl
     return np.sqrt(max(square_index - mean_index * mean_index, 0.0)), entropy
 
 
-@numba.njit(**_JIT)
+@numba.njit(**_JIT, inline="always")  # inlined into nmi_of_windows: ~3 % faster
 def _pair_nmi(a_pdf: np.ndarray, a_log: np.ndarray, a_sd: float, a_h: float,
               f_pdf: np.ndarray, f_log: np.ndarray, f_sd: float, f_h: float,
               work: np.ndarray, cells: np.ndarray, length: int) -> float:
