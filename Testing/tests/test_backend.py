@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +130,7 @@ def test_auto_takes_onnxruntime_only_where_it_pays(network, cache, monkeypatch):
         session.prepare()
         assert isinstance(backend._pays(session._run, network, torch.device("cpu")), bool)
     for pays, expected in ((True, "onnxruntime"), (False, "torch")):
-        monkeypatch.setattr(backend, "_pays", lambda run, module, device, pays=pays: pays)
+        monkeypatch.setattr(backend, "_pays", lambda *args, pays=pays: pays)
         monkeypatch.setattr(backend, "_AUTO_CHOICES", {})
         runner = backend.accelerate(network, "cpu")
         assert runner.requested == "auto"
@@ -160,6 +161,36 @@ def test_weights_and_settings_change_the_cache_key(network):
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
     assert backend.model_key(other) != backend.model_key(network)
+
+
+class _Wrapper(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_the_cache_key_follows_the_code_of_a_wrapped_network(tmp_path, monkeypatch):
+    """A wrapper (as sesf wraps its bundle's encode) is defined here, the network elsewhere: the
+    key must change when the network's own file changes, weights and repr being the same."""
+    import importlib.util
+
+    keys = []
+    for body in ("return x * self.scale", "return x * self.scale + 1"):
+        source = tmp_path / f"inner_{len(keys)}.py"
+        source.write_text("import torch\n\nclass Inner(torch.nn.Module):\n"
+                          "    def __init__(self):\n        super().__init__()\n"
+                          "        self.scale = torch.nn.Parameter(torch.tensor(2.0))\n\n"
+                          f"    def forward(self, x):\n        {body}\n")
+        name = f"medfusion_test_inner_{len(keys)}"
+        spec = importlib.util.spec_from_file_location(name, source)
+        code = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, code)  # as a bundle's scripts are imported
+        spec.loader.exec_module(code)
+        keys.append(backend.model_key(_Wrapper(code.Inner())))
+    assert keys[0] != keys[1]
 
 
 @torch.library.custom_op("medfusion_test::host_square", mutates_args=())
@@ -236,6 +267,27 @@ def test_cnn_method_outputs_agree_across_backends(atlas_batch, cache, monkeypatc
             assert fast.network.backend == "onnxruntime" and plain.network.backend == "torch"
             assert fused_fast.shape == fused_plain.shape == (batch.shape[0], *batch.shape[2:])
             assert float((fused_fast - fused_plain).abs().max()) <= backend.TOLERANCE
+
+
+@needs_ort
+def test_sesf_energy_runs_through_the_backend_with_the_same_fusion(atlas_batch, cache,
+                                                                   monkeypatch):
+    """The sesf method's activity network (the bundle's encoder and feature energy, one-channel
+    images in) goes through the same backends: its energies within the tolerance of torch's
+    (relative: they reach hundreds), and the same fused slices."""
+    monkeypatch.setenv(backend.BACKEND_ENV, "onnxruntime")
+    fast = get_method("sesf")
+    monkeypatch.setenv(backend.BACKEND_ENV, "torch")
+    plain = get_method("sesf")
+    assert fast.energy_network.prepare() == "onnxruntime"
+    assert plain.energy_network.prepare() == "torch"
+    images = atlas_batch[:, :1]
+    with torch.inference_mode():
+        energy, expected = fast.energy(images), plain.energy(images)
+    assert energy.shape == (2, 1, 250, 246)
+    assert float((energy - expected).abs().max() / expected.abs().max()) <= backend.TOLERANCE
+    assert float((fast(atlas_batch) - plain(atlas_batch)).abs().max()) <= backend.TOLERANCE
+    assert [p.name.split("-")[2] for p in cache.glob("FeatureEnergy-*")] == ["k1"]
 
 
 def test_plain_config_loads_without_monai_and_other_configs_use_the_parser(tmp_path):

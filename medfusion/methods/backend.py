@@ -86,11 +86,11 @@ class _PaddedRun:
         return output[..., :height, :width] if pad_h or pad_w else output
 
 
-def requested_backend(backend: str | None = None) -> str:
-    """The backend asked for: the argument, else ``MEDFUSION_BACKEND``, else ``auto``."""
+def requested_backend(backend: str | None = None, default: str = "auto") -> str:
+    """The backend asked for: the argument, else ``MEDFUSION_BACKEND``, else ``default``."""
     from medfusion.errors import InputError
 
-    name = (backend or os.environ.get(BACKEND_ENV) or "auto").strip().lower()
+    name = (backend or os.environ.get(BACKEND_ENV) or default).strip().lower()
     if name not in ("auto", *BACKENDS):
         raise InputError(f"unknown inference backend {name!r} ({BACKEND_ENV}); use auto, "
                          + ", ".join(BACKENDS))
@@ -126,18 +126,25 @@ def _settings(module: torch.nn.Module) -> str:
 
 
 def model_key(module: torch.nn.Module) -> str:
-    """Hash identifying what the module computes: weights, class, defining source, versions."""
+    """Hash identifying what the module computes: weights, class, the source files of its and its
+    children's classes, versions."""
     digest = hashlib.sha256()
     cls = type(module)
     for part in (f"format={EXPORT_FORMAT}", f"torch={torch.__version__}",
                  f"{cls.__module__}.{cls.__qualname__}", repr(module), _settings(module)):
         digest.update(part.encode() + b"\0")
-    try:
-        source = inspect.getsourcefile(cls)
-        if source:
-            digest.update(Path(source).read_bytes())
-    except (OSError, TypeError):
-        pass
+    # the files defining the module's class and its children's (torch's own: by its version), so
+    # that a wrapper's key changes when the network it wraps changes its code
+    classes = {type(child) for child in module.modules()}
+    for child_cls in sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        if child_cls.__module__.startswith("torch."):
+            continue
+        try:
+            source = inspect.getsourcefile(child_cls)
+            if source:
+                digest.update(Path(source).read_bytes())
+        except (OSError, TypeError):
+            pass
     for name, tensor in module.state_dict().items():
         value = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
@@ -337,7 +344,7 @@ def _best_times(runs: list[Callable[[torch.Tensor], torch.Tensor]], probe: torch
 
 
 def _pays(candidate: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module,
-          device: torch.device) -> bool:
+          device: torch.device, channels: int = TIMING_SHAPE[1]) -> bool:
     """True when ``candidate`` runs a 384² pair faster than plain torch here and now.
 
     Which backend is faster depends on the network and the machine (on this project's 2-core CPU
@@ -345,9 +352,10 @@ def _pays(candidate: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Mo
     2x slower on an idle machine for the block-exponent FusionNet), so ``auto`` measures instead
     of guessing: a few tens of milliseconds, once per loaded network.
     """
-    probe = torch.rand(*TIMING_SHAPE, generator=torch.Generator().manual_seed(0)).to(device)
+    shape = (TIMING_SHAPE[0], channels, *TIMING_SHAPE[2:])
+    probe = torch.rand(*shape, generator=torch.Generator().manual_seed(0)).to(device)
     fast, plain = _best_times([candidate, module], probe)
-    logger.debug("backend timing on %s: candidate %.4f s, torch %.4f s", TIMING_SHAPE, fast,
+    logger.debug("backend timing on %s: candidate %.4f s, torch %.4f s", shape, fast,
                  plain)
     return fast < plain
 
@@ -362,17 +370,29 @@ class InferenceRunner:
 
     The backend is prepared on the first call (export or cache look-up, session, check against
     plain torch), so building a method stays cheap; :meth:`prepare` does it at once.
+    ``channels``: the module's fixed number of input channels (e.g. 1 for an encoder of single
+    images); None for a fusion network that takes any number of sources (probed with 2 and 3).
+    ``default``: the backend when neither ``backend`` nor ``MEDFUSION_BACKEND`` names one.
     """
 
     def __init__(self, module: torch.nn.Module, device: torch.device | str = "cpu",
-                 backend: str | None = None, cache: Path | None = None) -> None:
+                 backend: str | None = None, cache: Path | None = None,
+                 channels: int | None = None, default: str = "auto") -> None:
         self.module = module
         self.device = torch.device(device)
-        self.requested = requested_backend(backend)
+        self.requested = requested_backend(backend, default)
         self.cache = cache
+        self.channels = channels
         self.backend: str | None = None
         self._run: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._lock = threading.Lock()
+
+    def _channels(self) -> int:
+        """The input channels to export, time and probe first (the usual source count: 2)."""
+        return self.channels or TIMING_SHAPE[1]
+
+    def _probes(self) -> tuple[tuple[int, ...], ...]:
+        return PROBE_SHAPES if self.channels is None else probe_shapes(self.channels)
 
     def _candidates(self) -> list[str]:
         if self.requested != "auto":
@@ -393,7 +413,7 @@ class InferenceRunner:
                 raise RuntimeError("the ONNX Runtime backend runs on CPU only")
             sessions = _OnnxRuntimePerSourceCount(self.module, torch.get_num_threads(),
                                                   self.cache)
-            sessions.run_for(TIMING_SHAPE[1])  # the usual source count: export now, or fail now
+            sessions.run_for(self._channels())  # the usual count: export now, or fail now
             return sessions
         if name == "compile":
             return _PaddedRun(torch.compile(self.module, dynamic=True),
@@ -412,11 +432,11 @@ class InferenceRunner:
                 try:
                     run = self._build(name)
                     if name != "onnxruntime":  # cached ONNX models were checked on export
-                        difference = _matches(run, self.module, self.device)
+                        difference = _matches(run, self.module, self.device, self._probes())
                         if difference > TOLERANCE:
                             raise RuntimeError(f"outputs differ from torch by {difference:.2g}")
                     if (self.requested == "auto" and self._choice_key() not in _AUTO_CHOICES
-                            and not _pays(run, self.module, self.device)):
+                            and not _pays(run, self.module, self.device, self._channels())):
                         raise RuntimeError("slower than torch on this machine")
                 except Exception as error:  # never fail inference for the backend's sake
                     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -451,6 +471,9 @@ class InferenceRunner:
 
 
 def accelerate(module: torch.nn.Module, device: torch.device | str = "cpu",
-               backend: str | None = None, cache: Path | None = None) -> InferenceRunner:
-    """Wrap an eval-mode module (already on ``device``) in an :class:`InferenceRunner`."""
-    return InferenceRunner(module, device, backend, cache)
+               backend: str | None = None, cache: Path | None = None,
+               channels: int | None = None, default: str = "auto") -> InferenceRunner:
+    """Wrap an eval-mode module (already on ``device``) in an :class:`InferenceRunner`
+    (``channels``: its fixed input channel count, if it has one; ``default``: the backend
+    where none is asked for)."""
+    return InferenceRunner(module, device, backend, cache, channels, default)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from medfusion.errors import ModelError
-from medfusion.methods import bundle, tiling
+from medfusion.methods import backend, bundle, tiling
 from medfusion.resources import load_bundle_script, sesf_bundle_dir
 
 DEFAULT_BUNDLE = sesf_bundle_dir()  # package data: medfusion/sesf_bundle (medfusion.resources)
@@ -91,9 +91,17 @@ class SESFFusion:
             raise ModelError(message) from None
         encoder = getattr(self.network, "encoder", self.network)
         self.halo = fusion.receptive_radius(encoder)
+        # the activity step's network (encode + feature energy, the bundle's FeatureEnergy)
+        # through medfusion.methods.backend, plain torch unless MEDFUSION_BACKEND names another:
+        # ONNX Runtime runs the encoder alone 1.6x faster, but not the method's tiled calls of
+        # encoder and energy (8 x 256^2 images: 346-360 ms against torch's 252-273; 2 x 512^2:
+        # 312-381 against 306-354; session 21), so `auto`'s start-up probe (~1.2 s) would buy
+        # nothing here
+        self.energy_network = backend.accelerate(fusion.FeatureEnergy(self.network).eval(),
+                                                 self.device, channels=1, default="torch")
 
     def _energy(self, images: torch.Tensor) -> torch.Tensor:
-        return fusion.feature_energy(self.network.encode(images))
+        return self.energy_network(images)
 
     def energy(self, images: torch.Tensor) -> torch.Tensor:
         """Feature energy (N, 1, H, W) of (N, 1, H, W) images, in the shared memory tile."""

@@ -120,6 +120,19 @@ def feature_energy(features: torch.Tensor) -> torch.Tensor:
     return (rows * rows + columns * columns).sum(dim=1, keepdim=True)
 
 
+class FeatureEnergy(torch.nn.Module):
+    """A network's ``encode`` followed by :func:`feature_energy`: (N, 1, H, W) images to their
+    (N, 1, H, W) energies, as one module: what the activity step runs (the bundle's inference
+    and ``medfusion``'s sesf method), and what an inference backend can export as one graph."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return feature_energy(self.network.encode(images))
+
+
 def receptive_radius(module: torch.nn.Module) -> int:
     """Rows of context one output pixel of ``module`` (a chain of convolutions) may depend on,
     plus the one row of :func:`feature_energy`'s difference: the halo a row strip needs to equal

@@ -91,14 +91,12 @@ class DecisionFuser:
         network.load_state_dict(state, strict=True)
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
+        self._energy = fusion.FeatureEnergy(self.network).eval()
         if str(block_exponent).strip() not in {str(i) for i in range(MAX_BLOCK_EXPONENT + 1)}:
             raise ValueError(f"block_exponent must be an integer 0..{MAX_BLOCK_EXPONENT}, "
                              f"got {block_exponent!r}")
         self.block_exponent = int(block_exponent)
         self.settings = fusion.check_settings(settings)
-
-    def _energy(self, images: torch.Tensor) -> torch.Tensor:
-        return fusion.feature_energy(self.network.encode(images))
 
     def fuse(self, sources: np.ndarray) -> fusion.Decision:
         """(K, H, W) float32 luminance in [0, 1] -> the decision (tensors on the CPU)."""
