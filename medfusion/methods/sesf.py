@@ -13,7 +13,9 @@ per-pixel weighted sum of the sources.
 The decision procedure is written once, in the bundle's ``scripts/fusion.py`` (the bundle fuses
 on its own too, without medfusion); this module loads that file from the shipped bundle, as
 :mod:`medfusion.color` loads the cnn bundle's ``colour.py``. The network comes through
-:mod:`medfusion.methods.bundle` (one path with ``cnn``); ``block_exponent`` and the ``fusion``
+:mod:`medfusion.methods.bundle` (one path with ``cnn``), and its activity step (the bundle's
+``FeatureEnergy``) runs through :mod:`medfusion.methods.backend` (plain torch unless
+``MEDFUSION_BACKEND`` names another); ``block_exponent`` and the ``fusion``
 settings are the bundle's ``configs/inference.json`` entries. The encoder runs in the memory
 tile of :mod:`medfusion.methods.tiling` (the same as ``cnn``: whole slices in batches within the
 budget, row strips with the encoder's receptive field as halo for huge slices).
