@@ -105,8 +105,8 @@ def test_pearson_matches_numpy(images):
 
 def test_fast_log_is_within_one_ulp_of_numpy():
     """FMI's vectorised logarithm: within 1 ulp of np.log over the range its callers use (a
-    value plus 1e-300: 1e-300 up to a few units), exact at 1 and at powers of two's ln 2 k, and
-    right on both sides of sqrt(1/2), where it switches exponent."""
+    value plus 1e-300: 1e-300 up to a few units) and beyond, on both sides of sqrt(1/2) where it
+    switches exponent; exactly 0 at 1, and k ln 2 at 2^k to the last bit or so."""
     rng = np.random.default_rng(5)
     edge = np.sqrt(0.5)
     values = np.concatenate([

@@ -5,13 +5,15 @@ tensor (the bundle's ``FusionNet`` and its successors: batch, sources, height an
 dynamic) and returns an :class:`InferenceRunner`, a callable with the module's signature:
 
 - ``onnxruntime``: the module exported to ONNX and run by ONNX Runtime (CPU); on this project's
-  CPU it runs the fusion network in a fifth to a third of plain torch's time. The export
+  CPU it ran the fusion network up to 3-5x faster than plain torch while other processes
+  competed for the cores, and about as fast (session 21: a little slower) when idle. The export
   (under a second) happens once per network and number of sources (batch, height and width are
   dynamic in the graph; the source count is fixed, because a network may take a shorter path for
   two sources, and a traced graph holds one path): it is checked against plain torch and cached in
   the user cache folder (``MEDFUSION_CACHE_DIR``, else ``$XDG_CACHE_HOME/medfusion``, else
   ``~/.cache/medfusion``) under a key hashed from the module's weights, its class and ``repr``,
-  the source of the file that defines it, and the torch and ONNX Runtime versions. The bundle's
+  the source files of its and its children's classes, and the torch and ONNX Runtime versions.
+  The bundle's
   ``network_def`` and weights stay the one definition of the network: the ONNX file is derived
   from the module they build, never shipped or edited.
 - ``compile``: ``torch.compile(dynamic=True)`` (Inductor; needs a C++ compiler, and its first
@@ -19,9 +21,11 @@ dynamic) and returns an :class:`InferenceRunner`, a callable with the module's s
 - ``torch``: the module itself.
 
 ``MEDFUSION_BACKEND=auto|onnxruntime|compile|torch`` (or the ``backend`` argument) chooses;
-``auto`` (default) takes ONNX Runtime on CPU when it is installed *and* it runs a 384² probe
-faster than plain torch on this machine (timed once per loaded network: which one wins depends on
-the network and on the load), and plain torch otherwise (on CUDA too: the CPU wheel of ONNX
+``auto`` (the default unless the caller names another, as the sesf method names torch) takes
+ONNX Runtime on CPU when it is installed *and* it runs a 384² probe of two sources (or of the
+module's fixed channel count) faster than plain torch on this machine (timed once per loaded
+network: which one wins depends on the network and on the load; other source counts follow that
+choice untimed), and plain torch otherwise (on CUDA too: the CPU wheel of ONNX
 Runtime has no GPU provider). A backend is checked against plain
 torch on two probe inputs (max abs difference ``TOLERANCE``; ONNX Runtime once, before its export
 is cached); one that fails to build, to run or to match falls back to plain torch with a log
@@ -275,13 +279,19 @@ class _OnnxRuntimePerSourceCount:
     """ONNX Runtime sessions of one module, one per number of sources (an export serves one),
     each exported (or read from the cache) when a batch with that many sources first comes."""
 
-    def __init__(self, module: torch.nn.Module, threads: int, cache: Path | None) -> None:
+    def __init__(self, module: torch.nn.Module, threads: int, cache: Path | None,
+                 fallback_level: int = logging.WARNING) -> None:
         self.module, self.threads, self.cache = module, threads, cache
+        self.fallback_level = fallback_level
         self.runs: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def run_for(self, sources: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The padded session for ``sources`` sources (built and checked on first use)."""
+        """The padded session for ``sources`` sources (built and checked on first use; calls
+        with counts already served do not wait for an export in progress)."""
+        run = self.runs.get(sources)
+        if run is not None:
+            return run
         with self._lock:
             if sources not in self.runs:
                 session = _OnnxRuntimeNetwork(cached_onnx(self.module, self.cache, sources),
@@ -294,9 +304,10 @@ class _OnnxRuntimePerSourceCount:
         try:
             run = self.run_for(sources)
         except Exception as error:  # this source count cannot be exported: torch serves it
-            logger.warning("ONNX Runtime cannot serve %d sources (%s: %s); using torch for them",
-                           sources, type(error).__name__,
-                           (str(error).strip().splitlines() or [""])[0])
+            logger.log(self.fallback_level,
+                       "ONNX Runtime cannot serve %d sources (%s: %s); using torch for them",
+                       sources, type(error).__name__,
+                       (str(error).strip().splitlines() or [""])[0])
             with self._lock:
                 run = self.runs.setdefault(sources, self.module)
         return run(inputs)
@@ -411,8 +422,9 @@ class InferenceRunner:
         if name == "onnxruntime":
             if self.device.type != "cpu":
                 raise RuntimeError("the ONNX Runtime backend runs on CPU only")
+            level = logging.WARNING if self.requested != "auto" else logging.INFO
             sessions = _OnnxRuntimePerSourceCount(self.module, torch.get_num_threads(),
-                                                  self.cache)
+                                                  self.cache, level)
             sessions.run_for(self._channels())  # the usual count: export now, or fail now
             return sessions
         if name == "compile":
