@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from medfusion.cli import EXIT_CODES_HELP, main
+from medfusion.cli import EXIT_CODES_HELP, Terminated, main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("25030.png", "25031.png")
@@ -195,6 +195,50 @@ def test_user_errors_exit_1_and_the_convention_is_documented(tmp_path: Path, cap
 
 
 # --------------------------------------------------------------------------- signals
+@pytest.mark.parametrize(("interrupt", "code", "word"),
+                         [(KeyboardInterrupt, 130, "cancelled"), (Terminated, 143, "terminated")])
+def test_a_signal_surfacing_from_c_code_is_still_an_interrupt(monkeypatch, capsys, interrupt,
+                                                               code, word) -> None:
+    """A signal whose handler raises while C code runs (numba compiling the metrics' loops on
+    their first call) comes out as SystemError("... returned a result with an exception set")
+    caused by the KeyboardInterrupt: the CLI exits as for the signal; a plain bug still raises."""
+    import medfusion.cli as cli
+
+    def raising(error: BaseException):
+        def func(args):
+            raise error
+        return func
+
+    def from_c_code(cause: BaseException) -> SystemError:
+        try:
+            try:
+                raise cause
+            except BaseException as inner:
+                raise SystemError("returned a result with an exception set") from inner
+        except SystemError as error:
+            return error
+
+    import argparse
+
+    class OneCommand(argparse.ArgumentParser):  # any command line runs ``func``
+        def __init__(self, func) -> None:
+            super().__init__()
+            self.func = func
+
+        def parse_args(self, args=None, namespace=None):
+            return argparse.Namespace(func=self.func, verbose=False)
+
+    def parser_with(func):
+        return lambda: OneCommand(func)
+
+    monkeypatch.setattr(cli, "build_parser", parser_with(raising(from_c_code(interrupt()))))
+    assert cli.main(["demo"]) == code
+    assert capsys.readouterr().err.strip().endswith(word)
+    monkeypatch.setattr(cli, "build_parser", parser_with(raising(SystemError("a real bug"))))
+    with pytest.raises(SystemError, match="a real bug"):
+        cli.main(["demo"])
+
+
 def test_sigterm_during_a_volume_fusion_cleans_up_and_exits_143(tmp_path: Path,
                                                                 spm12: Path) -> None:  # fmt: skip
     """Real SIGTERM to a real ``python -m medfusion fuse`` while it fuses slices."""

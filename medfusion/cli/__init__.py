@@ -115,12 +115,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with sigterm_raises():
             return int(args.func(args) or 0)
-    except Terminated:
-        print("medfusion: terminated", file=sys.stderr)
-        return EXIT_TERMINATED
-    except (CancelledError, KeyboardInterrupt):
-        print("medfusion: cancelled", file=sys.stderr)
-        return EXIT_CANCELLED
+    except (CancelledError, KeyboardInterrupt) as interrupt:
+        return _interrupted(interrupt)
     except MedFusionError as error:
         print(f"medfusion: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as error:  # a signal that arrived inside C code, or a bug
+        interrupt = _interrupt_in_chain(error)
+        if interrupt is None:
+            raise
+        return _interrupted(interrupt)
+
+
+def _interrupted(interrupt: BaseException) -> int:
+    """Report a cancellation (Ctrl-C, the engine's cancel) or SIGTERM; its exit code."""
+    if isinstance(interrupt, Terminated):
+        print("medfusion: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    print("medfusion: cancelled", file=sys.stderr)
+    return EXIT_CANCELLED
+
+
+def _interrupt_in_chain(error: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt (SIGINT, or :class:`Terminated` for SIGTERM) behind ``error``, if
+    any. Why: a signal whose handler raises while C code runs (numba compiling the metrics' loops
+    on their first call, for one) surfaces as a SystemError "returned a result with an exception
+    set" whose cause is the KeyboardInterrupt; that is still a cancellation, not a bug."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
