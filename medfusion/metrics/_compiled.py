@@ -396,7 +396,8 @@ def fast_logs(values: np.ndarray) -> np.ndarray:
 def _marginal(values: np.ndarray, pdf: np.ndarray, logs: np.ndarray) -> tuple[float, float]:
     """fmi.m's window PDF (min-max, then sum-normalised; constant -> uniform) into ``pdf`` and
     ``log(pdf)`` into ``logs``; returns (index standard deviation, entropy in nats). ``pdf``
-    and ``logs`` may be longer than ``values`` (padded to :data:`_LANES`: 1 and 0 there)."""
+    and ``logs`` may be longer than ``values`` (padded to :data:`_LANES`): the caller fills the
+    padding of ``pdf`` with 1 once (its log is 0), this function never writes there."""
     length = values.size
     low = values[0]
     for k in range(1, length):
@@ -411,8 +412,6 @@ def _marginal(values: np.ndarray, pdf: np.ndarray, logs: np.ndarray) -> tuple[fl
     else:
         for k in range(length):
             pdf[k] /= total
-    for k in range(length, pdf.size):  # padding (see _LANES): log 1 = 0
-        pdf[k] = 1.0
     for k in range(pdf.size):  # a loop of its own, so that it vectorises
         logs[k] = fast_log(pdf[k] + _TINY)
     mean_index = 0.0
@@ -432,8 +431,9 @@ def _pair_nmi(a_pdf: np.ndarray, a_log: np.ndarray, a_sd: float, a_h: float,
               work: np.ndarray, cells: np.ndarray, length: int) -> float:
     """Fast-FMI ``2 MI / (H_a + H_f)`` of a source window and a fused window, from their
     :func:`_marginal` results for windows of ``length`` values (fmi.m's column-major order);
-    ``work`` (4, >= 2 length, a multiple of :data:`_LANES`) floats and ``cells`` (2, 2 length)
-    integers are scratch the caller allocates once.
+    ``work`` (4, >= 2 length, a multiple of :data:`_LANES`) floats, its row 0 holding 1 past
+    ``2 length`` (padding, never written here), and ``cells`` (2, 2 length) integers are scratch
+    the caller allocates once.
 
     Haghighat & Razian: marginal PDFs, Pearson ``c`` of the PDFs, joint PDF ``w U + (1 - w)
     f a^T`` mixing the Frechet upper (c >= 0) or lower (c < 0) bound coupling ``U`` of the CDFs
@@ -506,9 +506,7 @@ def _pair_nmi(a_pdf: np.ndarray, a_log: np.ndarray, a_sd: float, a_h: float,
         cell = rest * f_pdf[p] * a_pdf[q]
         joint[g] = weight * gap_mass[g] + cell
         cell_term[g] = cell * (log_rest + f_log[p] + a_log[q])
-    for g in range(2 * length, joint.size):  # padding (see _LANES)
-        joint[g] = 1.0
-    for g in range(joint.size):
+    for g in range(joint.size):  # (past 2 length: the caller's padding, 1)
         joint_log[g] = fast_log(abs(joint[g]) + _TINY)
     correction = 0.0
     for g in range(2 * length):
@@ -531,9 +529,11 @@ def nmi_of_windows(fus_map: np.ndarray, src_maps: np.ndarray, todo: np.ndarray, 
     grid_cols = fus_map.shape[1] - side + 1
     length = side * side
     padded = -(-length // _LANES) * _LANES
-    a, a_pdf, a_log = np.empty(length), np.empty(padded), np.empty(padded)
-    f, f_pdf, f_log = np.empty(length), np.empty(padded), np.empty(padded)
+    # the padding past the windows' values holds 1 (log 0) for good: the helpers never write it
+    a, a_pdf, a_log = np.empty(length), np.ones(padded), np.empty(padded)
+    f, f_pdf, f_log = np.empty(length), np.ones(padded), np.empty(padded)
     work = np.empty((4, -(-2 * length // _LANES) * _LANES))
+    work[0, 2 * length:] = 1.0
     cells = np.empty((2, 2 * length), dtype=np.int64)
     for w in range(todo.shape[1]):
         needed = False
