@@ -171,6 +171,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message, for a one-line log entry ("" when it has none)."""
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def export_onnx(module: torch.nn.Module, sources: int = 2) -> bytes:
     """The module as a serialised ONNX model for inputs of ``sources`` sources, with the batch,
     height and width dynamic.
@@ -197,7 +202,7 @@ def export_onnx(module: torch.nn.Module, sources: int = 2) -> bytes:
             )
             return stream.getvalue()
         except Exception as error:  # code the tracer cannot follow
-            errors.append(f"TorchScript exporter: {str(error).strip().splitlines()[0]}")
+            errors.append(f"TorchScript exporter: {_first_line(error)}")
         try:
             from torch.export import Dim
 
@@ -209,7 +214,7 @@ def export_onnx(module: torch.nn.Module, sources: int = 2) -> bytes:
             )
             return program.model_proto.SerializeToString()
         except Exception as error:  # exporter missing, or code it cannot trace
-            errors.append(f"dynamo exporter: {str(error).strip().splitlines()[0]}")
+            errors.append(f"dynamo exporter: {_first_line(error)}")
     raise RuntimeError("; ".join(errors))
 
 
@@ -306,8 +311,7 @@ class _OnnxRuntimePerSourceCount:
         except Exception as error:  # this source count cannot be exported: torch serves it
             logger.log(self.fallback_level,
                        "ONNX Runtime cannot serve %d sources (%s: %s); using torch for them",
-                       sources, type(error).__name__,
-                       (str(error).strip().splitlines() or [""])[0])
+                       sources, type(error).__name__, _first_line(error))
             with self._lock:
                 run = self.runs.setdefault(sources, self.module)
         return run(inputs)
@@ -402,6 +406,10 @@ class InferenceRunner:
         """The input channels to export, time and probe first (the usual source count: 2)."""
         return self.channels or TIMING_SHAPE[1]
 
+    def _fallback_level(self) -> int:
+        """Log level of a fall back to torch: a warning where a backend was asked for."""
+        return logging.WARNING if self.requested != "auto" else logging.INFO
+
     def _probes(self) -> tuple[tuple[int, ...], ...]:
         return PROBE_SHAPES if self.channels is None else probe_shapes(self.channels)
 
@@ -422,9 +430,8 @@ class InferenceRunner:
         if name == "onnxruntime":
             if self.device.type != "cpu":
                 raise RuntimeError("the ONNX Runtime backend runs on CPU only")
-            level = logging.WARNING if self.requested != "auto" else logging.INFO
             sessions = _OnnxRuntimePerSourceCount(self.module, torch.get_num_threads(),
-                                                  self.cache, level)
+                                                  self.cache, self._fallback_level())
             sessions.run_for(self._channels())  # the usual count: export now, or fail now
             return sessions
         if name == "compile":
@@ -451,10 +458,9 @@ class InferenceRunner:
                             and not _pays(run, self.module, self.device, self._channels())):
                         raise RuntimeError("slower than torch on this machine")
                 except Exception as error:  # never fail inference for the backend's sake
-                    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                    level = logging.WARNING if self.requested != "auto" else logging.INFO
-                    logger.log(level, "inference backend %s unavailable (%s: %s); using torch",
-                               name, type(error).__name__, message)
+                    logger.log(self._fallback_level(),
+                               "inference backend %s unavailable (%s: %s); using torch",
+                               name, type(error).__name__, _first_line(error))
                     continue
                 self._run, self.backend = run, name
                 break
@@ -472,8 +478,7 @@ class InferenceRunner:
             return self._run(inputs)  # type: ignore[misc]
         except Exception as error:  # e.g. Inductor failing to recompile for a new shape
             logger.warning("inference backend %s failed (%s: %s); using torch from now on",
-                           self.backend, type(error).__name__,
-                           (str(error).strip().splitlines() or [""])[0])
+                           self.backend, type(error).__name__, _first_line(error))
             self._run, self.backend = self.module, "torch"
             return self.module(inputs)
 
