@@ -102,12 +102,9 @@ class SESFFusion:
         self.energy_network = backend.accelerate(fusion.FeatureEnergy(self.network).eval(),
                                                  self.device, channels=1, default="torch")
 
-    def _energy(self, images: torch.Tensor) -> torch.Tensor:
-        return self.energy_network(images)
-
     def energy(self, images: torch.Tensor) -> torch.Tensor:
         """Feature energy (N, 1, H, W) of (N, 1, H, W) images, in the shared memory tile."""
-        return tiling.run_tiled(self._energy, images, BYTES_PER_SOURCE_PIXEL, self.halo,
+        return tiling.run_tiled(self.energy_network, images, BYTES_PER_SOURCE_PIXEL, self.halo,
                                 budget_mb=self.memory_budget_mb)
 
     def tile(self, sources: int, height: int, width: int) -> tuple[int, int]:
