@@ -6,8 +6,9 @@
   ``torch.utils.flop_counter`` (multiply-add = 2 FLOPs), seconds per backend
   (:mod:`medfusion.methods.backend`), and the ratio of that time to FLOPs / limit;
 - the default ``cnn`` method (what ``medfusion fuse`` runs: the bundle's block exponent, the memory
-  and cache tiles)
-  on the same slice;
+  and cache tiles) on the same slice, with numba loaded as in a volume job (the network's
+  full-resolution passes as compiled loops), and the network's torch code alone for comparison
+  (FLOPs are those of the path that runs: convolutions and matrix products);
 - ``--batches 1,2,4,8,16``: the network (plain torch) on a stack of 16 such slice pairs in calls
   of that many slices, per slice: what sets ``medfusion.methods.cnn.CPU_PIXELS_PER_CALL`` (the
   cache tile; calls of many large slices run out of this CPU's caches).
@@ -65,6 +66,10 @@ def main() -> None:
 
         keep_freed_memory()  # as the command line does (freed temporaries reused, no page faults)
 
+    # loaded as in a volume job or with --metrics: the network then runs its full-resolution
+    # passes as compiled loops on calls of any size (scripts/cpu_kernels.py)
+    import numba  # noqa: F401
+
     from medfusion.methods import backend, get_method
 
     os.environ.pop(backend.BACKEND_ENV, None)
@@ -94,6 +99,10 @@ def main() -> None:
     default = get_method("cnn", device="cpu")
     label = f"default cnn method ({default.network.prepare()}, i = {default.block_exponent})"
     rows.append((label, *best_of(lambda: default(batch), args.repeat)))
+    module.compiled_cpu_kernels = False  # the network's torch code for every pass
+    with torch.inference_mode():
+        rows.append(("network, torch code only", *best_of(lambda: module(batch), args.repeat)))
+    module.compiled_cpu_kernels = True
     for label, wall, cpu in rows:
         print(f"{label:<34}{wall * 1e3:>9.1f}{cpu * 1e3:>9.1f}{flops / wall / 1e9:>9.1f}"
               f"{wall / ideal:>9.1f}")

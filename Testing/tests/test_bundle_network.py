@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import subprocess
 import sys
+import textwrap
 
+import numba  # noqa: F401 (loaded: the network's compiled CPU loops then serve calls of any size)
 import pytest
 import torch
 
@@ -65,3 +68,131 @@ def test_upsampling_is_torch_bilinear(network, scale: int) -> None:
     expected = torch.nn.functional.interpolate(x, scale_factor=scale, mode="bilinear",
                                                align_corners=False)
     torch.testing.assert_close(upsample(x, scale), expected, atol=1e-6, rtol=0)
+
+
+def _kernels(network):
+    kernels = sys.modules[type(network).__module__]._cpu_kernels()
+    assert kernels is not None, "numba is a dependency of medfusion: the compiled path must load"
+    return kernels
+
+
+def _both_paths(network, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's output on ``x`` with its compiled CPU loops and with its torch code."""
+    net = copy.deepcopy(network)
+    with torch.inference_mode():
+        assert net._compiled_cpu_path(x)
+        compiled = net(x)
+        net.compiled_cpu_kernels = False
+        assert not net._compiled_cpu_path(x)
+        return compiled, net(x)
+
+
+@pytest.mark.parametrize("exponent", range(7))
+@pytest.mark.parametrize("shape", [(1, 2, 96, 128), (3, 2, 37, 53), (2, 3, 40, 72)])
+def test_compiled_cpu_path_gives_the_torch_codes_image(network, exponent: int, shape) -> None:
+    """Inference on the CPU runs the full-resolution passes as compiled loops
+    (scripts/cpu_kernels.py); at every block exponent, on sizes that need padding, for batches
+    and for three sources (compiled statistics, torch combination) the fused image is the torch
+    code's within float32 rounding."""
+    net = copy.deepcopy(network)
+    sys.modules[type(net).__module__].set_block_exponent(net, exponent)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(exponent))
+    compiled, reference = _both_paths(net, x)
+    assert compiled.shape == reference.shape == (shape[0], 1, shape[2], shape[3])
+    torch.testing.assert_close(compiled, reference, atol=3e-5, rtol=0)
+
+
+@pytest.mark.parametrize("exponent", range(7))
+def test_compiled_block_statistics_are_torchs(network, exponent: int) -> None:
+    """The block means (and the base layer's means) are torch's avg_pool2d to the bit, summed
+    in its order: a flat block's spread is a difference of rounded numbers, and another order
+    moved the fused image by up to 1e-3. The spread is within one float32 step."""
+    block = 1 << exponent
+    x = torch.rand(2, 3, 128, 64, generator=torch.Generator().manual_seed(block))
+    x[:, :, :32] = 0.7  # flat blocks: spreads near 0
+    stats, coarse = _kernels(network).block_stats(x, block, network.base_pool)
+    expected_stats, expected_coarse = network._block_stats(x, block)
+    assert stats.shape == expected_stats.shape
+    assert stats.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(coarse, expected_coarse)
+    assert torch.equal(stats[:, 0], expected_stats[:, 0])
+    torch.testing.assert_close(stats[:, 1], expected_stats[:, 1], atol=0, rtol=1.2e-7)
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 30.0, 200.0])
+def test_compiled_combination_is_the_torch_formula(network, logit_scale: float) -> None:
+    """Upsampling and two-source combination in one compiled loop, against the torch code on
+    random block maps, also where the logits lie hundreds apart (weights exactly 0 and 1)."""
+    module = sys.modules[type(network).__module__]
+    generator = torch.Generator().manual_seed(int(logit_scale))
+    x = torch.rand(2, 2, 64, 96, generator=generator)
+    coarse = torch.rand(2, 2, 16, 24, generator=generator)
+    prior = network.max_prior.detach()
+    for block in (1, 2, 4, 8, 16):
+        maps = torch.randn(2, 4, 64 // block, 96 // block, generator=generator) * logit_scale
+        fused = _kernels(network).compose_two(x, maps, coarse, prior, block, 4)
+        up = module.upsample_bilinear(maps, block) if block > 1 else maps
+        up = up.reshape(2, 2, 2, 64, 96)
+        expected = module.combine_sources(x, module.upsample_bilinear(coarse, 4), up[:, :, 0],
+                                          up[:, :, 1], prior).clamp(0.0, 1.0)
+        torch.testing.assert_close(fused, expected, atol=2e-5, rtol=0)
+
+
+def test_compiled_sigmoid_is_torchs(network) -> None:
+    """The vectorising float32 sigmoid of the compiled loops, over and beyond its clamp."""
+    z = torch.cat([torch.linspace(-120.0, 120.0, 100_001), torch.tensor([-1e30, 1e30, 0.0])])
+    out = torch.empty_like(z)
+    _kernels(network).sigmoid_of_array(z.numpy(), out.numpy())
+    expected = torch.sigmoid(z)
+    torch.testing.assert_close(out, expected, atol=1e-7, rtol=4e-7)
+
+
+def test_training_tracing_and_scripting_run_the_torch_code(network) -> None:
+    """The compiled loops serve inference only: with gradients, under the tracer (the ONNX
+    export) and in TorchScript the network runs its torch code, with the same result."""
+    net = copy.deepcopy(network)
+    x = torch.rand(1, 2, 64, 64)
+    with torch.inference_mode():
+        compiled = net(x)
+    assert not net._compiled_cpu_path(x.clone().requires_grad_())
+    assert not net._compiled_cpu_path(x.double())
+    torch.testing.assert_close(net(x).detach(), compiled, atol=3e-5, rtol=0)  # grads on
+    with torch.no_grad():
+        traced = torch.jit.trace(net, x, check_trace=False)
+        scripted = torch.jit.script(net)
+        for run in (traced, scripted):
+            torch.testing.assert_close(run(x), compiled, atol=3e-5, rtol=0)
+
+
+def test_without_numba_the_network_runs_its_torch_code(network, monkeypatch) -> None:
+    """A bundle used where numba is not installed (its kernels fail to import) still fuses."""
+    module = sys.modules[type(network).__module__]
+    x = torch.rand(1, 2, 32, 32)
+    with torch.inference_mode():
+        compiled = network(x)
+    monkeypatch.setattr(module, "_KERNELS", [None])
+    assert not network._compiled_cpu_path(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(network(x), compiled, atol=3e-5, rtol=0)
+
+
+def test_before_numba_is_loaded_only_large_calls_take_the_compiled_loops() -> None:
+    """Loading numba costs more than its loops save on one image pair: a fresh process keeps the
+    torch code (and does not import numba) for a call below COMPILED_MIN_SOURCE_PIXELS, and
+    takes the compiled loops from a call of that size."""
+    script = textwrap.dedent("""
+        import sys, torch
+        from medfusion.methods import get_method
+        net = get_method("cnn").module
+        torch.set_grad_enabled(False)  # inference, as the methods call it
+        limit = sys.modules[type(net).__module__].COMPILED_MIN_SOURCE_PIXELS
+        small = torch.rand(1, 2, 256, 256)
+        assert small.numel() < limit
+        print(net._compiled_cpu_path(small), "numba" in sys.modules)
+        large = torch.rand(limit // (2 * 512 * 512), 2, 512, 512)
+        print(net._compiled_cpu_path(large), "numba" in sys.modules)
+        print(net._compiled_cpu_path(small))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, check=True)
+    assert result.stdout.split("\n")[:3] == ["False False", "True True", "True"], result.stdout

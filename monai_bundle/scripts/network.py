@@ -21,6 +21,8 @@ One set of weights serves every ``i`` (training draws ``i`` at random per batch)
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,10 @@ from torch import nn
 MAX_BLOCK_EXPONENT = 6
 STATS = 2  # block mean and block variance of each source
 BASE_POOL = 4  # the base layer is the bilinear upsampling of 4x4 block means
+# source pixels per call from which the compiled CPU loops are used before numba is loaded:
+# loading it (~0.7 s once per process) costs what the loops save on ~150 512^2 slice pairs
+# (~4 ms each), so a single image pair keeps the torch code; volumes and batches reach this
+COMPILED_MIN_SOURCE_PIXELS = 1 << 20
 
 
 class FusionNet(nn.Module):
@@ -71,6 +77,9 @@ class FusionNet(nn.Module):
         # kernels for these few channels were 3-5x slower on CPU (a dilated 24->24 3x3 conv on
         # 64x64 maps, batch 16: 37 ms NCHW, 10 ms channels-last); loaded weights keep the layout
         self.to(memory_format=torch.channels_last)
+        # float32 CPU inference runs the full-resolution passes as compiled loops where numba is
+        # installed (scripts/cpu_kernels.py; the same numbers to float32 rounding): off, torch
+        self.compiled_cpu_kernels = True
 
     @property
     def input_multiple(self) -> int:
@@ -87,22 +96,45 @@ class FusionNet(nn.Module):
             raise ValueError(
                 f"FusionNet expects (B, K>={self.min_sources}, H, W) input, got {x.shape}"
             )
-        b, k, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        if not torch.jit.is_scripting():  # (TorchScript compiles none of this block)
+            if self._compiled_cpu_path(x):
+                return self._forward_compiled(x)
+        h, w = x.shape[2], x.shape[3]
         block = 1 << self.block_exponent
-        multiple = max(block, self.base_pool)
+        x = self._padded(x)
+        stats, coarse = self._block_stats(x, block)
+        maps = self._block_maps(stats, x.shape[0], x.shape[1])
+        return self._compose(x, maps, coarse, block)[..., :h, :w]
+
+    def _forward_compiled(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with the full-resolution passes as compiled CPU loops
+        (:mod:`scripts.cpu_kernels`; three or more sources keep the torch combination)."""
+        kernels = _cpu_kernels()
+        b, k, h, w = x.shape
+        block = 1 << self.block_exponent
+        x = self._padded(x)
+        stats, coarse = kernels.block_stats(x, block, self.base_pool)
+        maps = self._block_maps(stats, b, k)
+        if k == 2:
+            fused = kernels.compose_two(x, maps, coarse, self.max_prior, block, self.base_pool)
+        else:
+            fused = self._compose(x, maps, coarse, block)
+        return fused[..., :h, :w]
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` replicate-padded at the bottom and right to :attr:`input_multiple`."""
+        h, w = x.shape[2], x.shape[3]
+        multiple = max(1 << self.block_exponent, self.base_pool)
         pad_h, pad_w = (-h) % multiple, (-w) % multiple
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-        hp, wp = x.shape[-2:]
-        mean, square, coarse = self._pooled(x, block)
-        if block > 1:
-            spread = (square - mean * mean).clamp_min(0.0).sqrt()
-        else:  # one pixel per block: no spread (and no sqrt at 0, whose gradient is NaN)
-            spread = torch.zeros_like(x)
-        stats = torch.stack([mean, spread], dim=2)
-        hb, wb = stats.shape[-2:]
-        stats = stats.reshape(b * k, self.stats, hb, wb)
-        stats = stats.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _block_maps(self, stats: torch.Tensor, b: int, k: int) -> torch.Tensor:
+        """The block CNN: per source a selection logit and a detail gain at the block grid,
+        ``(B, 2 K, H / block, W / block)`` (logit, gain of source 0, then of source 1, ...),
+        from the block statistics of :meth:`_block_stats`."""
+        hb, wb = stats.shape[-2], stats.shape[-1]
         # channels-last (N, C, H, W) is (N, H, W, C) in memory: features are pooled over the
         # sources and concatenated along the last axis of that view, with no layout copies
         feats = self.encoder(stats).permute(0, 2, 3, 1).reshape(b, k, hb, wb, -1)
@@ -116,7 +148,13 @@ class FusionNet(nn.Module):
         own = torch.matmul(feats, mixing[:, :width].t())
         hidden = self.head[1](own + shared.reshape(b, 1, hb, wb, width))
         hidden = hidden.reshape(b * k, hb, wb, width).permute(0, 3, 1, 2)
-        maps = self.head[2](hidden).contiguous().reshape(b, k * 2, hb, wb)
+        return self.head[2](hidden).contiguous().reshape(b, k * 2, hb, wb)
+
+    def _compose(self, x: torch.Tensor, maps: torch.Tensor, coarse: torch.Tensor, block: int
+                 ) -> torch.Tensor:
+        """The fused image in [0, 1] from the (padded) sources, the block maps and the base
+        layer's block means: both upsampled bilinearly to pixels, then :func:`combine_sources`."""
+        b, k, hp, wp = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         if block == self.base_pool:  # one upsampling pass for the maps and the base layer
             up = upsample_bilinear(torch.cat([maps, coarse], dim=1), block)
             maps, base = up[:, : 2 * k], up[:, 2 * k :]
@@ -126,7 +164,21 @@ class FusionNet(nn.Module):
                 maps = upsample_bilinear(maps, block)
         maps = maps.reshape(b, k, 2, hp, wp)
         fused = combine_sources(x, base, maps[:, :, 0], maps[:, :, 1], self.max_prior)
-        return fused[..., :h, :w].clamp(0.0, 1.0)
+        return fused.clamp(0.0, 1.0)
+
+    def _block_stats(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block CNN's input, ``(B * K, 2, H / block, W / block)`` channels-last: each
+        block's mean and spread ``sqrt(mean(x^2) - mean^2)``; and the base layer's
+        ``base_pool`` means ``(B, K, H / base_pool, W / base_pool)``."""
+        b, k = x.shape[0], x.shape[1]
+        mean, square, coarse = self._pooled(x, block)
+        if block > 1:
+            spread = (square - mean * mean).clamp_min(0.0).sqrt()
+        else:  # one pixel per block: no spread (and no sqrt at 0, whose gradient is NaN)
+            spread = torch.zeros_like(x)
+        stats = torch.stack([mean, spread], dim=2)
+        stats = stats.reshape(b * k, self.stats, stats.shape[-2], stats.shape[-1])
+        return stats.contiguous(memory_format=torch.channels_last), coarse
 
     def _pooled(self, x: torch.Tensor, block: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,6 +194,35 @@ class FusionNet(nn.Module):
                     mean)
         coarse = mean if fine == self.base_pool else F.avg_pool2d(mean, self.base_pool // fine)
         return mean, square, coarse
+
+    def _compiled_cpu_path(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the full-resolution passes as compiled CPU loops
+        (:mod:`scripts.cpu_kernels`): float32 inference on the CPU (no gradients, not traced,
+        exported or compiled), numba installed, ``compiled_cpu_kernels`` left on, and either
+        numba already loaded or a call of at least :data:`COMPILED_MIN_SOURCE_PIXELS`."""
+        if not self.compiled_cpu_kernels or x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.max_prior.requires_grad):
+            return False
+        if x.numel() < COMPILED_MIN_SOURCE_PIXELS and "numba" not in sys.modules:
+            return False  # a small job: numba's start would cost more than its loops save
+        return _cpu_kernels() is not None
+
+
+_KERNELS: list = []  # the cpu_kernels module once imported, or None when numba is missing
+
+
+def _cpu_kernels():  # noqa: ANN202 (a module or None)
+    """:mod:`scripts.cpu_kernels`, imported on first use; None where numba is not installed."""
+    if not _KERNELS:
+        try:
+            from . import cpu_kernels
+        except ImportError:
+            cpu_kernels = None
+        _KERNELS.append(cpu_kernels)
+    return _KERNELS[0]
 
 
 def upsample_bilinear(x: torch.Tensor, scale: int) -> torch.Tensor:
