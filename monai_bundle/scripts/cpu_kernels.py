@@ -215,11 +215,19 @@ def _moments(x: np.ndarray, size: int, mean: np.ndarray, square: np.ndarray) -> 
         total_square[:] = 0.0
         for offset in range(size):
             line = x[image, block_row * size + offset]
-            for column in range(size):
-                for block in range(blocks_across):
-                    value = line[block * size + column]
-                    total[block] += value
-                    total_square[block] += value * value
+            if size == 4:  # the block's four values in one loop body: LLVM's vectorised
+                for block in range(blocks_across):  # stride-4 loads (2x faster)
+                    v0, v1 = line[4 * block], line[4 * block + 1]
+                    v2, v3 = line[4 * block + 2], line[4 * block + 3]
+                    total[block] = (((total[block] + v0) + v1) + v2) + v3
+                    total_square[block] = ((((total_square[block] + v0 * v0) + v1 * v1)
+                                            + v2 * v2) + v3 * v3)
+            else:
+                for column in range(size):
+                    for block in range(blocks_across):
+                        value = line[block * size + column]
+                        total[block] += value
+                        total_square[block] += value * value
         for block in range(blocks_across):
             mean[image, block_row, block] = total[block] * scale
             square[image, block_row, block] = total_square[block] * scale

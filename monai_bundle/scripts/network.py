@@ -139,15 +139,19 @@ class FusionNet(nn.Module):
         # sources and concatenated along the last axis of that view, with no layout copies
         feats = self.encoder(stats).permute(0, 2, 3, 1).reshape(b, k, hb, wb, -1)
         # the head's 1x1 layer on [own features, max and mean over the sources] as one matrix
-        # product per source plus one shared by all sources (no concatenated copy per source)
+        # product per source plus two shared by all sources (no concatenated copies; the mean's
+        # 1 / K folded into the product: 8-10 % faster than a concatenated [max, mean])
         width = feats.shape[-1]
         mixing, bias = self.head[0].weight.reshape(width, 3 * width), self.head[0].bias
         assert bias is not None
-        pooled = torch.cat([_source_max(feats), _source_sum(feats) / k], dim=-1)
-        shared = torch.addmm(bias, pooled.reshape(-1, 2 * width), mixing[:, width:].t())
-        own = torch.matmul(feats, mixing[:, :width].t())
-        hidden = self.head[1](own + shared.reshape(b, 1, hb, wb, width))
-        hidden = hidden.reshape(b * k, hb, wb, width).permute(0, 3, 1, 2)
+        rows = (-1, width)
+        shared = torch.addmm(bias, _source_max(feats).reshape(rows),
+                             mixing[:, width:2 * width].t())
+        shared = torch.addmm(shared, _source_sum(feats).reshape(rows),
+                             mixing[:, 2 * width:].t() / k)
+        hidden = torch.matmul(feats, mixing[:, :width].t())
+        hidden += shared.reshape(b, 1, hb, wb, width)
+        hidden = self.head[1](hidden).reshape(b * k, hb, wb, width).permute(0, 3, 1, 2)
         return self.head[2](hidden).contiguous().reshape(b, k * 2, hb, wb)
 
     def _compose(self, x: torch.Tensor, maps: torch.Tensor, coarse: torch.Tensor, block: int
@@ -306,7 +310,10 @@ def _source_max(values: torch.Tensor) -> torch.Tensor:
 
 
 def _source_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum of ``(B, K, ...)`` over the K sources as ``(B, 1, ...)``, by a matrix product."""
+    """Sum of ``(B, K, ...)`` over the K sources as ``(B, 1, ...)``: for two sources an
+    elementwise sum, else a matrix product (ONNX Runtime's ReduceSum over that axis was slow)."""
+    if values.shape[1] == 2:
+        return values[:, 0:1] + values[:, 1:2]
     b, k = values.shape[0], values.shape[1]
     total = torch.matmul(values.new_ones((1, k)), values.reshape(b, k, -1))
     return total.reshape([b, 1] + list(values.shape[2:]))
