@@ -144,6 +144,34 @@ def test_auto_takes_onnxruntime_only_where_it_pays(network, cache, monkeypatch):
         assert backend.accelerate(network, "cpu").prepare() == chosen
 
 
+@needs_ort
+def test_auto_times_the_backends_on_the_first_calls_input(network, cache, monkeypatch):
+    """``auto`` decides on what the caller runs: the bundle's network takes compiled CPU loops
+    only on calls large enough to pay for loading numba, so a fixed small probe could time
+    another path than a volume's slices take. Without an input (``prepare()``), or with another
+    source count than the one timed, it times the 384² two-source probe."""
+    monkeypatch.delenv(backend.BACKEND_ENV, raising=False)
+    timed = []
+
+    def record(runs, probe):
+        timed.append(tuple(probe.shape))
+        return [1.0, 2.0]  # the candidate "wins"
+
+    monkeypatch.setattr(backend, "_best_times", record)
+    for first_input, expected in ((torch.rand(2, 2, 80, 96), (2, 2, 80, 96)),
+                                  (torch.rand(1, 3, 64, 64), backend.TIMING_SHAPE),
+                                  (None, backend.TIMING_SHAPE)):
+        monkeypatch.setattr(backend, "_AUTO_CHOICES", {})
+        runner = backend.accelerate(network, "cpu")
+        with torch.inference_mode():
+            if first_input is None:
+                runner.prepare()
+            else:
+                runner(first_input)
+        assert runner.backend == "onnxruntime"
+        assert timed[-1] == expected
+
+
 def test_environment_forces_a_backend_and_rejects_unknown_names(network, monkeypatch):
     monkeypatch.setenv(backend.BACKEND_ENV, "torch")
     assert backend.accelerate(network).prepare() == "torch"

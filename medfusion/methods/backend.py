@@ -22,11 +22,12 @@ dynamic) and returns an :class:`InferenceRunner`, a callable with the module's s
 
 ``MEDFUSION_BACKEND=auto|onnxruntime|compile|torch`` (or the ``backend`` argument) chooses;
 ``auto`` (the default unless the caller names another, as the sesf method names torch) takes
-ONNX Runtime on CPU when it is installed *and* it runs a 384² probe of two sources (or of the
-module's fixed channel count) faster than plain torch on this machine (timed once per loaded
-network: which one wins depends on the network and on the load; other source counts follow that
-choice untimed), and plain torch otherwise (on CUDA too: the CPU wheel of ONNX
-Runtime has no GPU provider). A backend is checked against plain
+ONNX Runtime on CPU when it is installed *and* it runs the first call's input (a 384² probe
+when :meth:`InferenceRunner.prepare` is called before any input, or when the input has another
+source count than two or the module's fixed channel count) faster than plain torch on this
+machine (timed once per loaded network: which one wins depends on the network, the input size
+and the load; other source counts follow that choice untimed), and plain torch otherwise (on
+CUDA too: the CPU wheel of ONNX Runtime has no GPU provider). A backend is checked against plain
 torch on two probe inputs (max abs difference ``TOLERANCE``; ONNX Runtime once, before its export
 is cached); one that fails to build, to run or to match falls back to plain torch with a log
 message, so inference never fails for the backend's sake.
@@ -359,19 +360,26 @@ def _best_times(runs: list[Callable[[torch.Tensor], torch.Tensor]], probe: torch
 
 
 def _pays(candidate: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module,
-          device: torch.device, channels: int = TIMING_SHAPE[1]) -> bool:
-    """True when ``candidate`` runs a 384² pair faster than plain torch here and now.
+          device: torch.device, channels: int = TIMING_SHAPE[1],
+          example: torch.Tensor | None = None) -> bool:
+    """True when ``candidate`` runs ``example`` (the first real input, when it has ``channels``
+    channels), else a 384² pair, faster than plain torch here and now.
 
-    Which backend is faster depends on the network and the machine (on this project's 2-core CPU
-    ONNX Runtime is 3-5x faster than torch while other processes compete for the cores, and about
-    2x slower on an idle machine for the block-exponent FusionNet), so ``auto`` measures instead
-    of guessing: a few tens of milliseconds, once per loaded network.
+    Which backend is faster depends on the network, the machine and the input (on this project's
+    2-core CPU ONNX Runtime was 3-5x faster than torch while other processes competed for the
+    cores and about 2x slower on an idle machine; the bundle's network runs compiled CPU loops
+    in torch only on calls large enough to pay for loading numba, so a 384² probe would time a
+    volume's first call on another path than its slices take), so ``auto`` measures instead of
+    guessing, on what the caller runs: a few tens of milliseconds, once per loaded network.
     """
-    shape = (TIMING_SHAPE[0], channels, *TIMING_SHAPE[2:])
-    probe = torch.rand(*shape, generator=torch.Generator().manual_seed(0)).to(device)
+    if example is not None and example.dim() == 4 and example.shape[1] == channels:
+        probe = example.detach().to(device)
+    else:
+        shape = (TIMING_SHAPE[0], channels, *TIMING_SHAPE[2:])
+        probe = torch.rand(*shape, generator=torch.Generator().manual_seed(0)).to(device)
     fast, plain = _best_times([candidate, module], probe)
-    logger.debug("backend timing on %s: candidate %.4f s, torch %.4f s", shape, fast,
-                 plain)
+    logger.debug("backend timing on %s: candidate %.4f s, torch %.4f s", tuple(probe.shape),
+                 fast, plain)
     return fast < plain
 
 
@@ -439,8 +447,9 @@ class InferenceRunner:
                               input_multiple(self.module))
         return self.module
 
-    def prepare(self) -> str:
-        """Choose and check the backend now; return its name."""
+    def prepare(self, example: torch.Tensor | None = None) -> str:
+        """Choose and check the backend now; return its name. ``auto`` times the candidates on
+        ``example`` (the first call's input) if given, else on a 384² pair."""
         with self._lock:
             if self._run is not None:
                 return self.backend  # type: ignore[return-value]
@@ -455,7 +464,8 @@ class InferenceRunner:
                         if difference > TOLERANCE:
                             raise RuntimeError(f"outputs differ from torch by {difference:.2g}")
                     if (self.requested == "auto" and self._choice_key() not in _AUTO_CHOICES
-                            and not _pays(run, self.module, self.device, self._channels())):
+                            and not _pays(run, self.module, self.device, self._channels(),
+                                          example)):
                         raise RuntimeError("slower than torch on this machine")
                 except Exception as error:  # never fail inference for the backend's sake
                     logger.log(self._fallback_level(),
@@ -471,7 +481,7 @@ class InferenceRunner:
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         if self._run is None:
-            self.prepare()
+            self.prepare(inputs)
         if self.backend == "torch":
             return self.module(inputs)
         try:
