@@ -22,8 +22,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import types
 from numba.extending import intrinsic
 
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
@@ -40,19 +38,14 @@ _EXP_LIMIT = _F32(87.0)  # exp(87) and exp(-87) are normal float32 numbers
 
 
 @intrinsic
-def _bits_of(typingctx, value):  # noqa: ARG001 (numba passes the typing context)
-    """The IEEE-754 bits of a float32 as an int32 (a bit cast, no conversion)."""
-    def codegen(context, builder, signature, args):  # noqa: ARG001
-        return builder.bitcast(args[0], ir.IntType(32))
-    return types.int32(types.float32), codegen
+def _bit_cast(typingctx, value, number_type):  # noqa: ARG001 (numba passes the typing context)
+    """The bits of ``value`` read as a ``number_type`` of the same width (``np.int32`` for a
+    float32, ``np.float32`` for an int32): a cast of the bits, no conversion."""
+    target = number_type.instance_type
 
-
-@intrinsic
-def _float_of(typingctx, bits):  # noqa: ARG001
-    """The float32 whose IEEE-754 bits are ``bits`` (int32)."""
     def codegen(context, builder, signature, args):  # noqa: ARG001
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
+        return builder.bitcast(args[0], context.get_value_type(target))
+    return target(value, number_type), codegen
 
 
 @numba.njit(**_JIT_FUSED, inline="always")
@@ -73,7 +66,8 @@ def sigmoid(z: float) -> float:
     p = p * r + _F32(0.5)
     p = p * r + _F32(1.0)
     p = p * r + _F32(1.0)
-    power = _float_of((_bits_of(shifted) - np.int32(_ROUNDING_BITS - 127)) << np.int32(23))
+    bits = (_bit_cast(shifted, np.int32) - np.int32(_ROUNDING_BITS - 127)) << np.int32(23)
+    power = _bit_cast(np.int32(bits), np.float32)  # (numba widens int32 arithmetic to int64)
     return _F32(1.0) / (_F32(1.0) + p * power)
 
 
