@@ -155,8 +155,15 @@ def test_training_tracing_and_scripting_run_the_torch_code(network) -> None:
     with torch.inference_mode():
         compiled = net(x)
     assert not net._compiled_cpu_path(x.clone().requires_grad_())
-    assert not net._compiled_cpu_path(x.double())
+    with torch.inference_mode():
+        assert not net._compiled_cpu_path(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bfloat16 maps: the torch code
+            assert not net._compiled_cpu_path(x)
+            assert net(x).shape == compiled.shape
     torch.testing.assert_close(net(x).detach(), compiled, atol=3e-5, rtol=0)  # grads on
+    net.max_prior.requires_grad_(False)  # fine-tuning with the prior frozen still trains
+    net(x).mean().backward()
+    assert net.head[2].weight.grad is not None
     with torch.no_grad():
         traced = torch.jit.trace(net, x, check_trace=False)
         scripted = torch.jit.script(net)
@@ -196,3 +203,17 @@ def test_before_numba_is_loaded_only_large_calls_take_the_compiled_loops() -> No
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=300, check=True)
     assert result.stdout.split("\n")[:3] == ["False False", "True True", "True"], result.stdout
+
+
+def test_compiled_loops_refuse_shapes_that_do_not_fit(network) -> None:
+    """The loops index without bounds checks: their entry points refuse mismatched shapes."""
+    kernels = _kernels(network)
+    x = torch.rand(1, 2, 64, 64)
+    with pytest.raises(ValueError, match="multiples"):
+        kernels.block_stats(torch.rand(1, 2, 60, 64), 8, 4)
+    with pytest.raises(ValueError, match="compose_two"):
+        kernels.compose_two(x, torch.rand(1, 4, 4, 8), torch.rand(1, 2, 16, 16),
+                            network.max_prior.detach(), 8, 4)
+    with pytest.raises(ValueError, match="compose_two"):
+        kernels.compose_two(x, torch.rand(1, 4, 8, 8), torch.rand(1, 2, 8, 16),
+                            network.max_prior.detach(), 8, 4)

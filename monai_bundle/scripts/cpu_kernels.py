@@ -8,7 +8,9 @@ CNN's input and the base layer's means, ``x`` and ``x^2`` pooled in one pass) an
 :func:`compose_two` (upsampling and combination row by row, each fused pixel written once).
 They compute what the network's torch code computes (``FusionNet._block_stats``,
 ``upsample_bilinear``, ``_combine_two_sources``: the block means to the bit, the fused image
-within a few 1e-6) and serve inference only: the network takes them for float32 CPU inputs
+within 2e-5 for the shipped weights; the logit difference is taken on the block grid before
+upsampling, which rounds less than upsampling each logit, so with logits of 1e4 the two paths
+differ by ~3e-4) and serve inference only: the network takes them for float32 CPU inputs
 without gradients, and keeps its torch code for training, GPUs, TorchScript and ONNX export.
 
 The loops run on the calling thread, without the GIL. Split over two threads they were slower
@@ -50,11 +52,11 @@ def _bit_cast(typingctx, value, number_type):  # noqa: ARG001 (numba passes the 
 
 @numba.njit(**_JIT_FUSED, inline="always")
 def sigmoid(z: float) -> float:
-    """``1 / (1 + exp(-z))`` in float32, within 3e-7 of torch's (relative), in a form that
+    """``1 / (1 + exp(-z))`` in float32, within 4e-7 of torch's (relative), in a form that
     vectorises: ``exp(t) = 2^n e^r`` with ``n = round(t / ln 2)`` taken from the bits of
     ``t / ln 2 + 1.5 * 2^23`` and ``e^r`` (``|r| <= ln 2 / 2``) from its degree-6 Taylor
-    polynomial (error below 2e-7). ``t`` is clamped to +-87, where the sigmoid is 0 or 1 in
-    float32 anyway."""
+    polynomial (error below 2e-7). ``t`` is clamped to +-87: further out the result stays at
+    1.6e-38 (or 1 minus that) where torch's goes on shrinking, a difference no fusion sees."""
     t = min(max(-z, -_EXP_LIMIT), _EXP_LIMIT)
     shifted = t * _LOG2E + _ROUNDING
     n = shifted - _ROUNDING
@@ -279,6 +281,9 @@ def block_stats(x: torch.Tensor, block: int, base_pool: int
     ``(B, K, H / base_pool, W / base_pool)``. Every source pixel is read once, for ``x`` and
     ``x^2`` together; the coarser grids are pooled from the finer means, as there."""
     b, k, h, w = x.shape
+    if x.dtype != torch.float32 or h % block or w % block or h % base_pool or w % base_pool:
+        raise ValueError(f"block_stats needs float32 sources whose height and width are "
+                         f"multiples of {block} and {base_pool}, got {x.dtype} {tuple(x.shape)}")
     images = x.contiguous().reshape(b * k, h, w).numpy()
     fine = min(block, base_pool)
     if fine > 1:
@@ -307,6 +312,13 @@ def compose_two(x: torch.Tensor, maps: torch.Tensor, coarse: torch.Tensor,
     means ``coarse`` ``(B, 2, H / base_pool, W / base_pool)``: ``combine_sources`` of the
     bilinearly upsampled maps and base layers, clamped, without full-size intermediates."""
     b, _, h, w = x.shape
+    # the loops index without bounds checks: shapes that do not fit are refused here
+    if (x.shape[1] != 2 or maps.shape != (b, 4, h // block, w // block) or h % block or w % block
+            or coarse.shape != (b, 2, h // base_pool, w // base_pool) or h % base_pool
+            or w % base_pool or {x.dtype, maps.dtype, coarse.dtype} != {torch.float32}):
+        raise ValueError(f"compose_two got sources {tuple(x.shape)}, maps {tuple(maps.shape)} "
+                         f"and base means {tuple(coarse.shape)} (float32 needed) for blocks of "
+                         f"{block} and {base_pool}")
     fused = torch.empty((b, 1, h, w), dtype=torch.float32)
     _compose_rows(x.contiguous().numpy(), maps.contiguous().numpy(), coarse.contiguous().numpy(),
                   _F32(float(max_prior)), block, base_pool, fused.numpy())

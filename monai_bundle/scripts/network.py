@@ -21,6 +21,7 @@ One set of weights serves every ``i`` (training draws ``i`` at random per batch)
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch
@@ -30,9 +31,10 @@ from torch import nn
 MAX_BLOCK_EXPONENT = 6
 STATS = 2  # block mean and block variance of each source
 BASE_POOL = 4  # the base layer is the bilinear upsampling of 4x4 block means
-# source pixels per call from which the compiled CPU loops are used before numba is loaded:
-# loading it (~0.7 s once per process) costs what the loops save on ~150 512^2 slice pairs
-# (~4 ms each), so a single image pair keeps the torch code; volumes and batches reach this
+# source pixels per call (two 512^2 pairs) from which the compiled CPU loops are used before
+# numba is loaded: loading it (0.7 s once per process on an idle machine, up to ~2 s under load;
+# ~6 s once to compile into an empty cache) costs what the loops save on 150-500 512^2 slice
+# pairs (~4 ms each), so a single image pair keeps the torch code; volumes and batches reach it
 COMPILED_MIN_SOURCE_PIXELS = 1 << 20
 
 
@@ -201,29 +203,35 @@ class FusionNet(nn.Module):
 
     def _compiled_cpu_path(self, x: torch.Tensor) -> bool:
         """Whether this call runs the full-resolution passes as compiled CPU loops
-        (:mod:`scripts.cpu_kernels`): float32 inference on the CPU (no gradients, not traced,
-        exported or compiled), numba installed, ``compiled_cpu_kernels`` left on, and either
-        numba already loaded or a call of at least :data:`COMPILED_MIN_SOURCE_PIXELS`."""
+        (:mod:`scripts.cpu_kernels`): float32 inference on the CPU with gradients off
+        (``torch.no_grad`` or ``inference_mode``, as the methods call it), no autocast, not
+        traced, exported or compiled, numba importable, ``compiled_cpu_kernels`` left on, and
+        either numba already loaded or a call of at least :data:`COMPILED_MIN_SOURCE_PIXELS`."""
         if not self.compiled_cpu_kernels or x.device.type != "cpu" or x.dtype != torch.float32:
             return False
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
             return False
-        if torch.is_grad_enabled() and (x.requires_grad or self.max_prior.requires_grad):
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return False
         if x.numel() < COMPILED_MIN_SOURCE_PIXELS and "numba" not in sys.modules:
             return False  # a small job: numba's start would cost more than its loops save
         return _cpu_kernels() is not None
 
 
-_KERNELS: list = []  # the cpu_kernels module once imported, or None when numba is missing
+_KERNELS: list = []  # the cpu_kernels module once imported, or None where it cannot be
 
 
 def _cpu_kernels():  # noqa: ANN202 (a module or None)
-    """:mod:`scripts.cpu_kernels`, imported on first use; None where numba is not installed."""
+    """:mod:`scripts.cpu_kernels`, imported on first use; None (once, logged) where numba is not
+    installed or cannot load them (e.g. no writable folder for its cache): the torch code then
+    serves every call."""
     if not _KERNELS:
         try:
             from . import cpu_kernels
-        except ImportError:
+        except Exception as error:  # ImportError, numba's RuntimeError, llvmlite's OSError
+            logging.getLogger(__name__).info(
+                "compiled CPU loops unavailable (%s: %s); the network runs its torch code",
+                type(error).__name__, str(error).splitlines()[0] if str(error) else "")
             cpu_kernels = None
         _KERNELS.append(cpu_kernels)
     return _KERNELS[0]
