@@ -321,5 +321,5 @@ def compose_two(x: torch.Tensor, maps: torch.Tensor, coarse: torch.Tensor,
                          f"{block} and {base_pool}")
     fused = torch.empty((b, 1, h, w), dtype=torch.float32)
     _compose_rows(x.contiguous().numpy(), maps.contiguous().numpy(), coarse.contiguous().numpy(),
-                  _F32(float(max_prior)), block, base_pool, fused.numpy())
+                  _F32(float(max_prior.detach())), block, base_pool, fused.numpy())
     return fused

@@ -80,7 +80,8 @@ class FusionNet(nn.Module):
         # 64x64 maps, batch 16: 37 ms NCHW, 10 ms channels-last); loaded weights keep the layout
         self.to(memory_format=torch.channels_last)
         # float32 CPU inference runs the full-resolution passes as compiled loops where numba is
-        # installed (scripts/cpu_kernels.py; the same numbers to float32 rounding): off, torch
+        # installed (scripts/cpu_kernels.py; the same numbers to float32 rounding); False runs
+        # the torch code on every call (see _compiled_cpu_path)
         self.compiled_cpu_kernels = True
 
     @property
