@@ -16,10 +16,8 @@ The last table runs the real command line on the volume pair, ``medfusion fuse c
 per-slice metrics), under ``/usr/bin/time``: wall and CPU seconds and peak RSS against the
 memory target 1.5 x (inputs + output) + 300 MB.
 
-Last measured (issue 12, the same ``medfusion fuse`` commands run by hand under ``/usr/bin/time
--v`` with ``MEDFUSION_BACKEND=torch``, load 1.8-3.5 from other jobs): cnn 11.2 s wall / 15.4 s
-CPU / 1528 MB without ``--metrics``, 120.2 s / 130.5 s / 1759 MB with it (133.1 s / 154.1 s /
-1687 MB with the metrics code before); README, Speed.
+The numbers of the ``--cli-only`` run are in the README's Speed table (with this command);
+earlier runs in docs/speed_history.md.
 """
 
 from __future__ import annotations

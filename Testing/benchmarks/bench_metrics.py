@@ -17,11 +17,8 @@ minor page faults of one full table: fresh NumPy temporaries are fresh pages fro
 (glibc trims freed heap), which costs ~1-2 us each on this VM; ``MALLOC_TOP_PAD_=67108864``
 (or ``MALLOC_TRIM_THRESHOLD_`` + ``MALLOC_MMAP_THRESHOLD_``) in the environment removes them.
 
-Last measured (issue 12, session 20, compiled loops; idle 2-core VM; interleaved with the code
-before, e7af997): ``python Testing/benchmarks/bench_metrics.py --size 512 --no-naive --repeat 7
---slices 4`` prints compute_metrics 120-129 ms CPU on 1 thread (209-214 before) and 62-67 ms
-wall on 2 threads (121-125 before); FMI 48 ms, VIF 20, QE 13, SSIM 10-11 as single calls (70,
-32, 32, 19-20 before). Per metric and volume slices: docs/metrics.md, Speed.
+The whole table's time is in the README's Speed table (with this command); per metric and
+volume slices, and earlier runs: docs/metrics.md, Speed.
 """
 
 from __future__ import annotations

@@ -43,11 +43,32 @@ _FUSED_MULTIPLY_ADD = {"contract"}
 # L1 cache), the horizontal pass turns it into the output row at once. Full-size float64 images
 # do not fit the CPU's caches, so every pass over a whole image costs memory bandwidth; this way
 # the input is read and the output written once, with no intermediate image.
+#
+# Two forms of the same sums, in the same order (so bit-identical): kernels of the sizes the
+# metrics use on full-size images (SSIM's and Piella's 11-tap Gaussian, VIF's 17 and 9) run
+# loops with the tap count a compile-time constant (:func:`_fixed_filter`, ...): LLVM unrolls
+# the taps and vectorises across the columns with each sum in a register, one load per tap and
+# one store per output (1.5-2x faster on a 512^2 image). Any other size runs loops that add one
+# tap at a time into a line held in the L1 cache (:func:`_horizontal`, ...): with a variable tap
+# count the fixed form was 2x slower than these. Each fixed size compiles loops of its own
+# (~1 s, once per installation), so each function lists only the sizes where it pays: VIF
+# downsamples with the 9 taps; the covariance's fixed form was no faster at 17 taps (two loads
+# per tap).
+_FILTER_SIZE = 9
+_MOMENT_SIZES = (9, 11, 17)
+_COVARIANCE_SIZES = (9, 11)
+
+
+@numba.njit(**_JIT, fastmath=_FUSED_MULTIPLY_ADD, inline="always")
+def _centred(target: np.ndarray, mean_x: np.ndarray, mean_y: np.ndarray, norm: float) -> None:
+    """``target = norm * (target - mean_x mean_y)``: a filtered product made a (co)variance."""
+    for c in range(target.size):
+        target[c] = norm * (target[c] - mean_x[c] * mean_y[c])
 
 
 @numba.njit(**_JIT, fastmath=_FUSED_MULTIPLY_ADD)
 def _horizontal(line: np.ndarray, kernel: np.ndarray, step: int, target: np.ndarray) -> None:
-    """``target[c] = sum_t kernel[t] line[c * step + t]``."""
+    """``target[c] = sum_t kernel[t] line[c * step + t]``, one tap at a time (any size)."""
     target[:] = 0.0
     for t in range(kernel.size):
         weight = kernel[t]
@@ -59,12 +80,42 @@ def _horizontal(line: np.ndarray, kernel: np.ndarray, step: int, target: np.ndar
                 target[c] += weight * line[c * step + t]
 
 
+@numba.njit(**_JIT, fastmath=_FUSED_MULTIPLY_ADD, inline="always")
+def _fixed_horizontal(line: np.ndarray, kernel: np.ndarray, step: int, target: np.ndarray,
+                      size: int) -> None:
+    """:func:`_horizontal` for a kernel of ``size`` taps, a constant where this is inlined."""
+    for c in range(target.size):
+        total = 0.0
+        for t in range(size):
+            total += kernel[t] * line[c * step + t]
+        target[c] = total
+
+
+@numba.njit(**_JIT, fastmath=_FUSED_MULTIPLY_ADD, inline="always")
+def _fixed_filter(image: np.ndarray, kernel: np.ndarray, step: int, size: int) -> np.ndarray:
+    """:func:`filter_valid` for a kernel of ``size`` taps (a constant where this is inlined)."""
+    height, width = image.shape
+    out = np.empty(((height - size) // step + 1, (width - size) // step + 1))
+    line = np.empty(width)
+    for r in range(out.shape[0]):
+        top = r * step
+        for c in range(width):
+            total = 0.0
+            for t in range(size):
+                total += kernel[t] * image[top + t, c]
+            line[c] = total
+        _fixed_horizontal(line, kernel, step, out[r], size)
+    return out
+
+
 @numba.njit(**_JIT, fastmath=_FUSED_MULTIPLY_ADD)
 def filter_valid(image: np.ndarray, kernel: np.ndarray, step: int) -> np.ndarray:
     """Separable 'valid' correlation with ``kernel`` along both axes, every ``step``-th row and
     column (see ``_common.filter_valid``)."""
-    height, width = image.shape
     size = kernel.size
+    if size == _FILTER_SIZE:
+        return _fixed_filter(image, kernel, step, _FILTER_SIZE)
+    height, width = image.shape
     out = np.empty(((height - size) // step + 1, (width - size) // step + 1))
     line = np.empty(width)
     for r in range(out.shape[0]):
@@ -78,13 +129,35 @@ def filter_valid(image: np.ndarray, kernel: np.ndarray, step: int) -> np.ndarray
     return out
 
 
+@numba.njit(**_JIT, fastmath=_FUSED_MULTIPLY_ADD, inline="always")
+def _fixed_covariance(x: np.ndarray, y: np.ndarray, kernel: np.ndarray, mean_x: np.ndarray,
+                      mean_y: np.ndarray, norm: float, size: int) -> np.ndarray:
+    """:func:`covariance_valid` for a kernel of ``size`` taps (a constant where inlined)."""
+    height, width = x.shape
+    out = np.empty((height - size + 1, width - size + 1))
+    line = np.empty(width)
+    for r in range(out.shape[0]):
+        for c in range(width):
+            total = 0.0
+            for t in range(size):
+                total += kernel[t] * (x[r + t, c] * y[r + t, c])
+            line[c] = total
+        _fixed_horizontal(line, kernel, 1, out[r], size)
+        _centred(out[r], mean_x[r], mean_y[r], norm)
+    return out
+
+
 @numba.njit(**_JIT, fastmath=_FUSED_MULTIPLY_ADD)
 def covariance_valid(x: np.ndarray, y: np.ndarray, kernel: np.ndarray, mean_x: np.ndarray,
                      mean_y: np.ndarray, norm: float) -> np.ndarray:
     """Windowed covariance ``norm * (filter(x y) - mean_x mean_y)`` ('valid', step 1), the
     product formed on the fly."""
-    height, width = x.shape
     size = kernel.size
+    if size == _COVARIANCE_SIZES[0]:
+        return _fixed_covariance(x, y, kernel, mean_x, mean_y, norm, _COVARIANCE_SIZES[0])
+    if size == _COVARIANCE_SIZES[1]:
+        return _fixed_covariance(x, y, kernel, mean_x, mean_y, norm, _COVARIANCE_SIZES[1])
+    height, width = x.shape
     out = np.empty((height - size + 1, width - size + 1))
     line = np.empty(width)
     for r in range(out.shape[0]):
@@ -94,11 +167,34 @@ def covariance_valid(x: np.ndarray, y: np.ndarray, kernel: np.ndarray, mean_x: n
             line_x, line_y = x[r + t], y[r + t]
             for c in range(width):
                 line[c] += weight * (line_x[c] * line_y[c])
-        target, row_x, row_y = out[r], mean_x[r], mean_y[r]
-        _horizontal(line, kernel, 1, target)
-        for c in range(target.size):
-            target[c] = norm * (target[c] - row_x[c] * row_y[c])
+        _horizontal(line, kernel, 1, out[r])
+        _centred(out[r], mean_x[r], mean_y[r], norm)
     return out
+
+
+@numba.njit(**_JIT, fastmath=_FUSED_MULTIPLY_ADD, inline="always")
+def _fixed_moments(x: np.ndarray, kernel: np.ndarray, norm: float, size: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`moments_valid` for a kernel of ``size`` taps (a constant where inlined)."""
+    height, width = x.shape
+    mean = np.empty((height - size + 1, width - size + 1))
+    var = np.empty(mean.shape)
+    line = np.empty(width)
+    square_line = np.empty(width)
+    for r in range(mean.shape[0]):
+        for c in range(width):
+            total = 0.0
+            squares = 0.0
+            for t in range(size):
+                value = x[r + t, c]
+                total += kernel[t] * value
+                squares += kernel[t] * (value * value)
+            line[c] = total
+            square_line[c] = squares
+        _fixed_horizontal(line, kernel, 1, mean[r], size)
+        _fixed_horizontal(square_line, kernel, 1, var[r], size)
+        _centred(var[r], mean[r], mean[r], norm)
+    return mean, var
 
 
 @numba.njit(**_JIT, fastmath=_FUSED_MULTIPLY_ADD)
@@ -106,8 +202,14 @@ def moments_valid(x: np.ndarray, kernel: np.ndarray, norm: float
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Windowed mean and variance ``norm * (filter(x^2) - mean^2)`` ('valid', step 1) in one
     pass over ``x``: the same numbers as :func:`filter_valid` and :func:`covariance_valid`."""
-    height, width = x.shape
     size = kernel.size
+    if size == _MOMENT_SIZES[0]:
+        return _fixed_moments(x, kernel, norm, _MOMENT_SIZES[0])
+    if size == _MOMENT_SIZES[1]:
+        return _fixed_moments(x, kernel, norm, _MOMENT_SIZES[1])
+    if size == _MOMENT_SIZES[2]:
+        return _fixed_moments(x, kernel, norm, _MOMENT_SIZES[2])
+    height, width = x.shape
     mean = np.empty((height - size + 1, width - size + 1))
     var = np.empty(mean.shape)
     line = np.empty(width)
@@ -122,11 +224,9 @@ def moments_valid(x: np.ndarray, kernel: np.ndarray, norm: float
                 value = source[c]
                 line[c] += weight * value
                 square_line[c] += weight * (value * value)
-        row_mean, row_var = mean[r], var[r]
-        _horizontal(line, kernel, 1, row_mean)
-        _horizontal(square_line, kernel, 1, row_var)
-        for c in range(row_var.size):
-            row_var[c] = norm * (row_var[c] - row_mean[c] * row_mean[c])
+        _horizontal(line, kernel, 1, mean[r])
+        _horizontal(square_line, kernel, 1, var[r])
+        _centred(var[r], mean[r], mean[r], norm)
     return mean, var
 
 
@@ -501,8 +601,7 @@ def _pair_nmi(a_pdf: np.ndarray, a_log: np.ndarray, a_sd: float, a_h: float,
     for g in range(2 * length):
         p = min(gap_f[g], length - 1)  # (a rounded last CDF value can leave one step past)
         q = min(gap_a[g], length - 1)
-        if not upper:
-            q = length - 1 - q
+        q = q if upper else length - 1 - q  # (a select: a branch here costs ~2 %)
         cell = rest * f_pdf[p] * a_pdf[q]
         joint[g] = weight * gap_mass[g] + cell
         cell_term[g] = cell * (log_rest + f_log[p] + a_log[q])
@@ -510,8 +609,10 @@ def _pair_nmi(a_pdf: np.ndarray, a_log: np.ndarray, a_sd: float, a_h: float,
         joint_log[g] = fast_log(abs(joint[g]) + _TINY)
     correction = 0.0
     for g in range(2 * length):
-        if gap_mass[g] != 0:  # (where it is 0 the joint is the product: the terms cancel)
-            correction += cell_term[g] - joint[g] * joint_log[g]
+        # where the gap's mass is 0 the joint is the product there: the terms cancel (a select,
+        # not a branch: whether a gap is empty follows no pattern the CPU can predict)
+        term = cell_term[g] - joint[g] * joint_log[g]
+        correction += term if gap_mass[g] != 0 else 0.0
     total = a_h + f_h
     product_entropy = rest * (total - log_rest)
     mi = total - (product_entropy + correction)
