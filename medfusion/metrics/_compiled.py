@@ -172,15 +172,21 @@ def covariance_valid(x: np.ndarray, y: np.ndarray, kernel: np.ndarray, mean_x: n
     return out
 
 
+@numba.njit(**_JIT, inline="always")
+def _moment_buffers(x: np.ndarray, size: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The outputs (mean, variance) of a windowed-moments pass over ``x`` and its two lines."""
+    height, width = x.shape
+    mean = np.empty((height - size + 1, width - size + 1))
+    return mean, np.empty(mean.shape), np.empty(width), np.empty(width)
+
+
 @numba.njit(**_JIT, fastmath=_FUSED_MULTIPLY_ADD, inline="always")
 def _fixed_moments(x: np.ndarray, kernel: np.ndarray, norm: float, size: int
                    ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`moments_valid` for a kernel of ``size`` taps (a constant where inlined)."""
-    height, width = x.shape
-    mean = np.empty((height - size + 1, width - size + 1))
-    var = np.empty(mean.shape)
-    line = np.empty(width)
-    square_line = np.empty(width)
+    mean, var, line, square_line = _moment_buffers(x, size)
+    width = x.shape[1]
     for r in range(mean.shape[0]):
         for c in range(width):
             total = 0.0
@@ -209,11 +215,8 @@ def moments_valid(x: np.ndarray, kernel: np.ndarray, norm: float
         return _fixed_moments(x, kernel, norm, _MOMENT_SIZES[1])
     if size == _MOMENT_SIZES[2]:
         return _fixed_moments(x, kernel, norm, _MOMENT_SIZES[2])
-    height, width = x.shape
-    mean = np.empty((height - size + 1, width - size + 1))
-    var = np.empty(mean.shape)
-    line = np.empty(width)
-    square_line = np.empty(width)
+    mean, var, line, square_line = _moment_buffers(x, size)
+    width = x.shape[1]
     for r in range(mean.shape[0]):
         line[:] = 0.0
         square_line[:] = 0.0
