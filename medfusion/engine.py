@@ -355,7 +355,7 @@ def check_files(inputs: Sequence[str | Path], output: str | Path) -> str:
     At least two inputs that exist, all 2D images or all 3D volumes; ``output`` in an existing
     folder, with an extension for that kind, and not one of the inputs.
     """
-    from medfusion.io.atomic import check_output_path
+    from medfusion.io.atomic import check_not_an_input
     from medfusion.io.formats import check_path_name
     from medfusion.io.images import check_image_output
     from medfusion.io.volumes import check_volume_output
@@ -374,11 +374,7 @@ def check_files(inputs: Sequence[str | Path], output: str | Path) -> str:
             f"cannot fuse a 2D image ({Path(image).name}) with a 3D volume "
             f"({Path(volume).name}); give only 2D images or only 3D volumes"
         )
-    target = check_output_path(output)
-    resolved = target.resolve()
-    for path in inputs:
-        if Path(path).resolve() == resolved:
-            raise OutputError(f"output {target.name} would overwrite an input; choose another name")
+    target = check_not_an_input(output, inputs)
     if kinds[0] == "image":
         check_image_output(target)
     else:

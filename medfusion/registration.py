@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -306,7 +309,8 @@ def _optimise(fixed, moving, transform, label: str, shrink: list[int], sigmas: l
     method.AddCommand(sitk.sitkMultiResolutionIterationEvent, on_level)
     method.AddCommand(sitk.sitkIterationEvent, on_iteration)
     try:
-        method.Execute(fixed, moving)
+        with _signals_stop(method):
+            method.Execute(fixed, moving)
     except RuntimeError as error:
         text = str(error)
         if "outside" in text or "samples" in text.lower():
@@ -325,6 +329,47 @@ def _optimise(fixed, moving, transform, label: str, shrink: list[int], sigmas: l
             "may be too far apart or too different (fuse with --register none to skip it)"
         )
     return run
+
+
+@contextmanager
+def _signals_stop(method: Any) -> Iterator[None]:
+    """While ``method`` (an ITK registration) runs, Ctrl-C and SIGTERM stop it instead of
+    raising inside its Python callbacks, and are delivered again once it has returned.
+
+    Why: SimpleITK calls the iteration callbacks from C++; an exception raised there (Python's
+    KeyboardInterrupt lands in the first Python code that runs) becomes an ordinary ITK error,
+    which the alignment check would report as a failed registration and carry on: a cancelled
+    run that succeeds. Only the main thread can set signal handlers; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:  # noqa: ARG001
+        if previous[signum] is signal.SIG_IGN:
+            return
+        caught.append(signum)
+        method.StopRegistration()
+
+    def stop_if_signalled() -> None:  # (a stop ends one resolution level only)
+        if caught:
+            method.StopRegistration()
+
+    import SimpleITK as sitk
+
+    method.AddCommand(sitk.sitkIterationEvent, stop_if_signalled)
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, on_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if caught:
+        signal.raise_signal(caught[0])  # the restored handler raises (KeyboardInterrupt, ...)
+        raise KeyboardInterrupt  # (a handler that returned: still no result to use)
 
 
 def mutual_information(fixed, moving, transform, bins: int = 32) -> float:

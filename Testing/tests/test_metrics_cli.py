@@ -71,6 +71,32 @@ def test_errors_exit_1(fused_png, pet_pair, tmp_path, capsys):
     assert "pixels" in capsys.readouterr().err
 
 
+def test_output_never_overwrites_an_input_nor_takes_an_image_name(fused_png, pet_pair,
+                                                                    tmp_path, capsys):
+    """``-o`` naming the fused image or a source (also by another spelling) is refused before
+    any work, and an extension that is no table format (an image's) is an error rather than a
+    markdown table under that name; both leave every file as it was."""
+    import shutil
+
+    path, _, _ = fused_png
+    source = tmp_path / "mri.png"
+    shutil.copy(pet_pair[1], source)
+    before = {p: p.read_bytes() for p in (path, source)}
+    for output, extra in ((source, ["--format", "csv"]), (tmp_path / "." / path.name, []),
+                          (tmp_path / "table.png", [])):
+        code = main(["metrics", str(path), str(source), str(pet_pair[0]), "-o", str(output),
+                     "--names", "EN", *extra])
+        assert code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("medfusion: error: ")
+        assert ("would overwrite an input" in err[0]) != output.name.startswith("table")
+    assert {p: p.read_bytes() for p in (path, source)} == before
+    assert not (tmp_path / "table.png").exists()
+    assert main(["metrics", str(path), str(source), "-o", str(tmp_path / "t.txt"),
+                 "--names", "EN"]) == 0
+    assert (tmp_path / "t.txt").read_text().startswith("| metric | value |")
+
+
 def test_volumes_per_slice(spm12, tmp_path, capsys):
     import SimpleITK as sitk
 

@@ -283,3 +283,45 @@ def test_voxel_points_are_physical_points_on_flipped_oblique_grids() -> None:
     points = registration.voxel_points(image, mask)
     expected = sorted(image.TransformIndexToPhysicalPoint(index) for index in picked)
     np.testing.assert_allclose(sorted(map(tuple, points)), expected, atol=1e-9)
+
+
+def test_ctrl_c_during_registration_cancels_instead_of_failing_it(spm12: Path,
+                                                                  monkeypatch) -> None:
+    """A SIGINT that lands while ITK optimises (its Python callbacks are the only Python code
+    running then) is a cancel, not a failed registration that the alignment check would skip:
+    the run stops at once and KeyboardInterrupt reaches the caller (the CLI's exit 130)."""
+    import os
+    import signal
+
+    reference = sitk.ReadImage(str(spm12 / "T1.nii"))
+    shift = sitk.Euler3DTransform()
+    shift.SetTranslation((12.0, -5.0, 4.0))
+    moved = registration.moved_header(sitk.ReadImage(str(spm12 / "T2.nii")), shift)
+    iterations = []
+
+    class SignalledRegistration(sitk.ImageRegistrationMethod):
+        """ITK's registration, with Ctrl-C pressed at its third iteration."""
+
+        def Execute(self, fixed, moving):  # noqa: N802 (SimpleITK's name)
+            def press_ctrl_c() -> None:
+                iterations.append(1)
+                if len(iterations) == 3:
+                    os.kill(os.getpid(), signal.SIGINT)  # handled in the next Python code
+
+            self.AddCommand(sitk.sitkIterationEvent, press_ctrl_c)
+            return super().Execute(fixed, moving)
+
+    counted = []
+
+    class CountedRegistration(sitk.ImageRegistrationMethod):
+        def Execute(self, fixed, moving):  # noqa: N802
+            self.AddCommand(sitk.sitkIterationEvent, lambda: counted.append(1))
+            return super().Execute(fixed, moving)
+
+    monkeypatch.setattr(sitk, "ImageRegistrationMethod", CountedRegistration)
+    registration.check_alignment(reference, moved, "T2")
+    monkeypatch.setattr(sitk, "ImageRegistrationMethod", SignalledRegistration)
+    with pytest.raises(KeyboardInterrupt):
+        registration.check_alignment(reference, moved, "T2")
+    assert len(iterations) <= 6 < len(counted)  # stopped at once (then 1 per further level)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -275,9 +275,32 @@ def test_dicom_two_slices_at_one_position(ct_series, dirs, capsys) -> None:
                        out, r"03b?\.dcm and 03b?\.dcm in ct lie at the same slice position")
 
 
-def test_real_ct_with_two_spacings_is_no_gap(ct_dicom_dir: Path) -> None:
-    """The GE series steps 4 mm, then 7 mm (uneven, nothing missing): still read."""
-    assert read_volume(ct_dicom_dir).GetSize() == (512, 512, 28)
+def test_real_ct_with_two_spacings_is_read_at_its_slices_real_positions(
+        ct_dicom_dir: Path, caplog) -> None:
+    """The GE series steps 4 mm (14 slices), 1.08 mm, then 7 mm (uneven, nothing missing).
+    ITK stacks it evenly, 5.34 mm apart: slices up to 21.6 mm from where they were taken, a
+    wrong fusion with any other series. It is read onto a regular 4 mm grid at the slices'
+    real positions instead, with a warning: each slice's pixels lie where its header says."""
+    import SimpleITK as sitk
+
+    with caplog.at_level(logging.WARNING):
+        image = read_volume(ct_dicom_dir)
+    assert "uneven DICOM slice spacing" in caplog.text and "21.6 mm off" in caplog.text
+    assert image.GetSize() == (512, 512, 37)
+    assert image.GetSpacing()[2] == pytest.approx(4.0, abs=0.01)
+    axis = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    origin = np.asarray(image.GetOrigin())
+    planes = sitk.GetArrayFromImage(image)
+    on_grid = 0
+    for path in sorted(ct_dicom_dir.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        offset = float(np.dot(np.asarray(ds.ImagePositionPatient, float) - origin, axis))
+        plane = offset / image.GetSpacing()[2]
+        if abs(plane - round(plane)) < 1e-3:  # a slice on the grid: its own pixels
+            hounsfield = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+            np.testing.assert_allclose(planes[round(plane)], hounsfield, atol=0.01)
+            on_grid += 1
+    assert on_grid == 14  # the slices 4 mm apart
 
 
 # --------------------------------------------------------------------------- full disk

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from medfusion.errors import GeometryError, InputError
+from medfusion.errors import GeometryError, InputError, OutputError
 
 FORMATS = ("csv", "json", "markdown")
 AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
@@ -48,7 +48,8 @@ def register(subparsers) -> None:
                         help="metrics to compute (default: all); aliases such as ENT, STD, "
                              "GRAD, QAB/F are accepted")
     parser.add_argument("--format", choices=FORMATS, default=None,
-                        help="output format (default: from -o's extension, else markdown)")
+                        help="output format (default: from -o's extension: .csv, .json, or "
+                             "markdown for .md, .txt or none; markdown on stdout)")
     parser.add_argument("-o", "--output", help="write to this file (atomically) instead of stdout")
     parser.add_argument("--axis", default="axial",
                         help="volumes: slice axis, axial|coronal|sagittal or 0|1|2 of the "
@@ -75,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
     kinds = {input_kind(p) for p in paths}
     if len(kinds) > 1:
         raise InputError("give either 2D images or volumes, not a mix of both")
+    if args.output:
+        from medfusion.io.atomic import check_not_an_input
+
+        check_not_an_input(args.output, paths)  # before any work
     fmt = _output_format(args.format, args.output)
     names = _names(args.names)
     if kinds == {"image"}:
@@ -106,11 +111,24 @@ def _names(names: list[str] | None) -> list[str] | None:
     return split
 
 
+# -o's extensions that name a format; a file with none, or .txt, gets markdown
+_SUFFIX_FORMATS = {".csv": "csv", ".json": "json", ".md": "markdown", ".markdown": "markdown",
+                   ".txt": "markdown", "": "markdown"}
+
+
 def _output_format(fmt: str | None, output: str | None) -> str:
+    """The table's format: ``--format``, else from ``-o``'s extension (markdown without -o).
+    Another extension (an image's, say) is an error: a table would be written under a name
+    that promises something else."""
     if fmt:
         return fmt
-    suffix = Path(output).suffix.lower() if output else ""
-    return {".csv": "csv", ".json": "json", ".md": "markdown"}.get(suffix, "markdown")
+    if not output:
+        return "markdown"
+    suffix = Path(output).suffix.lower()
+    if suffix not in _SUFFIX_FORMATS:
+        raise OutputError(f"cannot tell the table's format from {Path(output).name}: name it "
+                          f".csv, .json or .md, or give --format")
+    return _SUFFIX_FORMATS[suffix]
 
 
 def _luminance01(path: str | Path) -> np.ndarray:

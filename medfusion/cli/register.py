@@ -108,17 +108,14 @@ def register(subparsers: Any) -> None:
 
 
 def _check_paths(args: argparse.Namespace) -> None:
-    from medfusion.io.atomic import check_output_path
+    from medfusion.io.atomic import check_not_an_input
     from medfusion.io.volumes import check_volume_output
 
     for path in (args.fixed, args.moving):
         if not Path(path).exists():
             raise InputError(f"input not found: {path}")
-    outputs = [args.output] + ([args.transform] if args.transform else [])
-    inputs = {Path(args.fixed).resolve(), Path(args.moving).resolve()}
-    for output in outputs:
-        if Path(check_output_path(output)).resolve() in inputs:
-            raise OutputError(f"output {Path(output).name} would overwrite an input")
+    for output in [args.output] + ([args.transform] if args.transform else []):
+        check_not_an_input(output, (args.fixed, args.moving))
     check_volume_output(args.output)
     if args.transform and Path(args.transform).suffix.lower() not in (".tfm", ".txt", ".h5",
                                                                        ".hdf5"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +32,17 @@ def check_output_path(path: str | Path) -> Path:
         raise OutputError(f"output path is a folder, expected a file name: {target}")
     if not os.access(folder, os.W_OK):
         raise OutputError(f"output folder is not writable: {folder}")
+    return target
+
+
+def check_not_an_input(output: str | Path, inputs: Iterable[str | Path]) -> Path:
+    """:func:`check_output_path`, and refuse an ``output`` that names one of ``inputs`` (also
+    through a symbolic link or another spelling of the path): inputs are never overwritten."""
+    target = check_output_path(output)
+    resolved = target.resolve()
+    for path in inputs:
+        if Path(path).resolve() == resolved:
+            raise OutputError(f"output {target.name} would overwrite an input; choose another name")
     return target
 
 

@@ -11,7 +11,9 @@ pydicom (no pixels) and:
   two slices may share a position.
 
 ``--allow-slice-gaps`` accepts a gap: :func:`restack_regularly` puts the slices at their real
-positions and resamples them (linear, along the slice normal) onto a regular grid.
+positions and resamples them (linear, along the slice normal) onto a regular grid. A series
+without gaps whose spacing changes (4 mm, then 7 mm: ITK would stack it evenly, slices off
+their real positions by centimetres) is restacked the same way, always.
 Errors name files, never patient data.
 """
 
@@ -246,6 +248,26 @@ def check_positions(infos: list[SliceInfo], label: str, allow_gaps: bool) -> boo
     logger.warning("%s: missing slices %s%s; interpolating across the gap (--allow-slice-gaps)",
                    label, described, more)
     return True
+
+
+UNEVEN_TOLERANCE = 0.1  # of the mean step: how far ITK's even placement may move a slice
+
+
+def uneven_spacing(infos: list[SliceInfo]) -> tuple[float, float, float] | None:
+    """``(smallest step, largest step, worst misplacement)`` in mm when the slices are so
+    unevenly spaced that ITK's stack, which places them evenly at the mean step, would put a
+    slice more than :data:`UNEVEN_TOLERANCE` of that step from its real position; else None
+    (a regular series, or positions unknown)."""
+    positions = slice_positions(infos)
+    if positions is None or len(infos) < 3:
+        return None
+    ordered = np.sort(positions)
+    even = np.linspace(ordered[0], ordered[-1], ordered.size)
+    worst = float(np.abs(ordered - even).max())
+    steps = np.diff(ordered)
+    if worst <= UNEVEN_TOLERANCE * float(steps.mean()):
+        return None
+    return float(steps.min()), float(steps.max()), worst
 
 
 def restack_regularly(image, infos: list[SliceInfo], label: str):

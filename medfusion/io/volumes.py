@@ -164,35 +164,19 @@ def _read_dicom_folder(folder: Path, allow_slice_gaps: bool = False):
         raise InputError(
             f"cannot read the DICOM series in {folder.name}: corrupt or unsupported file"
         ) from error
-    if restack:
-        return dicom_series.restack_regularly(image, infos, folder.name)
-    _report_uneven_spacing(reader, len(files), image, folder.name)
+    uneven = None if restack else dicom_series.uneven_spacing(infos)
+    if restack or uneven:
+        regular = dicom_series.restack_regularly(image, infos, folder.name)
+        if uneven:
+            logger.warning(
+                "%s: uneven DICOM slice spacing (%.2f to %.2f mm; stacked evenly, a slice would "
+                "be %.1f mm off its position): resampled onto a regular %.2f mm grid at the "
+                "slices' real positions", folder.name, *uneven, regular.GetSpacing()[2],
+            )
+        return regular
     for key in list(image.GetMetaDataKeys()):
         image.EraseMetaData(key)
     return image
-
-
-def _report_uneven_spacing(reader, count: int, image, label: str) -> None:
-    """Log when slice positions are unevenly spaced (the volume uses their mean spacing)."""
-    if count < 3:
-        return
-    normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
-    positions = []
-    for index in range(count):
-        if not reader.HasMetaDataKey(index, "0020|0032"):
-            return
-        try:
-            values = [float(v) for v in reader.GetMetaData(index, "0020|0032").split("\\")]
-        except ValueError:
-            return
-        positions.append(float(np.dot(values, normal)))
-    steps = np.diff(np.sort(positions))
-    if steps.size and steps.max() - steps.min() > 0.01 * max(abs(steps.mean()), 1e-6):
-        logger.info(
-            "%s: uneven DICOM slice spacing (%.2f to %.2f mm); ITK places the slices evenly "
-            "(%.2f mm apart on average), so some slice positions are approximate",
-            label, steps.min(), steps.max(), steps.mean(),
-        )
 
 
 def check_volume_output(path: str | Path) -> None:

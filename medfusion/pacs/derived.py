@@ -288,7 +288,9 @@ def _fused_array(fused: Any, ordered: Sequence[Dataset]) -> np.ndarray:
         origin = np.asarray(fused.GetOrigin(), dtype=float)
         first, last = _position(ordered[0]), _position(ordered[-1])
         array = sitk.GetArrayFromImage(fused)
-        if np.linalg.norm(origin - last) < _POSITION_TOLERANCE_MM < np.linalg.norm(origin - first):
+        if array.shape[0] != len(ordered) and array.shape[1:] == (rows, columns):
+            array = _planes_at_slices(fused, array, ordered)  # a restacked reference
+        elif np.linalg.norm(origin - last) < _POSITION_TOLERANCE_MM < np.linalg.norm(origin - first):
             array = array[::-1]  # the reader stacked the slices the other way round
         elif np.linalg.norm(origin - first) > _POSITION_TOLERANCE_MM:
             raise GeometryError(
@@ -304,6 +306,32 @@ def _fused_array(fused: Any, ordered: Sequence[Dataset]) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.number):
         raise InputError("fused volume must hold numbers")
     return np.asarray(array, dtype=np.float64)
+
+
+def _planes_at_slices(fused: Any, array: np.ndarray, ordered: Sequence[Dataset]) -> np.ndarray:
+    """The fused planes at the reference slices' real positions, linearly interpolated along
+    the volume's slice axis: the reference was read onto a regular grid of its own
+    (``medfusion.io.dicom_series.restack_regularly``: a series with uneven spacing or gaps),
+    while the derived series has one instance per reference slice, at that slice's place."""
+    axis = np.asarray(fused.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    origin = np.asarray(fused.GetOrigin(), dtype=float)
+    step = float(fused.GetSpacing()[2])
+    planes = np.array([float(np.dot(_position(ds) - origin, axis)) / step for ds in ordered])
+    slack = _POSITION_TOLERANCE_MM / step
+    if planes.min() < -slack or planes.max() > array.shape[0] - 1 + slack:
+        raise GeometryError(
+            "the fused volume is not on the reference series grid (reference slices lie "
+            "outside its slice range)"
+        )
+    planes = planes.clip(0, array.shape[0] - 1)
+    lower = np.minimum(planes.astype(int), array.shape[0] - 2) if array.shape[0] > 1 else (
+        np.zeros(planes.size, dtype=int))
+    weight = planes - lower
+    upper = np.minimum(lower + 1, array.shape[0] - 1)
+    out = np.empty((len(ordered), *array.shape[1:]))
+    for k in range(len(ordered)):
+        out[k] = (1.0 - weight[k]) * array[lower[k]] + weight[k] * array[upper[k]]
+    return out
 
 
 def _clean_copy(source: Dataset, repaired: dict[str, set[str]]) -> Dataset:
