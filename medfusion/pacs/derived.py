@@ -290,7 +290,8 @@ def _fused_array(fused: Any, ordered: Sequence[Dataset]) -> np.ndarray:
         array = sitk.GetArrayFromImage(fused)
         if array.shape[0] != len(ordered) and array.shape[1:] == (rows, columns):
             array = _planes_at_slices(fused, array, ordered)  # a restacked reference
-        elif np.linalg.norm(origin - last) < _POSITION_TOLERANCE_MM < np.linalg.norm(origin - first):
+        elif (np.linalg.norm(origin - last) < _POSITION_TOLERANCE_MM
+              < np.linalg.norm(origin - first)):
             array = array[::-1]  # the reader stacked the slices the other way round
         elif np.linalg.norm(origin - first) > _POSITION_TOLERANCE_MM:
             raise GeometryError(
@@ -324,8 +325,7 @@ def _planes_at_slices(fused: Any, array: np.ndarray, ordered: Sequence[Dataset])
             "outside its slice range)"
         )
     planes = planes.clip(0, array.shape[0] - 1)
-    lower = np.minimum(planes.astype(int), array.shape[0] - 2) if array.shape[0] > 1 else (
-        np.zeros(planes.size, dtype=int))
+    lower = np.minimum(planes.astype(int), max(array.shape[0] - 2, 0))
     weight = planes - lower
     upper = np.minimum(lower + 1, array.shape[0] - 1)
     out = np.empty((len(ordered), *array.shape[1:]))
