@@ -10,7 +10,8 @@ Policies (one per input, or one for all):
   that are not in HU (8-bit grey levels, or no value below -100 HU: no air, no fat).
 - ``minmax``: the full range of the input.
 - ``none``: values taken as they are (already in [0, 1]; 8/16-bit images scaled by their
-  storage range), clipped to [0, 1]. The default for 2D images, which are display-ready.
+  storage range), clipped to [0, 1]. The default for 2D images, which are display-ready. A
+  volume with values outside [0, 1] (beyond :data:`NONE_TOLERANCE`) is refused, not clipped.
 
 The fused output is float32 in [0, 1] (volumes) or 8-bit 0..255 (images).
 """
@@ -26,6 +27,7 @@ from medfusion.errors import InputError
 POLICIES = ("percentile", "ct-window", "minmax", "none")
 DEFAULT_PERCENTILES = (0.5, 99.5)
 SAMPLE_SIZE = 2_000_000
+NONE_TOLERANCE = 0.01  # 'none' accepts values this far outside [0, 1] (interpolation overshoot)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ def parse_ct_window(text: str) -> tuple[float, float]:
     except ValueError:
         raise InputError(f"--ct-window expects LEVEL,WIDTH in HU (e.g. 40,80), got {text!r}") \
             from None
+    if not (np.isfinite(level) and np.isfinite(width)):
+        raise InputError(f"--ct-window expects finite numbers LEVEL,WIDTH in HU, got {text!r}")
     if width <= 0:
         raise InputError(f"CT window width must be positive, got {width:g}")
     return level, width
@@ -106,7 +110,9 @@ def fit_normaliser(
     """Choose the [0, 1] mapping of one input under ``policy`` (see module doc).
 
     Raises InputError for an unknown policy, a missing CT window, or an input with no contrast
-    (constant, e.g. all zero), where fusion has nothing to work with.
+    (constant, e.g. all zero, or constant once a CT window that holds none of its values is
+    applied), where fusion has nothing to work with, and for values outside [0, 1] under
+    ``none``, which would be clipped.
     """
     if policy not in POLICIES:
         raise InputError(f"unknown normalisation {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -117,12 +123,26 @@ def fit_normaliser(
             raise InputError("normalisation 'ct-window' needs a window: --ct-window LEVEL,WIDTH")
         check_hounsfield(values, label)
         level, width = ct_window
-        return Normaliser(level - width / 2.0, level + width / 2.0)
+        window = Normaliser(level - width / 2.0, level + width / 2.0)
+        full_low, full_high = float(np.min(values)), float(np.max(values))
+        if full_high <= window.low or full_low >= window.high:
+            raise InputError(
+                f"the CT window {level:g},{width:g} ({window.low:g} to {window.high:g} HU) holds "
+                f"none of {label}'s values ({full_low:g} to {full_high:g} HU): it would be "
+                "constant, nothing to fuse; choose a window over its tissue"
+            )
+        return window
     full_low, full_high = float(np.min(values)), float(np.max(values))
     if full_high <= full_low:
         what = "all zero" if full_high == 0 else f"constant ({full_high:g} everywhere)"
         raise InputError(f"{label} is {what}: there is nothing to fuse")
     if policy == "none":
+        if full_low < -NONE_TOLERANCE or full_high > 1.0 + NONE_TOLERANCE:
+            raise InputError(
+                f"{label} holds values from {full_low:g} to {full_high:g}: normalisation "
+                "'none' takes values in [0, 1] as they are and would clip the rest; choose "
+                "percentile, minmax or ct-window"
+            )
         return Normaliser(0.0, 1.0)
     if policy == "percentile":
         low, high = (float(v) for v in np.percentile(sample, percentiles))

@@ -77,9 +77,26 @@ def test_ct_window_and_parse() -> None:
     norm = intensity.fit_normaliser(np.array([-1000, 0, 40, 80, 3000], np.int16), "ct-window",
                                     ct_window=(40, 80))
     assert norm(np.array([0, 40, 80])).tolist() == [0.0, 0.5, 1.0]
-    for bad in ("40", "a,b", "40,0"):
+    for bad in ("40", "a,b", "40,0", "nan,80", "40,inf", "-inf,80"):
         with pytest.raises(InputError):
             intensity.parse_ct_window(bad)
+    # a window that holds none of the CT's values would make it constant: refused
+    ct = np.array([-1000, -500, 0, 60], np.int16)
+    for window in ((5000, 10), (-3000, 100), (100, 80)):
+        with pytest.raises(InputError, match="holds none of"):
+            intensity.fit_normaliser(ct, "ct-window", ct_window=window)
+    assert intensity.fit_normaliser(ct, "ct-window", ct_window=(40, 80)).high == 80.0
+
+
+def test_none_refuses_values_it_would_clip() -> None:
+    """'none' takes [0, 1] values as they are; a volume in HU (or any other range) would be
+    clipped to a few percent of its voxels, so it is an error, not a silent clip."""
+    with pytest.raises(InputError, match="from -1000 to 40.*'none'"):
+        intensity.fit_normaliser(np.array([-1000.0, 0.0, 40.0]), "none", label="ct.nii")
+    with pytest.raises(InputError, match="would clip"):
+        intensity.fit_normaliser(np.array([0.0, 0.5, 1.2]), "none")
+    norm = intensity.fit_normaliser(np.array([-0.004, 0.5, 1.004]), "none")  # overshoot
+    assert norm(np.array([-0.004, 1.004])).tolist() == [0.0, 1.0]
 
 
 def test_constant_and_non_finite_inputs_are_refused() -> None:

@@ -97,6 +97,22 @@ def test_output_never_overwrites_an_input_nor_takes_an_image_name(fused_png, pet
     assert (tmp_path / "t.txt").read_text().startswith("| metric | value |")
 
 
+def test_undefined_metrics_warn_in_one_line_each(tmp_path, capsys):
+    """A metric undefined on a tiny image is NaN with a warning: on the command line that is
+    one ``medfusion: warning: ...`` line, not Python's file, line and source echo."""
+    from PIL import Image
+
+    for name, scale in (("a.png", 20), ("b.png", 10), ("f.png", 15)):
+        Image.fromarray((np.arange(9).reshape(3, 3) * scale).astype(np.uint8)).save(tmp_path / name)
+    assert main(["metrics", str(tmp_path / "f.png"), str(tmp_path / "a.png"),
+                 str(tmp_path / "b.png"), "--names", "SSIM,EN", "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if "warning" in line]
+    assert warned == ["medfusion: warning: SSIM is undefined: images of shape (3, 3) are "
+                      "smaller than its 11x11 window; returning NaN"]
+    assert json.loads(captured.out)["metrics"]["SSIM"] is None
+
+
 def test_volumes_per_slice(spm12, tmp_path, capsys):
     import SimpleITK as sitk
 

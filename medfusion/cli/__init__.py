@@ -18,6 +18,7 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import NoReturn
@@ -113,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        with sigterm_raises():
+        with sigterm_raises(), warnings.catch_warnings():
+            warnings.showwarning = _show_warning
             return int(args.func(args) or 0)
     except (CancelledError, KeyboardInterrupt) as interrupt:
         return _interrupted(interrupt)
@@ -125,6 +127,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if interrupt is None:
             raise
         return _interrupted(interrupt)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """Python warnings (a metric undefined on a flat image, say) as one line each, like the
+    rest of the command line's messages: ``medfusion: warning: ...`` on stderr, without the
+    source file and line that Python's default format adds."""
+    text = " ".join(str(message).split())
+    print(f"medfusion: warning: {text}", file=sys.stderr)
 
 
 def _interrupted(interrupt: BaseException) -> int:
