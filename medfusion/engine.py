@@ -382,6 +382,17 @@ def check_files(inputs: Sequence[str | Path], output: str | Path) -> str:
     return kinds[0]
 
 
+def _warn_repeated_inputs(inputs: Sequence[str | Path]) -> None:
+    """Say so when one file is given twice (or through a link): it is fused with itself."""
+    seen: dict[Path, str] = {}
+    for path in inputs:
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            logger.warning("%s and %s are the same file: it is fused with itself",
+                           seen[resolved], Path(path).name)
+        seen.setdefault(resolved, Path(path).name)
+
+
 def fuse_files(
     inputs: Sequence[str | Path],
     output: str | Path,
@@ -412,6 +423,7 @@ def fuse_files(
     from medfusion.io.volumes import write_volume
 
     kind = check_files(inputs, output)
+    _warn_repeated_inputs(inputs)
     if decision_map is not None:
         if Path(decision_map).resolve() == Path(output).resolve():
             raise OutputError("the decision map and the fused output must be different files")

@@ -175,3 +175,28 @@ def test_ct_window_on_dicom_folder(ct_dicom_dir: Path, tmp_path: Path) -> None:
     assert fused.GetSize() == (512, 512, 37)  # the uneven series restacked 4 mm apart
     values = sitk.GetArrayViewFromImage(fused)
     assert values.min() == 0.0 and values.max() == 1.0
+
+
+def test_options_that_change_nothing_are_not_silent(aanlib: Path, tmp_path: Path, capsys,
+                                                    caplog) -> None:
+    """--block-exponent or --bundle with a method that has neither is an error (one line,
+    nothing written); volume options with 2D images, and one file given twice, succeed with a
+    warning that says what was ignored or repeated."""
+    ct, mri = aanlib / "CT-MRI" / "CT" / "20005.png", aanlib / "CT-MRI" / "MRI" / "20005.png"
+    out = tmp_path / "f.png"
+    for option in (["--block-exponent", "2"], ["--bundle", str(tmp_path)]):
+        code = main(["fuse", str(ct), str(mri), "-o", str(out), "--method", "average",
+                     "--progress", "none", *option])
+        assert code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"medfusion: error: {option[0]} applies to --method cnn and sesf only, "
+                       "not average"]
+        assert not out.exists()
+    with caplog.at_level(logging.WARNING):
+        code = main(["fuse", str(ct), str(ct), "-o", str(out), "--method", "average",
+                     "--progress", "none", "--axis", "coronal", "--batch-size", "4"])
+    assert code == 0 and out.exists()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == ["--axis applies to volumes only; ignored for 2D images",
+                      "--batch-size applies to volumes only; ignored for 2D images",
+                      "20005.png and 20005.png are the same file: it is fused with itself"]

@@ -239,6 +239,7 @@ def run_batch(args: argparse.Namespace) -> int:
         SliceMetrics,
         build_method,
         check_metrics_path,
+        check_option_use,
         emit_json,
         engine_options,
         image_metrics,
@@ -247,6 +248,7 @@ def run_batch(args: argparse.Namespace) -> int:
     from medfusion.engine import FusedImage, fuse_files
 
     groups = collect_groups(args.folders, args.group_list, args.output_dir)
+    check_option_use(args)
     check_metrics_path(args.metrics)
     method = build_method(args)
     progress = Progress(args.progress, description="batch", unit="item")

@@ -25,6 +25,8 @@ from medfusion.errors import OutputError
 logger = logging.getLogger("medfusion")
 
 PROGRESS_MODES = ("bar", "json", "none")
+AXES = ("axial", "coronal", "sagittal")
+DEFAULT_BATCH_SIZE = 16
 
 
 # --------------------------------------------------------------------------- parsers
@@ -72,11 +74,11 @@ def add_fusion_options(parser: argparse.ArgumentParser) -> None:
                         help="cnn and sesf: block size exponent i, decisions on 2^i x 2^i "
                              "pixel blocks, 0..6 (smaller: more precise, slower; default: the "
                              "bundle's, cnn 3, sesf 0)")
-    parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"),
+    parser.add_argument("--axis", default=None, choices=AXES,
                         help="volumes: slicing plane in patient space (default: axial)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="volumes: slices per batch (default: 16)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"volumes: slices per batch (default: {DEFAULT_BATCH_SIZE})")
     parser.add_argument(
         "--normalise", metavar="POLICY[,POLICY...]",
         help="intensity normalisation, one for all inputs or one per input: percentile "
@@ -140,11 +142,32 @@ def engine_options(args: argparse.Namespace, count: int) -> dict[str, Any]:
     if normalisation is None and ct_window is not None:
         normalisation = ["ct-window"] + ["percentile"] * (count - 1)
     return {
-        "device": args.device, "axis": args.axis, "batch_size": args.batch_size,
+        "device": args.device, "axis": args.axis or AXES[0],
+        "batch_size": DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
         "normalisation": normalisation, "ct_window": ct_window,
         "allow_slice_gaps": bool(getattr(args, "allow_slice_gaps", False)),
         "register": args.register, "check_alignment": not args.no_alignment_check,
     }
+
+
+def check_option_use(args: argparse.Namespace, kind: str | None = None) -> None:
+    """Refuse options of the learned methods given with another method, and warn about the
+    volume options given for 2D images (``kind`` ``"image"``): an option that changes nothing
+    is a mistake the user should hear of, not a silent success."""
+    from medfusion.errors import InputError
+    from medfusion.methods import LEARNED_METHODS
+
+    if args.method not in LEARNED_METHODS:
+        learned = " and ".join(sorted(LEARNED_METHODS))
+        for flag, value in (("--block-exponent", args.block_exponent), ("--bundle", args.bundle)):
+            if value is not None:
+                raise InputError(f"{flag} applies to --method {learned} only, not {args.method}")
+    if kind == "image":
+        for flag, given in (("--axis", args.axis is not None),
+                            ("--batch-size", args.batch_size is not None),
+                            ("--allow-slice-gaps", getattr(args, "allow_slice_gaps", False))):
+            if given:
+                logger.warning("%s applies to volumes only; ignored for 2D images", flag)
 
 
 def build_method(args: argparse.Namespace):
@@ -277,7 +300,8 @@ def run_fuse(args: argparse.Namespace) -> int:
     from medfusion.engine import FusedImage, check_files, fuse_files
 
     inputs = [args.reference, *args.others]
-    check_files(inputs, args.output)
+    kind = check_files(inputs, args.output)
+    check_option_use(args, kind)
     check_metrics_path(args.metrics)
     options = engine_options(args, len(inputs))
     from medfusion.cli.register import TransformSaver
