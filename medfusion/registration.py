@@ -57,6 +57,7 @@ INITIALISERS = ("identity", "moments", "geometry")
 # would fire (none of those with T1 as the reference).
 OFFSET_THRESHOLD_MM = 7.0
 ROTATION_THRESHOLD_DEG = 4.0
+RELIABLE_OVERLAP = 0.5  # below this overlap the check's estimate is a lower guess (see message)
 CHECK_SPACING_MM = 4.0  # voxel size of the quick check
 REGISTER_MAX_VOXELS = 2_000_000  # working grid of a full registration (bigger volumes binned)
 CHECK_SAMPLES = 20_000  # metric samples per level of the quick check
@@ -85,16 +86,21 @@ class AlignmentReport:
     information_gain: float = 0.0
     threshold_mm: float = OFFSET_THRESHOLD_MM
     threshold_deg: float = ROTATION_THRESHOLD_DEG
+    overlap: float = 1.0  # fraction of the reference's extent that the input's covers
 
     def message(self, fix: str = "--register rigid") -> str:
         """One line for users; names the option (``fix``) that aligns the input."""
         if not self.misaligned:
             return (f"{self.label} is aligned with the reference (estimated offset "
                     f"{self.offset_mm:.1f} mm, {self.rotation_deg:.1f} deg)")
+        # the check is a local fit from the volumes as placed: far apart, it stops short
+        estimate = ("estimated" if self.overlap >= RELIABLE_OVERLAP else
+                    f"estimated where they overlap, {100 * self.overlap:.0f}% of the "
+                    "reference: it may be far larger")
         return (f"warning: {self.label} looks misaligned with the reference by about "
-                f"{self.offset_mm:.1f} mm and {self.rotation_deg:.1f} deg (estimated; threshold "
-                f"{self.threshold_mm:g} mm / {self.threshold_deg:g} deg): fusing it as it is "
-                f"doubles outlines; use {fix} to align it first")
+                f"{self.offset_mm:.1f} mm and {self.rotation_deg:.1f} deg ({estimate}; "
+                f"threshold {self.threshold_mm:g} mm / {self.threshold_deg:g} deg): fusing it "
+                f"as it is doubles outlines; use {fix} to align it first")
 
 
 @dataclass
@@ -432,6 +438,7 @@ def check_alignment(reference, moving, label: str = "input") -> AlignmentReport:
         translation_mm=tuple(float(v) for v in transform.GetTranslation()),
         misaligned=offset > OFFSET_THRESHOLD_MM or angle > ROTATION_THRESHOLD_DEG,
         seconds=time.perf_counter() - started, information_gain=gain,
+        overlap=geometry.overlap_fraction(reference, moving),
     )
 
 

@@ -157,3 +157,16 @@ def test_writable_array_view_writes_into_the_image() -> None:
     view = writable_array_view(image)
     view[2, 1, 4] = 7.5
     assert image[4, 1, 2] == 7.5
+
+
+def test_sheared_nifti_is_named_as_such(tmp_path: Path) -> None:
+    """A NIfTI whose affine shears the voxel axes is readable by nibabel but not by ITK; the
+    error says what is wrong with it, not that the file is corrupt."""
+    import nibabel as nib
+
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    affine[0, 1] = 0.4  # x moves with the row index: axes no longer orthogonal
+    path = tmp_path / "sheared.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 4), np.float32), affine), path)
+    with pytest.raises(InputError, match="voxel axes are not orthogonal"):
+        read_volume(path)

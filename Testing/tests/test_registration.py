@@ -7,6 +7,7 @@ so the file runs in well under a minute.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import math
@@ -247,6 +248,18 @@ def test_register_refuses_2d_images_and_bad_transform_names(aanlib: Path, tcga_s
         fuse_files([aanlib / "PET-MRI" / "MRI" / pair, aanlib / "PET-MRI" / "PET" / pair],
                    tmp_path / "f.png", method="average", register="rigid")
     assert not (tmp_path / "f.png").exists()
+    with pytest.raises(InputError, match=f"register aligns 3D volumes; {pair} is a 2D image"):
+        from medfusion.cli.register import _check_paths
+
+        _check_paths(argparse.Namespace(
+            fixed=str(aanlib / "PET-MRI" / "MRI" / pair), moving=str(tcga_small / "t1.nii.gz"),
+            output=str(tmp_path / "r.png"), transform=None, iterations=300))
+    from medfusion.cli.register import TransformSaver
+    from medfusion.errors import OutputError
+
+    with pytest.raises(OutputError, match="names a folder; .* is a file"):
+        TransformSaver.for_args(argparse.Namespace(save_transforms=str(tcga_small / "t1.nii.gz"),
+                                                   register="rigid", progress="none"))
     assert main(["register", str(tcga_small / "t1.nii.gz"), str(tcga_small / "flair.nii.gz"),
                  "-o", str(tmp_path / "o.nii.gz"), "--transform", str(tmp_path / "o.mat")]) == 1
     assert not (tmp_path / "o.nii.gz").exists()
@@ -325,3 +338,21 @@ def test_ctrl_c_during_registration_cancels_instead_of_failing_it(spm12: Path,
         registration.check_alignment(reference, moved, "T2")
     assert len(iterations) <= 6 < len(counted)  # stopped at once (then 1 per further level)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_estimate_from_a_small_overlap_says_it_may_be_far_larger(spm12: Path) -> None:
+    """The check is a local fit from the volumes as placed: 150 mm apart (18 % overlap) it
+    stops ~10 mm off, far short of the truth, so the warning says the estimate is a lower one;
+    at 15 mm (92 % overlap) it is an estimate like any other."""
+    reference = sitk.ReadImage(str(spm12 / "T1.nii"))
+    messages = {}
+    for shift in (15.0, 150.0):
+        move = sitk.Euler3DTransform()
+        move.SetTranslation((shift, 0.0, 0.0))
+        moved = registration.moved_header(sitk.ReadImage(str(spm12 / "PET.nii")), move)
+        report = registration.check_alignment(reference, moved, "PET")
+        assert report.misaligned
+        messages[shift] = report.message()
+    assert "may be far larger" not in messages[15.0] and "(estimated;" in messages[15.0]
+    assert "estimated where they overlap, 18% of the reference: it may be far larger" in (
+        messages[150.0])

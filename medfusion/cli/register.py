@@ -51,6 +51,8 @@ class TransformSaver:
         if folder is not None:
             if args.register == "none":
                 raise InputError("--save-transforms needs --register rigid or --register affine")
+            if Path(folder).exists() and not Path(folder).is_dir():
+                raise OutputError(f"--save-transforms names a folder; {folder} is a file")
             if not Path(folder).is_dir():
                 raise OutputError(f"transform folder does not exist: {folder} (create it first)")
         return cls(None if folder is None else Path(folder), args.progress == "json")
@@ -108,12 +110,15 @@ def register(subparsers: Any) -> None:
 
 
 def _check_paths(args: argparse.Namespace) -> None:
+    from medfusion.io import input_kind
     from medfusion.io.atomic import check_not_an_input
     from medfusion.io.volumes import check_volume_output
 
     for path in (args.fixed, args.moving):
         if not Path(path).exists():
             raise InputError(f"input not found: {path}")
+        if input_kind(path) == "image":
+            raise InputError(f"register aligns 3D volumes; {Path(path).name} is a 2D image")
     for output in [args.output] + ([args.transform] if args.transform else []):
         check_not_an_input(output, (args.fixed, args.moving))
     check_volume_output(args.output)

@@ -81,6 +81,12 @@ def read_volume(path: str | Path, allow_slice_gaps: bool = False):
             with _quiet_itk():
                 image = reader.Execute()
         except RuntimeError as error:
+            if "orthonormal direction cosines" in str(error):
+                raise InputError(
+                    f"cannot read volume {source.name}: its voxel axes are not orthogonal "
+                    "(a sheared affine), which ITK cannot represent; resample it onto an "
+                    "orthogonal grid first"
+                ) from error
             raise InputError(
                 f"cannot read volume {source.name}: corrupt, truncated or unsupported "
                 f"{format_name(source)} file"
