@@ -113,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="medfusion: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:  # the libraries' own notes (torch's cache statistics at exit, ...)
+        for library in ("torch", "monai", "numba", "PIL"):
+            logging.getLogger(library).setLevel(logging.WARNING)
     try:
         with sigterm_raises(), warnings.catch_warnings():
             warnings.showwarning = _show_warning
