@@ -449,7 +449,6 @@ def _float_of(typingctx, bits):  # noqa: ARG001
     return types.float64(types.int64), codegen
 
 
-_LANES = 4  # padding of the FMI's log loops (see below)
 _SQRT_HALF_BITS = 0x3FE6A09E667F3BCD  # the bits of sqrt(1/2)
 _LN2_HIGH = 0.6931467056274414  # ln 2 in 21 bits: k * _LN2_HIGH is exact for every exponent k
 _LN2_LOW = 4.7493250390316726e-07  # ln 2 - _LN2_HIGH
@@ -488,18 +487,24 @@ def fast_logs(values: np.ndarray) -> np.ndarray:
 #
 # The windows run in blocks of _FMI_BLOCK. Per block, the marginal PDF of every window needed
 # is computed for all of them at once (:func:`_block_marginals`: the values of window j in
-# column j, so each step is one loop across the windows, and those loops vectorise); then each
-# window pair runs :func:`_pair_nmi` on its two columns. Marginals computed one window at a time
-# inside the pair loop took ~13 % more time in all (the same numbers to the bit).
+# column j, so each step is one loop across the windows, and those loops vectorise); then the
+# window pairs of the block, one source at a time, run :func:`_block_pairs`, again as loops
+# across the pairs. The merge of the two CDFs' breakpoints, a walk with a data-dependent step
+# per pair, becomes ranks there: F_i comes after exactly the A_j < F_i (both CDFs rise), so
+# each breakpoint's predecessor, its cell of the coupling and the other marginal's PDF at that
+# cell are counts and selects in an unrolled l x l loop. Each pair's terms are put back in the
+# walk's order before they are summed, so the sums, and FMI, are the walk's to the bit.
 #
-# The pair loop is scalar code: LLVM cannot vectorise it across window pairs (their per-pair
-# state does not stay in registers, and with the state in memory they are bound by the cache's
-# bandwidth; measured slower, also with 2, 4 or 8 pairs in lock-step). Its loop of logarithms
-# runs over arrays padded to a multiple of _LANES (the 4 doubles of an AVX2 register), so it
-# runs as whole vectors with no scalar remainder (9 values padded to 12 took 21 % less time per
-# window pair than 9 with a remainder).
+# Against the walk, one pair at a time (interleaved, ns per window pair): 0.64-0.79x on a
+# textured 512^2 slice, where every window pair is computed, 0.98-1.02x on the benchmark's
+# CT-MRI pair, whose sparse blocks spend their time gathering windows. What it needs: each
+# quantity in an array of its own (views of one scratch array kept LLVM from vectorising: 5-10x
+# slower loops); rows padded by _FMI_PAD values (strides that are multiples of 4 KiB alias in
+# the L1 cache); the window length 9 of the 3 x 3 window a compile-time constant.
 
-_FMI_BLOCK = 1024  # windows per block (the block's six 9 x 1024 float64 arrays fit the L2 cache)
+_FMI_BLOCK = 256  # windows per block
+_FMI_PAD = 16  # extra columns of the block arrays (row strides off multiples of 4 KiB)
+_FMI_LENGTH = 9  # fmi.m's default 3 x 3 window: loops compiled with this length
 
 
 @numba.njit(**_JIT, inline="always")
@@ -546,94 +551,175 @@ def _block_marginals(values: np.ndarray, count: int, pdf: np.ndarray, logs: np.n
         stats[0, j] = np.sqrt(max(square_index[j] - mean_index[j] * mean_index[j], 0.0))
 
 
-@numba.njit(**_JIT, inline="always")  # inlined into nmi_of_windows: ~3 % faster
-def _pair_nmi(a_pdf: np.ndarray, a_log: np.ndarray, a_stats: np.ndarray, a_col: int,
-              f_pdf: np.ndarray, f_log: np.ndarray, f_stats: np.ndarray, f_col: int,
-              work: np.ndarray, cells: np.ndarray) -> float:
-    """Fast-FMI ``2 MI / (H_a + H_f)`` of a source window and a fused window: columns ``a_col``
-    and ``f_col`` of their :func:`_block_marginals` results (windows of ``l`` values in fmi.m's
-    column-major order). ``work`` (4, >= 2 l, a multiple of :data:`_LANES`) floats, its row 0
-    holding 1 past ``2 l`` (padding, never written here), and ``cells`` (2, 2 l) integers are
-    scratch the caller allocates once.
+@numba.njit(**_JIT, inline="always")
+def _pair_work(length: int) -> tuple:
+    """Scratch arrays of :func:`_block_pairs` for windows of ``length`` values, each its own
+    allocation (LLVM then knows that they do not overlap)."""
+    width = _FMI_BLOCK + _FMI_PAD
+    rows = 2 * length + 1
+    return (np.empty((rows, width)), np.empty((rows, width)), np.empty((rows, width)),
+            np.empty((rows, width)), np.empty((rows, width)), np.empty((rows, width)),
+            np.empty((rows, width)), np.empty((rows, width)), np.empty((rows, width)),
+            np.empty((rows, width)), np.empty((rows, width)), np.empty((rows, width)),
+            np.empty((length + 1, width), dtype=np.int64),
+            np.empty((length + 1, width), dtype=np.int64),
+            np.empty(width), np.empty(width), np.empty(width), np.empty(width),
+            np.empty(width), np.empty(width), np.empty(width))
+
+
+@numba.njit(**_JIT, inline="always")
+def _block_pairs(a_pdf: np.ndarray, a_log: np.ndarray, a_stats: np.ndarray, f_pdf: np.ndarray,
+                 f_log: np.ndarray, f_stats: np.ndarray, count: int, work: tuple,
+                 out: np.ndarray, length: int) -> None:
+    """Fast-FMI ``2 MI / (H_a + H_f)`` of the window pairs ``p < count``: column ``p`` of the
+    source's :func:`_block_marginals` results with column ``p`` of the fused window's, into
+    ``out[p]``; ``work`` from :func:`_pair_work`, ``length`` the window's values (a constant
+    where this is inlined).
 
     Haghighat & Razian: marginal PDFs, Pearson ``c`` of the PDFs, joint PDF ``w U + (1 - w)
     f a^T`` mixing the Frechet upper (c >= 0) or lower (c < 0) bound coupling ``U`` of the CDFs
-    with the independent product, ``w = c / corr(U)``. ``U`` is a monotone coupling, so instead
-    of fmi.m's l x l grid its mass is walked along the at most 2l cells that the merged CDF
-    breakpoints cut; the product part's entropy over the whole grid has a closed form, and on
-    the coupling's cells ``log`` of the product is the sum of the marginals' logs.
+    with the independent product, ``w = c / corr(U)``. ``U`` is a monotone coupling: instead of
+    fmi.m's l x l grid its mass lies on the at most 2l cells cut by the merged breakpoints of
+    the two CDFs (the lower coupling of (f, a) is the upper coupling of (f, reversed a)); the
+    product part's entropy over the whole grid has a closed form, and on the coupling's cells
+    ``log`` of the product is the sum of the marginals' logs.
     """
-    length = a_pdf.shape[0]
-    f_cdf, a_cdf, gap_mass = work[0], work[1], work[2]
-    gap_f, gap_a = cells[0], cells[1]
+    (cdf_a, cdf_f, a_oriented, a_log_oriented, mass_f, mass_a, merged, cell_a, cell_a_log,
+     cell_f, cell_f_log, terms, rank_f, rank_a, pearson, upper, weight, rest, log_rest,
+     sum_min, correction) = work
+    n = count
     uniform = 1.0 / length
-    a_sd, a_h, a_sq, sum_a_cdf = (a_stats[0, a_col], a_stats[1, a_col], a_stats[2, a_col],
-                                  a_stats[3, a_col])
-    f_sd, f_h, f_sq, sum_f_cdf = (f_stats[0, f_col], f_stats[1, f_col], f_stats[2, f_col],
-                                  f_stats[3, f_col])
-    num = 0.0
+    pearson[:n] = 0.0
     for k in range(length):
-        num += (a_pdf[k, a_col] - uniform) * (f_pdf[k, f_col] - uniform)
-    den = np.sqrt(a_sq * f_sq)
-    c = 0.0 if num == 0 else num / (den if den > 0 else 1.0)
-    upper = c >= 0
-
-    # merge the breakpoints of the two CDFs (f first on ties); the lower coupling of (f, a) is
-    # the upper coupling of (f, reversed a). Gap g = (previous, this] lies in the cell of the f
-    # step i and the a step j that contain it. Branch-free: each CDF ends in an infinite
-    # sentinel, so the exhausted one is never taken.
-    f_cdf[0] = f_pdf[0, f_col]
-    a_cdf[0] = a_pdf[0, a_col] if upper else a_pdf[length - 1, a_col]
+        for p in range(n):
+            pearson[p] += (a_pdf[k, p] - uniform) * (f_pdf[k, p] - uniform)
+    for p in range(n):
+        num = pearson[p]
+        den = np.sqrt(a_stats[2, p] * f_stats[2, p])
+        c = 0.0 if num == 0 else num / (den if den > 0 else 1.0)
+        pearson[p] = c
+        upper[p] = 1.0 if c >= 0 else 0.0
+    for k in range(length):
+        for p in range(n):
+            keep = upper[p] != 0
+            a_oriented[k, p] = a_pdf[k, p] if keep else a_pdf[length - 1 - k, p]
+            a_log_oriented[k, p] = a_log[k, p] if keep else a_log[length - 1 - k, p]
+    for p in range(n):
+        cdf_f[0, p] = f_pdf[0, p]
+        cdf_a[0, p] = a_oriented[0, p]
     for k in range(1, length):
-        f_cdf[k] = f_cdf[k - 1] + f_pdf[k, f_col]
-        a_cdf[k] = a_cdf[k - 1] + (a_pdf[k, a_col] if upper else a_pdf[length - 1 - k, a_col])
-    f_cdf[length] = np.inf
-    a_cdf[length] = np.inf
-    i = 0
-    j = 0
-    previous = 0.0
-    sum_min = 0.0  # sum over the grid of min(F_i, A_j) = sum over gaps of mass (l - i)(l - j)
-    for g in range(2 * length):
-        take_f = f_cdf[i] <= a_cdf[j]
-        value = min(f_cdf[i], a_cdf[j])
-        mass = value - previous
-        previous = value
-        gap_mass[g] = mass
-        gap_f[g] = i
-        gap_a[g] = j
-        sum_min += mass * (length - i) * (length - j)
-        i += take_f
-        j += 1 - take_f
-    bound = sum_min if upper else (length + 1) * sum_f_cdf - sum_min
-    cov_bound = bound - sum_f_cdf * sum_a_cdf
-    sd_ok = a_sd > 0 and f_sd > 0 and c != 0
-    corr_bound = cov_bound / (f_sd * a_sd) if sd_ok else cov_bound
-    weight = c / corr_bound if sd_ok and corr_bound != 0 else 0.0
+        for p in range(n):
+            cdf_f[k, p] = cdf_f[k - 1, p] + f_pdf[k, p]
+            cdf_a[k, p] = cdf_a[k - 1, p] + a_oriented[k, p]
+    # Breakpoint F_i: after the r = #{A_j < F_i} breakpoints of A (f first on ties) and F_0..;
+    # its gap (predecessor, F_i] lies in cell (i, r), whose A step is the first A_j >= F_i
+    # (the last step where a rounded last CDF value leaves none). Likewise for A_j and the F_i
+    # <= A_j. Mass: the breakpoint minus its predecessor, the larger of the two candidates.
+    for i in range(length):
+        for p in range(n):
+            fi = cdf_f[i, p]
+            r = 0
+            before = 0.0
+            step, step_log = 0.0, 0.0
+            below = True  # all A so far below F_i
+            for j in range(length):
+                aj = cdf_a[j, p]
+                is_below = aj < fi
+                r += is_below
+                before = aj if is_below else before
+                first = below > is_below  # the first A_j >= F_i
+                step = a_oriented[j, p] if first else step
+                step_log = a_log_oriented[j, p] if first else step_log
+                below = is_below
+            step = a_oriented[length - 1, p] if below else step
+            step_log = a_log_oriented[length - 1, p] if below else step_log
+            previous = cdf_f[i - 1, p] if i > 0 else 0.0
+            mass = fi - max(previous, before)
+            rank_f[i, p] = r
+            mass_f[i, p] = mass
+            cell_a[i, p] = step
+            cell_a_log[i, p] = step_log
+            terms[i, p] = mass * (length - i) * (length - r)
+    for j in range(length):
+        for p in range(n):
+            aj = cdf_a[j, p]
+            s = 0
+            before = 0.0
+            step, step_log = 0.0, 0.0
+            below = True
+            for i in range(length):
+                fi = cdf_f[i, p]
+                is_below = fi <= aj
+                s += is_below
+                before = fi if is_below else before
+                first = below > is_below
+                step = f_pdf[i, p] if first else step
+                step_log = f_log[i, p] if first else step_log
+                below = is_below
+            step = f_pdf[length - 1, p] if below else step
+            step_log = f_log[length - 1, p] if below else step_log
+            previous = cdf_a[j - 1, p] if j > 0 else 0.0
+            mass = aj - max(previous, before)
+            rank_a[j, p] = s
+            mass_a[j, p] = mass
+            cell_f[j, p] = step
+            cell_f_log[j, p] = step_log
+            terms[length + j, p] = mass * (length - s) * (length - j)
+    _in_merged_order(terms, rank_f, rank_a, n, length, merged, sum_min)
+    for p in range(n):
+        c = pearson[p]
+        sum_f_cdf = f_stats[3, p]
+        # sum over the grid of min(F_i, A_j) = sum over gaps of mass (l - i)(l - j)
+        bound = sum_min[p] if upper[p] != 0 else (length + 1) * sum_f_cdf - sum_min[p]
+        cov_bound = bound - sum_f_cdf * a_stats[3, p]
+        a_sd, f_sd = a_stats[0, p], f_stats[0, p]
+        sd_ok = a_sd > 0 and f_sd > 0 and c != 0
+        corr_bound = cov_bound / (f_sd * a_sd) if sd_ok else cov_bound
+        w = c / corr_bound if sd_ok and corr_bound != 0 else 0.0
+        weight[p] = w
+        rest[p] = 1.0 - w
+        log_rest[p] = np.log(abs(1.0 - w) + _TINY)
+    # on the coupling's cells: the product part's p log p minus the joint's (where a gap's
+    # mass is 0 the joint is the product there: the terms cancel)
+    for i in range(length):
+        for p in range(n):
+            mass = mass_f[i, p]
+            cell = rest[p] * f_pdf[i, p] * cell_a[i, p]
+            joint = weight[p] * mass + cell
+            term = (cell * (log_rest[p] + f_log[i, p] + cell_a_log[i, p])
+                    - joint * fast_log(abs(joint) + _TINY))
+            terms[i, p] = term if mass != 0 else 0.0
+    for j in range(length):
+        for p in range(n):
+            mass = mass_a[j, p]
+            cell = rest[p] * cell_f[j, p] * a_oriented[j, p]
+            joint = weight[p] * mass + cell
+            term = (cell * (log_rest[p] + cell_f_log[j, p] + a_log_oriented[j, p])
+                    - joint * fast_log(abs(joint) + _TINY))
+            terms[length + j, p] = term if mass != 0 else 0.0
+    _in_merged_order(terms, rank_f, rank_a, n, length, merged, correction)
+    for p in range(n):
+        total = a_stats[1, p] + f_stats[1, p]
+        product_entropy = rest[p] * (total - log_rest[p])
+        mi = total - (product_entropy + correction[p])
+        out[p] = 0.0 if mi == 0 else 2.0 * mi / (total if total > 0 else 1.0)
 
-    rest = 1.0 - weight
-    log_rest = np.log(abs(rest) + _TINY)
-    # on the coupling's cells: the product part's p log p minus the joint's, in three loops so
-    # that the logarithms vectorise (the CDFs are no longer needed: their rows hold the terms)
-    joint, cell_term, joint_log = work[0], work[1], work[3]
+
+@numba.njit(**_JIT, inline="always")
+def _in_merged_order(terms: np.ndarray, rank_f: np.ndarray, rank_a: np.ndarray, n: int,
+                     length: int, merged: np.ndarray, total: np.ndarray) -> None:
+    """``total[p]``: the sum of pair p's breakpoint terms (F's in ``terms[:l]``, A's in
+    ``terms[l:2l]``) in the order of the merged breakpoints, as the walk added them."""
+    for i in range(length):
+        for p in range(n):
+            merged[i + rank_f[i, p], p] = terms[i, p]
+    for j in range(length):
+        for p in range(n):
+            merged[j + rank_a[j, p], p] = terms[length + j, p]
+    total[:n] = 0.0
     for g in range(2 * length):
-        p = min(gap_f[g], length - 1)  # (a rounded last CDF value can leave one step past)
-        q = min(gap_a[g], length - 1)
-        q = q if upper else length - 1 - q  # (a select: a branch here costs ~2 %)
-        cell = rest * f_pdf[p, f_col] * a_pdf[q, a_col]
-        joint[g] = weight * gap_mass[g] + cell
-        cell_term[g] = cell * (log_rest + f_log[p, f_col] + a_log[q, a_col])
-    for g in range(joint.size):  # (past 2 length: the caller's padding, 1)
-        joint_log[g] = fast_log(abs(joint[g]) + _TINY)
-    correction = 0.0
-    for g in range(2 * length):
-        # where the gap's mass is 0 the joint is the product there: the terms cancel (a select,
-        # not a branch: whether a gap is empty follows no pattern the CPU can predict)
-        term = cell_term[g] - joint[g] * joint_log[g]
-        correction += term if gap_mass[g] != 0 else 0.0
-    total = a_h + f_h
-    product_entropy = rest * (total - log_rest)
-    mi = total - (product_entropy + correction)
-    return 0.0 if mi == 0 else 2.0 * mi / (total if total > 0 else 1.0)
+        for p in range(n):
+            total[p] += merged[g, p]
 
 
 @numba.njit(**_JIT, inline="always")
@@ -657,20 +743,23 @@ def _gather_windows(image: np.ndarray, windows: np.ndarray, start: int, stop: in
 @numba.njit(**_JIT)
 def nmi_of_windows(fus_map: np.ndarray, src_maps: np.ndarray, todo: np.ndarray, side: int,
                    out: np.ndarray) -> None:
-    """:func:`_pair_nmi` of the ``side x side`` windows of the fused map and of each source map
-    (``src_maps``: (K, rows, cols)) where ``todo`` (K, windows) is set, written to ``out``
+    """:func:`_block_pairs` of the ``side x side`` windows of the fused map and of each source
+    map (``src_maps``: (K, rows, cols)) where ``todo`` (K, windows) is set, written to ``out``
     (K, windows); windows are the 'valid' window grid, flat, by top-left corner. Each fused
     window's marginal is computed once for all sources."""
     sources = src_maps.shape[0]
     grid_cols = fus_map.shape[1] - side + 1
     length = side * side
-    work = np.empty((4, -(-2 * length // _LANES) * _LANES))
-    work[0, 2 * length:] = 1.0
-    cells = np.empty((2, 2 * length), dtype=np.int64)
-    values = np.empty((length, _FMI_BLOCK))
-    f_pdf, f_log = np.empty((length, _FMI_BLOCK)), np.empty((length, _FMI_BLOCK))
-    a_pdf, a_log = np.empty((length, _FMI_BLOCK)), np.empty((length, _FMI_BLOCK))
-    f_stats, a_stats = np.empty((6, _FMI_BLOCK)), np.empty((6, _FMI_BLOCK))
+    width = _FMI_BLOCK + _FMI_PAD
+    values = np.empty((length, width))
+    f_pdf, f_log, f_stats = np.empty((length, width)), np.empty((length, width)), np.empty(
+        (6, width))
+    a_pdf, a_log, a_stats = np.empty((length, width)), np.empty((length, width)), np.empty(
+        (6, width))
+    g_pdf, g_log, g_stats = np.empty((length, width)), np.empty((length, width)), np.empty(
+        (6, width))  # the fused marginals in the order of one source's pairs
+    work = _pair_work(length)
+    result = np.empty(width)
     needed = np.zeros(todo.shape[1], dtype=np.bool_)  # by any source
     for k in range(sources):
         needed |= todo[k]
@@ -687,10 +776,27 @@ def nmi_of_windows(fus_map: np.ndarray, src_maps: np.ndarray, todo: np.ndarray, 
             column += needed[w]
         for k in range(sources):
             count = _gather_windows(src_maps[k], todo[k], start, stop, side, grid_cols, values)
+            if count == 0:
+                continue
             _block_marginals(values, count, a_pdf, a_log, a_stats)
-            a = 0
+            pair = 0
             for w in range(start, stop):
                 if todo[k, w]:
-                    out[k, w] = _pair_nmi(a_pdf, a_log, a_stats, a, f_pdf, f_log, f_stats,
-                                          f_column[w - start], work, cells)
-                    a += 1
+                    fused = f_column[w - start]
+                    for r in range(length):
+                        g_pdf[r, pair] = f_pdf[r, fused]
+                        g_log[r, pair] = f_log[r, fused]
+                    for r in range(4):
+                        g_stats[r, pair] = f_stats[r, fused]
+                    pair += 1
+            if length == _FMI_LENGTH:
+                _block_pairs(a_pdf, a_log, a_stats, g_pdf, g_log, g_stats, count, work, result,
+                             _FMI_LENGTH)
+            else:
+                _block_pairs(a_pdf, a_log, a_stats, g_pdf, g_log, g_stats, count, work, result,
+                             length)
+            pair = 0
+            for w in range(start, stop):
+                if todo[k, w]:
+                    out[k, w] = result[pair]
+                    pair += 1
