@@ -291,11 +291,11 @@ def test_sigterm_while_an_output_is_written_removes_its_temp_file(tmp_path: Path
     handler ``main`` installs raises, the atomic writer removes the temporary file."""
     import SimpleITK as sitk
 
-    from medfusion.cli import Terminated, sigterm_raises
+    from medfusion.cli import Terminated, signals_raise
     from medfusion.io.atomic import atomic_output
 
     target = tmp_path / "fused.nii.gz"
-    with pytest.raises(Terminated), sigterm_raises():
+    with pytest.raises(Terminated), signals_raise():
         with atomic_output(target) as temporary:
             sitk.WriteImage(sitk.ReadImage(str(spm12 / "T1.nii")), str(temporary))
             assert temporary.parent == tmp_path and temporary.stat().st_size > 0
@@ -303,3 +303,33 @@ def test_sigterm_while_an_output_is_written_removes_its_temp_file(tmp_path: Path
             for _ in range(1000):  # the handler raises at the next bytecode; never loops long
                 time.sleep(0.01)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_inside_an_import_waits_for_the_import(tmp_path: Path, monkeypatch,
+                                                        signum: int) -> None:
+    """A Ctrl-C or SIGTERM that lands while a module is imported (torch's import runs Python
+    code called from C++, which an exception cannot pass: the process aborted, exit -6) is
+    delivered again once the import is done: the module is whole, then the interrupt comes."""
+    import importlib
+    import sys
+
+    from medfusion.cli import Terminated, signals_raise
+
+    (tmp_path / "slow_module_for_signals.py").write_text(
+        "import os, signal, time\n"
+        f"os.kill(os.getpid(), {int(signum)})\n"
+        "for _ in range(30):\n"
+        "    time.sleep(0.01)  # the handler runs here, inside the import\n"
+        "DONE = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    expected = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    imported = None
+    with pytest.raises(expected), signals_raise():
+        imported = importlib.import_module("slow_module_for_signals")
+        for _ in range(1000):  # the signal comes again 50 ms after the import
+            time.sleep(0.01)
+    sys.modules.pop("slow_module_for_signals", None)
+    assert imported is not None and imported.DONE
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from types import FrameType
 from typing import NoReturn
 
 from medfusion import __version__
@@ -77,23 +79,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_IMPORT_FRAMES = "<frozen importlib"  # the file name of the import system's frames
+_DEFER_S = 0.05  # a signal that lands in an import is delivered again this much later
+
+
+def _importing(frame: FrameType | None) -> bool:
+    """Whether ``frame`` (where a signal handler interrupted) runs inside an import."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_IMPORT_FRAMES):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _deliver_later(signum: int) -> None:
+    timer = threading.Timer(_DEFER_S, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
+
+
 @contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """While active, SIGTERM raises :class:`Terminated` in the main thread (once: a second
-    SIGTERM is ignored so it cannot interrupt the cleanup of the first)."""
+def signals_raise() -> Iterator[None]:
+    """While active, Ctrl-C raises KeyboardInterrupt and SIGTERM :class:`Terminated` in the
+    main thread (SIGTERM once: a second is ignored so it cannot interrupt the cleanup of the
+    first), except inside an import, where the signal is delivered again 50 ms later.
+
+    Why: an import of torch runs Python code called from its C++ extension (pybind11); an
+    exception raised there cannot pass back through it, and the process aborts with a C++
+    stack dump (exit -6) instead of cleaning up and exiting 130 or 143. Nothing is written
+    while the heavy libraries load, so waiting for the import to end costs nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def on_sigterm(signum: int, frame: object) -> None:
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        if _importing(frame):
+            _deliver_later(signum)
+            return
+        raise KeyboardInterrupt
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if _importing(frame):
+            _deliver_later(signum)
+            return
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, on_sigint),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for library in ("torch", "monai", "numba", "PIL"):
             logging.getLogger(library).setLevel(logging.WARNING)
     try:
-        with sigterm_raises(), warnings.catch_warnings():
+        with signals_raise(), warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return int(args.func(args) or 0)
     except (CancelledError, KeyboardInterrupt) as interrupt:
