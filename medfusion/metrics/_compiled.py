@@ -611,60 +611,10 @@ def _block_pairs(a_pdf: np.ndarray, a_log: np.ndarray, a_stats: np.ndarray, f_pd
         for p in range(n):
             cdf_f[k, p] = cdf_f[k - 1, p] + f_pdf[k, p]
             cdf_a[k, p] = cdf_a[k - 1, p] + a_oriented[k, p]
-    # Breakpoint F_i: after the r = #{A_j < F_i} breakpoints of A (f first on ties) and F_0..;
-    # its gap (predecessor, F_i] lies in cell (i, r), whose A step is the first A_j >= F_i
-    # (the last step where a rounded last CDF value leaves none). Likewise for A_j and the F_i
-    # <= A_j. Mass: the breakpoint minus its predecessor, the larger of the two candidates.
-    for i in range(length):
-        for p in range(n):
-            fi = cdf_f[i, p]
-            r = 0
-            before = 0.0
-            step, step_log = 0.0, 0.0
-            below = True  # all A so far below F_i
-            for j in range(length):
-                aj = cdf_a[j, p]
-                is_below = aj < fi
-                r += is_below
-                before = aj if is_below else before
-                first = below > is_below  # the first A_j >= F_i
-                step = a_oriented[j, p] if first else step
-                step_log = a_log_oriented[j, p] if first else step_log
-                below = is_below
-            step = a_oriented[length - 1, p] if below else step
-            step_log = a_log_oriented[length - 1, p] if below else step_log
-            previous = cdf_f[i - 1, p] if i > 0 else 0.0
-            mass = fi - max(previous, before)
-            rank_f[i, p] = r
-            mass_f[i, p] = mass
-            cell_a[i, p] = step
-            cell_a_log[i, p] = step_log
-            terms[i, p] = mass * (length - i) * (length - r)
-    for j in range(length):
-        for p in range(n):
-            aj = cdf_a[j, p]
-            s = 0
-            before = 0.0
-            step, step_log = 0.0, 0.0
-            below = True
-            for i in range(length):
-                fi = cdf_f[i, p]
-                is_below = fi <= aj
-                s += is_below
-                before = fi if is_below else before
-                first = below > is_below
-                step = f_pdf[i, p] if first else step
-                step_log = f_log[i, p] if first else step_log
-                below = is_below
-            step = f_pdf[length - 1, p] if below else step
-            step_log = f_log[length - 1, p] if below else step_log
-            previous = cdf_a[j - 1, p] if j > 0 else 0.0
-            mass = aj - max(previous, before)
-            rank_a[j, p] = s
-            mass_a[j, p] = mass
-            cell_f[j, p] = step
-            cell_f_log[j, p] = step_log
-            terms[length + j, p] = mass * (length - s) * (length - j)
+    _place_breakpoints(cdf_f, cdf_a, a_oriented, a_log_oriented, True, n, length, rank_f,
+                       mass_f, cell_a, cell_a_log, terms, 0)
+    _place_breakpoints(cdf_a, cdf_f, f_pdf, f_log, False, n, length, rank_a, mass_a, cell_f,
+                       cell_f_log, terms, length)
     _in_merged_order(terms, rank_f, rank_a, n, length, merged, sum_min)
     for p in range(n):
         c = pearson[p]
@@ -703,6 +653,46 @@ def _block_pairs(a_pdf: np.ndarray, a_log: np.ndarray, a_stats: np.ndarray, f_pd
         product_entropy = rest[p] * (total - log_rest[p])
         mi = total - (product_entropy + correction[p])
         out[p] = 0.0 if mi == 0 else 2.0 * mi / (total if total > 0 else 1.0)
+
+
+@numba.njit(**_JIT, inline="always")
+def _place_breakpoints(own: np.ndarray, other: np.ndarray, other_pdf: np.ndarray,
+                       other_log: np.ndarray, of_f: bool, n: int, length: int, rank: np.ndarray,
+                       mass: np.ndarray, cell: np.ndarray, cell_log: np.ndarray,
+                       terms: np.ndarray, offset: int) -> None:
+    """Where each breakpoint of the CDF ``own`` falls among those of ``other`` (pairs p < n).
+
+    F's breakpoint F_i (``of_f``) follows the r = #{A_j < F_i} (F first on ties), A's A_j the
+    #{F_i <= A_j}: that count is its ``rank``. Its gap (predecessor, breakpoint] has as
+    ``mass`` the breakpoint minus the larger of the two candidate predecessors, and lies in
+    the other CDF's step ``rank`` (the last step where a rounded last CDF value leaves none):
+    that step's PDF and log go to ``cell`` and ``cell_log``. ``terms[offset + k]``: the gap's
+    ``mass (l - i)(l - j)`` (i, j its F and A steps, multiplied in that order)."""
+    for k in range(length):
+        for p in range(n):
+            value = own[k, p]
+            r = 0
+            before = 0.0
+            step, step_log = 0.0, 0.0
+            below = True  # all of the other's breakpoints so far come before this one
+            for j in range(length):
+                candidate = other[j, p]
+                is_below = candidate < value if of_f else candidate <= value
+                r += is_below
+                before = candidate if is_below else before
+                first = below > is_below  # the other's first breakpoint after this one
+                step = other_pdf[j, p] if first else step
+                step_log = other_log[j, p] if first else step_log
+                below = is_below
+            step = other_pdf[length - 1, p] if below else step
+            step_log = other_log[length - 1, p] if below else step_log
+            gap = value - max(own[k - 1, p] if k > 0 else 0.0, before)
+            rank[k, p] = r
+            mass[k, p] = gap
+            cell[k, p] = step
+            cell_log[k, p] = step_log
+            terms[offset + k, p] = (gap * (length - k) * (length - r) if of_f
+                                    else gap * (length - r) * (length - k))
 
 
 @numba.njit(**_JIT, inline="always")
