@@ -629,24 +629,10 @@ def _block_pairs(a_pdf: np.ndarray, a_log: np.ndarray, a_stats: np.ndarray, f_pd
         weight[p] = w
         rest[p] = 1.0 - w
         log_rest[p] = np.log(abs(1.0 - w) + _TINY)
-    # on the coupling's cells: the product part's p log p minus the joint's (where a gap's
-    # mass is 0 the joint is the product there: the terms cancel)
-    for i in range(length):
-        for p in range(n):
-            mass = mass_f[i, p]
-            cell = rest[p] * f_pdf[i, p] * cell_a[i, p]
-            joint = weight[p] * mass + cell
-            term = (cell * (log_rest[p] + f_log[i, p] + cell_a_log[i, p])
-                    - joint * fast_log(abs(joint) + _TINY))
-            terms[i, p] = term if mass != 0 else 0.0
-    for j in range(length):
-        for p in range(n):
-            mass = mass_a[j, p]
-            cell = rest[p] * cell_f[j, p] * a_oriented[j, p]
-            joint = weight[p] * mass + cell
-            term = (cell * (log_rest[p] + cell_f_log[j, p] + a_log_oriented[j, p])
-                    - joint * fast_log(abs(joint) + _TINY))
-            terms[length + j, p] = term if mass != 0 else 0.0
+    _cell_terms(mass_f, f_pdf, f_log, cell_a, cell_a_log, rest, weight, log_rest, n, length,
+                terms, 0)
+    _cell_terms(mass_a, cell_f, cell_f_log, a_oriented, a_log_oriented, rest, weight, log_rest,
+                n, length, terms, length)
     _in_merged_order(terms, rank_f, rank_a, n, length, merged, correction)
     for p in range(n):
         total = a_stats[1, p] + f_stats[1, p]
@@ -693,6 +679,25 @@ def _place_breakpoints(own: np.ndarray, other: np.ndarray, other_pdf: np.ndarray
             cell_log[k, p] = step_log
             terms[offset + k, p] = (gap * (length - k) * (length - r) if of_f
                                     else gap * (length - r) * (length - k))
+
+
+@numba.njit(**_JIT, inline="always")
+def _cell_terms(mass: np.ndarray, f_values: np.ndarray, f_logs: np.ndarray,
+                a_values: np.ndarray, a_logs: np.ndarray, rest: np.ndarray, weight: np.ndarray,
+                log_rest: np.ndarray, n: int, length: int, terms: np.ndarray,
+                offset: int) -> None:
+    """On each gap's cell of the coupling, the product part's ``p log p`` minus the joint's,
+    into ``terms[offset + k]``; ``f_values`` / ``a_values`` the two marginals' PDF at the cell
+    (and their logs). Where a gap's mass is 0 the joint is the product there: the terms
+    cancel, so 0."""
+    for k in range(length):
+        for p in range(n):
+            gap = mass[k, p]
+            cell = rest[p] * f_values[k, p] * a_values[k, p]
+            joint = weight[p] * gap + cell
+            term = (cell * (log_rest[p] + f_logs[k, p] + a_logs[k, p])
+                    - joint * fast_log(abs(joint) + _TINY))
+            terms[offset + k, p] = term if gap != 0 else 0.0
 
 
 @numba.njit(**_JIT, inline="always")
