@@ -60,6 +60,18 @@ def test_batch_from_csv_and_json_lists(tmp_path: Path, aanlib: Path, spm12: Path
                  "--method", "average", "--progress", "none"]) == 0
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(["first.png", NAMES[1]])
 
+    # a cell past the header (here after the output) is refused, naming the line, rather than
+    # taken as a third input; the output column's name is matched whatever its case
+    listing.write_text("reference,other,Output\n"
+                       f"MRI/{NAMES[0]},PET/{NAMES[0]},second.png,PET/{NAMES[1]}\n")
+    assert main(["batch", "--list", str(listing), "-o", str(tmp_path / "c"),
+                 "--method", "average", "--progress", "none"]) == 1
+    assert not (tmp_path / "c").exists()
+    listing.write_text(f"reference,other,Output\nMRI/{NAMES[0]},PET/{NAMES[0]},second.png\n")
+    assert main(["batch", "--list", str(listing), "-o", str(tmp_path / "c"),
+                 "--method", "average", "--progress", "none"]) == 0
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["second.png"]
+
     groups = [{"inputs": [str(spm12 / "T1.nii"), str(spm12 / "PET.nii")], "output": "tp.nii.gz"}]
     (tmp_path / "groups.json").write_text(json.dumps(groups))
     assert main(["batch", "--list", str(tmp_path / "groups.json"), "-o", str(tmp_path / "b"),

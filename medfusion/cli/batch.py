@@ -28,7 +28,8 @@ logger = logging.getLogger("medfusion")
 LIST_FORMAT_HELP = """\
 group list (--list FILE):
   CSV: a header line, then one group per line: the input columns first (reference first,
-  any header names), and an optional column named "output":
+  any header names; a row may leave some empty, never add cells past the header), and an
+  optional column named "output":
       reference,other,output
       mri/case1.nii.gz,pet/case1.nii.gz,case1.nii.gz
       mri/case2.nii.gz,pet/case2.nii.gz,
@@ -163,14 +164,24 @@ def _json_records(path: Path) -> list[Record]:
 def _csv_records(path: Path) -> list[Record]:
     records: list[Record] = []
     with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        for row in reader:
+        reader = csv.reader(handle)
+        header = [name.strip().lower() for name in next(reader, [])]
+        output_column = header.index("output") if "output" in header else None
+        for cells in reader:
             where = f"line {reader.line_num}"
-            output = (row.pop("output", None) or "").strip() or None
-            extra = row.pop(None, None)  # more cells than header columns
-            values = [*row.values(), *(extra or [])]
-            inputs = [value.strip() for value in values if value and value.strip()]
-            records.append((where, inputs, output))
+            if len(cells) > len(header):  # a cell without a column: an input or a typo?
+                raise InputError(
+                    f"{path.name}: {where} has {len(cells)} cells but the header {len(header)} "
+                    "columns; give each input its own column (empty cells where a group has "
+                    "fewer inputs)"
+                )
+            output = None
+            if output_column is not None and output_column < len(cells):
+                output = cells[output_column].strip() or None
+            inputs = [value.strip() for column, value in enumerate(cells)
+                      if column != output_column and value.strip()]
+            if cells:  # (a blank line is no group)
+                records.append((where, inputs, output))
     return records
 
 
