@@ -123,3 +123,22 @@ def test_gff_keeps_more_edges_than_averaging_on_a_ct_mri_pair(aanlib: Path) -> N
         return qabf(get_method(name)(batch)[0].numpy() * 255, ct, mri)
 
     assert score("gff") > score("average") + 0.1
+
+
+@pytest.mark.parametrize("name", ["average", "max", "laplacian", "gff", "cnn", "sesf"])
+def test_every_method_refuses_a_batch_it_would_fuse_wrongly(name: str) -> None:
+    """From Python, a batch that is not (B, K >= 2, H, W) float sources in [0, 1] is an error
+    for every method (it used to come back fused anyway: a (K, H, W) tensor averaged over the
+    wrong axis, one NaN spread over a CNN's output, 0-255 values saturated to white)."""
+    method = get_method(name, device="cpu")
+    good = torch.rand(1, 2, 32, 32)
+    assert method(good).shape == (1, 32, 32)
+    nan = good.clone()
+    nan[0, 0, 5, 5] = float("nan")
+    bad = {"(K, H, W)": good[0], "5-D": good[None], "no sources": good[:, :0],
+           "one source": good[:, :1], "no images": good[:0], "0-255": good * 255,
+           "uint8": (good * 255).to(torch.uint8), "NaN": nan, "negative": good - 0.5}
+    for what, batch in bad.items():
+        with pytest.raises(ModelError, match=r"expects|fuses|empty") as caught:
+            method(batch)
+        assert "\n" not in str(caught.value), what

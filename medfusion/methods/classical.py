@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from medfusion.methods.sources import check_sources
 from medfusion.resources import load_bundle_script, sesf_bundle_dir
 
 # The box mean, guided filter and weight normalisation are the sesf bundle's
@@ -35,6 +36,7 @@ class AverageFusion:
     name = "average"
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        check_sources(batch, self.name)
         return batch.mean(dim=1).clamp_(0.0, 1.0)
 
 
@@ -44,6 +46,7 @@ class MaxFusion:
     name = "max"
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        check_sources(batch, self.name)
         return batch.amax(dim=1).clamp_(0.0, 1.0)
 
 
@@ -68,6 +71,7 @@ class LaplacianPyramidFusion:
         return max(0, min(MAX_LEVELS, possible))
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        check_sources(batch, self.name)
         b, k, h, w = batch.shape
         images = batch.reshape(b * k, 1, h, w)
         details: list[torch.Tensor] = []
@@ -145,6 +149,7 @@ class GuidedFilterFusion:
         self.gaussian_sigma = gaussian_sigma
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        check_sources(batch, self.name)
         b, k, h, w = batch.shape
         images = batch.reshape(b * k, 1, h, w)
         base = _box_mean(images, self.base_radius)

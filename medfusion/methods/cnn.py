@@ -20,13 +20,12 @@ from typing import Any
 
 import torch
 
-from medfusion.errors import ModelError
 from medfusion.methods import backend, bundle, tiling
 from medfusion.methods.bundle import CONFIG, WEIGHTS, use_bundle_scripts  # noqa: F401 (public)
+from medfusion.methods.sources import check_sources
 from medfusion.resources import bundle_dir as shipped_bundle_dir
 
 DEFAULT_BUNDLE = shipped_bundle_dir()  # package data: medfusion/bundle (see medfusion.resources)
-MIN_SOURCES = 2
 MIN_SIDE = 16  # the network's reflect padding (dilation up to 4) needs slices wider than this
 
 
@@ -98,14 +97,7 @@ class CNNFusion:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Fuse ``(B, K, H, W)`` float sources in [0, 1] into ``(B, H, W)`` on the same device."""
-        if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
-            shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-            raise ModelError(f"the CNN expects a (B, K, H, W) batch of sources, got {shape}")
-        if batch.shape[1] < MIN_SOURCES:
-            raise ModelError(
-                f"the CNN fuses {MIN_SOURCES} or more single-channel sources, got "
-                f"{batch.shape[1]} channel(s); colour inputs must enter as luminance"
-            )
+        check_sources(batch, "the CNN")
         source_device = batch.device
         inputs, (height, width) = pad_to_network_minimum(batch.to(self.device, torch.float32))
         with torch.inference_mode():

@@ -30,12 +30,12 @@ import torch
 
 from medfusion.errors import ModelError
 from medfusion.methods import backend, bundle, tiling
+from medfusion.methods.sources import check_sources
 from medfusion.resources import load_bundle_script, sesf_bundle_dir
 
 DEFAULT_BUNDLE = sesf_bundle_dir()  # package data: medfusion/sesf_bundle (medfusion.resources)
 # the one copy of the decision-map fusion (the classical gff loads the same file)
 fusion = load_bundle_script(DEFAULT_BUNDLE, "scripts/fusion.py", "medfusion._sesf_fusion")
-MIN_SOURCES = 2
 MIN_SIZE = fusion.MIN_SIZE
 FUSION_DEFAULTS = fusion.DEFAULTS
 # Working memory per source pixel: the float32 maps alive at the encoder's peak (the dense
@@ -118,7 +118,7 @@ class SESFFusion:
     def decide(self, batch: torch.Tensor) -> Any:
         """The whole decision (``fusion.Decision``: fused, winners 1..K, hard block labels
         0..K-1 before the soft step) of a (B, K, H, W) batch, on the method's device."""
-        _check_batch(batch)
+        check_sources(batch, "sesf")
         sources = batch.to(self.device, torch.float32)
         with torch.inference_mode():
             return fusion.decision_fusion(sources, self.energy, self.block_exponent,
@@ -138,15 +138,6 @@ class SESFFusion:
         return self.fuse_with_decision(batch)[0]
 
 
-def _check_batch(batch: Any) -> None:
-    if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
-        shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-        raise ModelError(f"sesf expects a (B, K, H, W) batch of sources, got {shape}")
-    if batch.shape[1] < MIN_SOURCES:
-        raise ModelError(
-            f"sesf fuses {MIN_SOURCES} or more single-channel sources, got {batch.shape[1]} "
-            "channel(s); colour inputs must enter as luminance"
-        )
 
 
 def build_method(device: str | torch.device = "cpu", **options: Any) -> SESFFusion:
