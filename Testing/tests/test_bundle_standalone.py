@@ -124,6 +124,16 @@ def test_inference_on_a_user_datalist(bundle_env, bundle, user_data, tmp_path, a
     assert voxels.dtype == np.float32 and 0.0 <= voxels.min() and voxels.max() <= 1.0
     t1 = sitk.GetArrayFromImage(reference).astype(np.float32)
     assert np.corrcoef(voxels.ravel(), t1.ravel())[0, 1] > 0.5
+    # ... and it is the volume the medfusion CLI fuses from the same files: the same slices,
+    # not their transposes (the network is not transpose-invariant: it differed by up to 0.5)
+    cli_volume = tmp_path / "cli.nii.gz"
+    cli = subprocess.run([sys.executable, "-m", "medfusion", "fuse",
+                          str(user_data / "volumes" / "t1.nii.gz"),
+                          str(user_data / "volumes" / "spect.nii.gz"), "-o", str(cli_volume),
+                          "--progress", "none"], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    cli_voxels = sitk.GetArrayFromImage(sitk.ReadImage(str(cli_volume)))
+    assert np.abs(voxels - cli_voxels).max() < 1e-3
 
 
 def test_inference_on_a_paired_folder(bundle_env, bundle, user_data, tmp_path):

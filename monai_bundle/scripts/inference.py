@@ -193,9 +193,11 @@ def _slice_axis(affine: np.ndarray, axis: str) -> int:
 
 
 class LoadSourcesd(MapTransform):
-    """Load ``sources`` into ``image``: (K, H, W) for images, (K, A, B, S) for volumes.
+    """Load ``sources`` into ``image``: (K, H, W) for images, (K, B, A, S) for volumes.
 
-    Volumes are moved so that the slices (``axis``) are the last dimension; ``slice_axis``,
+    Volumes are moved so that the slices (``axis``) are the last dimension, and each slice's
+    rows run along the later of its two voxel axes (B of the volume's A, B), as MedFusion's core
+    slices volumes (SimpleITK's (z, y, x) arrays), so both fuse the same slices; ``slice_axis``,
     ``affine`` (the reference's) and ``reference`` let :class:`SaveFusedd` write the result on
     the reference's grid. Images keep their chroma in ``chroma`` (2, H, W) when a source is in
     colour (``has_colour`` 1).
@@ -256,7 +258,10 @@ class LoadSourcesd(MapTransform):
         scaled = [scale(v) for v in [reference, *others]]
         stacked = torch.cat([_plain(v).float() for v in scaled])  # (K, X, Y, Z)
         axis = _slice_axis(reference.affine.numpy(), self.axis)
-        d["image"] = torch.movedim(stacked, 1 + axis, -1).contiguous()
+        # slices last; each slice's rows along the later of its two voxel axes, as MedFusion's
+        # core slices SimpleITK's (z, y, x) arrays (the network is not transpose-invariant:
+        # the other way round, the two fused the same volume differently, by up to 0.5)
+        d["image"] = torch.movedim(stacked, 1 + axis, -1).transpose(1, 2).contiguous()
         d["chroma"] = torch.zeros(1)
         d["has_colour"] = 0
         d["slice_axis"] = axis
@@ -341,7 +346,8 @@ class SaveFusedd(MapTransform):
         from monai.data.image_writer import resolve_writer
 
         axis = int(d["slice_axis"])
-        array = torch.movedim(fused, -1, axis).numpy().astype(np.float32)  # back to (X, Y, Z)
+        array = torch.movedim(fused.transpose(0, 1), -1, axis).numpy().astype(np.float32)
+        # (back to (X, Y, Z))
         affine = torch.as_tensor(d["affine"]).cpu().numpy()
         suffix = _suffix(path).lstrip(".")
         errors = []
