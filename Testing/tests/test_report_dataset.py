@@ -37,7 +37,7 @@ def _copy_pair(aanlib: Path, root: Path, pair: str, name: str) -> None:
 def test_folder_without_split_file_pairs_files_by_name(aanlib: Path, tmp_path: Path) -> None:
     _copy_pair(aanlib, tmp_path, "CT-MRI", "2004.png")
     _copy_pair(aanlib, tmp_path, "PET-MRI", "25038.png")
-    (tmp_path / "PET-MRI" / "MRI" / "99999.png").write_bytes(b"")  # no PET partner: ignored
+    (tmp_path / "PET-MRI" / "MRI" / "99999.png").write_bytes(b"")  # no PET partner: left out
     groups = discover_groups(tmp_path)
     assert [g.label for g in groups] == ["CT-MRI/2004", "PET-MRI/25038"]
     assert groups[0].modalities == ("CT", "MRI")  # sorted without a split file
@@ -113,3 +113,20 @@ def test_seeded_subset_is_stable_and_covers_every_pair_type(aanlib: Path) -> Non
     assert first != select_subset(groups, 30, seed=1)
     assert Counter(g.pair_type for g in first) == {"CT-MRI": 6, "PET-MRI": 15, "SPECT-MRI": 9}
     assert select_subset(groups, 500, seed=0) == groups
+
+
+def test_files_without_a_partner_are_named_not_dropped_silently(aanlib: Path, tmp_path: Path,
+                                                                caplog) -> None:
+    import logging
+
+    for modality in ("MRI", "PET"):
+        (tmp_path / "P" / modality).mkdir(parents=True)
+    names = sorted(p.name for p in (aanlib / "PET-MRI" / "PET").iterdir())[:3]
+    for name in names:
+        shutil.copy(aanlib / "PET-MRI" / "MRI" / name, tmp_path / "P" / "MRI" / name)
+    for name in names[:2]:
+        shutil.copy(aanlib / "PET-MRI" / "PET" / name, tmp_path / "P" / "PET" / name)
+    with caplog.at_level(logging.WARNING):
+        groups = discover_groups(tmp_path)
+    assert len(groups) == 2
+    assert f"P: 1 file(s) not in every modality folder, left out: {names[2]}" in caplog.text

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from medfusion.io import IMAGE_SUFFIXES, VOLUME_SUFFIXES, full_suffix, stem
 
 SPLIT_FILE_NAME = "splits.json"
 _RESERVED_COLUMNS = ("id", "pair_type", "split")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,11 @@ def _folder_groups(root: Path, split: str | None, split_file: Path | None) -> li
             for m in order
         }
         names = set.intersection(*(set(f) for f in files.values()))
+        unpaired = sorted(set.union(*(set(f) for f in files.values())) - names)
+        if unpaired and split is None:  # (a split names the files it uses)
+            logger.warning(
+                "%s: %d file(s) not in every modality folder, left out: %s%s", pair_type,
+                len(unpaired), ", ".join(unpaired[:3]), " ..." if len(unpaired) > 3 else "")
         if split is not None:
             if info is None:
                 continue
