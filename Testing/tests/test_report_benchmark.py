@@ -290,3 +290,21 @@ def test_volume_groups_run_end_to_end(spm12: Path, tmp_path: Path) -> None:
     assert "| PET-MRI | MRI + PET | volume | 1 |" in text
     with Image.open(out / "figures" / "panel_PET-MRI_spm12.png") as image:
         image.verify()
+
+
+def test_a_smaller_run_into_the_same_folder_leaves_no_stale_files(
+    report: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """The report's own files of an earlier, larger run (robustness table and figures, speed
+    table) go when a run without them writes into the same folder; a file of the user's stays."""
+    out = tmp_path / "again"
+    shutil.copytree(report, out)
+    (out / "notes.txt").write_text("mine")
+    assert (out / "robustness.csv").is_file()
+    assert main(["benchmark", str(tiny_dataset), "-o", str(out), "--split", "validation",
+                 "--methods", "average,max", "--metrics", METRICS, "--perturbations", "none",
+                 "--speed-images", "0", "--block-exponents", "", "--no-progress"]) == 0
+    written = set((out / ".medfusion-report-files").read_text().splitlines())
+    present = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert present == written | {".medfusion-report-files", "notes.txt"}
+    assert not (out / "robustness.csv").exists()

@@ -10,10 +10,15 @@ import csv
 import io
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from medfusion.io.atomic import atomic_output
+
+MANIFEST_NAME = ".medfusion-report-files"  # the files the last report wrote in its folder
+_written: list[Path] = []  # what write_bytes wrote while a recording() is active
+_recording: list[bool] = []
 
 
 def write_bytes(path: Path, data: bytes) -> Path:
@@ -22,7 +27,33 @@ def write_bytes(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as temporary:
         Path(temporary).write_bytes(data)
+    if _recording:
+        _written.append(path)
     return path
+
+
+@contextmanager
+def replacing_report(folder: Path) -> Iterator[None]:
+    """Write a report into ``folder``, then remove the files that the report written there
+    before (listed in its :data:`MANIFEST_NAME`) wrote and this one did not: a smaller run into
+    the same folder leaves no stale table, figure or panel beside the new report. Files the
+    reports never wrote are left alone."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST_NAME
+    before = set(manifest.read_text(encoding="utf-8").splitlines()) if manifest.is_file() else set()
+    _written.clear()
+    _recording.append(True)
+    try:
+        yield
+    finally:
+        _recording.pop()
+    now = {path.relative_to(folder).as_posix() for path in _written
+           if path.is_relative_to(folder)}
+    for name in sorted(before - now):
+        stale = folder / name
+        if ".." not in Path(name).parts and stale.is_file():
+            stale.unlink()
+    write_text(manifest, "".join(f"{name}\n" for name in sorted(now)))
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from medfusion.report import figures, markdown
 from medfusion.report.dataset import Group
-from medfusion.report.files import write_csv, write_json, write_text
+from medfusion.report.files import replacing_report, write_csv, write_json, write_text
 from medfusion.report.fusion import MethodSpec, fuse, load_group, middle_slice
 from medfusion.report.perturb import LEVEL_UNITS
 
@@ -260,9 +260,11 @@ def write_report(
     """Write every file of the report folder; return the path of ``report.md``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_tables(results, folder)
-    _write_json(results, folder)
-    _write_figures(results, folder)
-    _write_panels(results, folder, panel_groups, specs, device)
-    _write_worst_panels(results, folder, worst_groups, specs, device)
-    return write_text(folder / "report.md", markdown.render(results))
+    with replacing_report(folder):
+        _write_tables(results, folder)
+        _write_json(results, folder)
+        _write_figures(results, folder)
+        _write_panels(results, folder, panel_groups, specs, device)
+        _write_worst_panels(results, folder, worst_groups, specs, device)
+        report = write_text(folder / "report.md", markdown.render(results))
+    return report
