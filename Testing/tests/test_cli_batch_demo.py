@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from medfusion.cli import main
@@ -72,6 +73,14 @@ def test_batch_from_csv_and_json_lists(tmp_path: Path, aanlib: Path, spm12: Path
                  "--method", "average", "--progress", "none"]) == 0
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["second.png"]
 
+    # JSON: a misspelt key, or an input that is no file name, is refused naming the group
+    for group in ({"inputs": [f"MRI/{NAMES[0]}", f"PET/{NAMES[0]}"], "outptu": "x.png"},
+                  {"inputs": [f"MRI/{NAMES[0]}", None]}):
+        (tmp_path / "bad.json").write_text(json.dumps([group]))
+        assert main(["batch", "--list", str(tmp_path / "bad.json"), "-o", str(tmp_path / "d"),
+                     "--method", "average", "--progress", "none"]) == 1
+        assert not (tmp_path / "d").exists()
+
     groups = [{"inputs": [str(spm12 / "T1.nii"), str(spm12 / "PET.nii")], "output": "tp.nii.gz"}]
     (tmp_path / "groups.json").write_text(json.dumps(groups))
     assert main(["batch", "--list", str(tmp_path / "groups.json"), "-o", str(tmp_path / "b"),
@@ -82,6 +91,13 @@ def test_batch_from_csv_and_json_lists(tmp_path: Path, aanlib: Path, spm12: Path
 def test_batch_needs_two_folders(tmp_path: Path, capsys) -> None:
     assert main(["batch", str(tmp_path), "-o", str(tmp_path / "o"), "--method", "max"]) == 1
     assert "at least one other folder" in capsys.readouterr().err
+
+
+def test_demo_unknown_method_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["demo", "-o", str(tmp_path / "demo"), "--method", "bogus"])
+    assert caught.value.code == 2
+    assert not (tmp_path / "demo").exists()
 
 
 def test_demo_writes_image_panel_and_metrics(tmp_path: Path, capsys) -> None:

@@ -150,15 +150,26 @@ def _json_records(path: Path) -> list[Record]:
     for number, item in enumerate(data, start=1):
         where = f"group {number}"
         if isinstance(item, dict) and isinstance(item.get("inputs"), list):
+            unknown = sorted(set(item) - {"inputs", "output"})
+            if unknown:  # a misspelt "output" would silently name the result otherwise
+                raise InputError(f"{where} of {path.name}: unknown key(s) {', '.join(unknown)}; "
+                                 "a group has \"inputs\" and an optional \"output\"")
             output = item.get("output")
             if output is not None and not isinstance(output, str):
                 raise InputError(f"{where} of {path.name}: output must be a file name")
-            records.append((where, [str(p) for p in item["inputs"]], output or None))
+            records.append((where, _json_inputs(item["inputs"], where, path), output or None))
         elif isinstance(item, list):
-            records.append((where, [str(p) for p in item], None))
+            records.append((where, _json_inputs(item, where, path), None))
         else:
             raise InputError(f"{path.name}: each group must be a list or an object with inputs")
     return records
+
+
+def _json_inputs(values: list, where: str, path: Path) -> list[str]:
+    """A JSON group's inputs: file names (strings), never ``null`` or numbers read as names."""
+    if not all(isinstance(value, str) and value.strip() for value in values):
+        raise InputError(f"{where} of {path.name}: inputs must be file names (strings)")
+    return list(values)
 
 
 def _csv_records(path: Path) -> list[Record]:

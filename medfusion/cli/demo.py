@@ -33,7 +33,10 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("-o", "--output-dir", default="medfusion-demo",
                         help="output folder, created if missing (default: ./medfusion-demo)")
-    parser.add_argument("--method", default="cnn", help="fusion method (default: cnn)")
+    from medfusion.methods import available_methods
+
+    parser.add_argument("--method", default="cnn", choices=available_methods(),
+                        help="fusion method (default: cnn)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.set_defaults(func=run_demo)
 
