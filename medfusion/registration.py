@@ -351,9 +351,10 @@ def _signals_stop(method: Any) -> Iterator[None]:
         yield
         return
     caught: list[int] = []
+    previous: dict[int, Any] = {}
 
     def on_signal(signum: int, frame: object) -> None:  # noqa: ARG001
-        if previous[signum] is signal.SIG_IGN:
+        if previous.get(signum) is signal.SIG_IGN:  # (.get: a signal while handlers are set)
             return
         caught.append(signum)
         method.StopRegistration()
@@ -365,7 +366,6 @@ def _signals_stop(method: Any) -> Iterator[None]:
     import SimpleITK as sitk
 
     method.AddCommand(sitk.sitkIterationEvent, stop_if_signalled)
-    previous: dict[int, Any] = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         previous[signum] = signal.signal(signum, on_signal)
     try:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from medfusion.errors import OutputError
+from medfusion.errors import InputError, OutputError
 
 logger = logging.getLogger("medfusion")
 
@@ -154,7 +154,6 @@ def check_option_use(args: argparse.Namespace, kind: str | None = None) -> None:
     """Refuse options of the learned methods given with another method, and warn about the
     volume options given for 2D images (``kind`` ``"image"``): an option that changes nothing
     is a mistake the user should hear of, not a silent success."""
-    from medfusion.errors import InputError
     from medfusion.methods import LEARNED_METHODS
 
     if args.method not in LEARNED_METHODS:

@@ -270,6 +270,21 @@ def uneven_spacing(infos: list[SliceInfo]) -> tuple[float, float, float] | None:
     return float(steps.min()), float(steps.max()), worst
 
 
+def planes_at(planes: np.ndarray, positions: np.ndarray, targets: np.ndarray,
+              dtype: type = np.float64) -> np.ndarray:
+    """``planes`` (n >= 2, rows, columns), taken at the increasing ``positions`` (mm), linearly
+    interpolated at each of ``targets`` (the end planes held beyond the ends), as ``dtype``:
+    one plane in memory at a time besides the result."""
+    upper = np.clip(np.searchsorted(positions, targets, side="right"), 1, len(positions) - 1)
+    lower = upper - 1
+    weight = ((targets - positions[lower]) / (positions[upper] - positions[lower])).clip(0, 1)
+    out = np.empty((len(targets), *planes.shape[1:]), dtype=dtype)
+    for k in range(len(targets)):
+        out[k] = ((1.0 - weight[k]) * planes[lower[k]].astype(dtype)
+                  + weight[k] * planes[upper[k]].astype(dtype))
+    return out
+
+
 def restack_regularly(image, infos: list[SliceInfo], label: str):
     """Resample a series read by ITK from the files of ``infos`` (in that order, which ITK
     places evenly) onto a regular grid at the slices' real positions: positions measured along
@@ -289,14 +304,7 @@ def restack_regularly(image, infos: list[SliceInfo], label: str):
     count = int(round((positions[-1] - positions[0]) / step)) + 1
     grid = positions[0] + step * np.arange(count)
     source = sitk.GetArrayViewFromImage(image)  # (z, y, x), z in position order
-    upper = np.clip(np.searchsorted(positions, grid, side="right"), 1, len(positions) - 1)
-    lower = upper - 1
-    weight = ((grid - positions[lower]) / (positions[upper] - positions[lower])).clip(0, 1)
-    planes = np.empty((count, *source.shape[1:]), dtype=np.float32)
-    for k in range(count):
-        planes[k] = ((1.0 - weight[k]) * source[lower[k]].astype(np.float32)
-                     + weight[k] * source[upper[k]].astype(np.float32))
-    regular = sitk.GetImageFromArray(planes)
+    regular = sitk.GetImageFromArray(planes_at(source, positions, grid, np.float32))
     spacing = list(image.GetSpacing())
     spacing[2] = step
     regular.SetSpacing(spacing)

@@ -42,6 +42,7 @@ from pydicom.valuerep import MAX_VALUE_LEN
 
 from medfusion import __version__
 from medfusion.errors import GeometryError, InputError, OutputError
+from medfusion.io.dicom_series import planes_at
 
 MAX_STORED = 65535
 DESCRIPTION_PREFIX = "MedFusion fusion"
@@ -317,21 +318,15 @@ def _planes_at_slices(fused: Any, array: np.ndarray, ordered: Sequence[Dataset])
     axis = np.asarray(fused.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
     origin = np.asarray(fused.GetOrigin(), dtype=float)
     step = float(fused.GetSpacing()[2])
-    planes = np.array([float(np.dot(_position(ds) - origin, axis)) / step for ds in ordered])
-    slack = _POSITION_TOLERANCE_MM / step
-    if planes.min() < -slack or planes.max() > array.shape[0] - 1 + slack:
+    offsets = np.array([float(np.dot(_position(ds) - origin, axis)) for ds in ordered])
+    grid = step * np.arange(array.shape[0])
+    if (array.shape[0] < 2 or offsets.min() < -_POSITION_TOLERANCE_MM
+            or offsets.max() > grid[-1] + _POSITION_TOLERANCE_MM):
         raise GeometryError(
             "the fused volume is not on the reference series grid (reference slices lie "
             "outside its slice range)"
         )
-    planes = planes.clip(0, array.shape[0] - 1)
-    lower = np.minimum(planes.astype(int), max(array.shape[0] - 2, 0))
-    weight = planes - lower
-    upper = np.minimum(lower + 1, array.shape[0] - 1)
-    out = np.empty((len(ordered), *array.shape[1:]))
-    for k in range(len(ordered)):
-        out[k] = (1.0 - weight[k]) * array[lower[k]] + weight[k] * array[upper[k]]
-    return out
+    return planes_at(array, grid, offsets)
 
 
 def _clean_copy(source: Dataset, repaired: dict[str, set[str]]) -> Dataset:

@@ -17,8 +17,7 @@ from pathlib import Path
 from medfusion.io.atomic import atomic_output
 
 MANIFEST_NAME = ".medfusion-report-files"  # the files the last report wrote in its folder
-_written: list[Path] = []  # what write_bytes wrote while a recording() is active
-_recording: list[bool] = []
+_recorders: list[list[Path]] = []  # while replacing_report runs: the files write_bytes wrote
 
 
 def write_bytes(path: Path, data: bytes) -> Path:
@@ -27,27 +26,27 @@ def write_bytes(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as temporary:
         Path(temporary).write_bytes(data)
-    if _recording:
-        _written.append(path)
+    if _recorders:
+        _recorders[-1].append(path)
     return path
 
 
 @contextmanager
 def replacing_report(folder: Path) -> Iterator[None]:
-    """Write a report into ``folder``, then remove the files that the report written there
-    before (listed in its :data:`MANIFEST_NAME`) wrote and this one did not: a smaller run into
-    the same folder leaves no stale table, figure or panel beside the new report. Files the
+    """Write a report into ``folder``, then remove the files that the previous report there
+    wrote (listed in its :data:`MANIFEST_NAME`) and this one did not: a smaller run into the
+    same folder leaves no stale table, figure or panel beside the new report. Files the
     reports never wrote are left alone."""
     folder = Path(folder)
     manifest = folder / MANIFEST_NAME
     before = set(manifest.read_text(encoding="utf-8").splitlines()) if manifest.is_file() else set()
-    _written.clear()
-    _recording.append(True)
+    written: list[Path] = []
+    _recorders.append(written)
     try:
         yield
     finally:
-        _recording.pop()
-    now = {path.relative_to(folder).as_posix() for path in _written
+        _recorders.pop()
+    now = {path.relative_to(folder).as_posix() for path in written
            if path.is_relative_to(folder)}
     for name in sorted(before - now):
         stale = folder / name
