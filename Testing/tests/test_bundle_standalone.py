@@ -149,20 +149,36 @@ def test_inference_on_a_paired_folder(bundle_env, bundle, user_data, tmp_path):
 @pytest.mark.parametrize("problem, message", [
     ("missing", "file not found"),
     ("malformed", "has no 'testing' list"),
+    ("one modality", "needs two or more modality folders"),
+    ("flag as block exponent", "block exponent must be an integer 0..6, got True"),
 ])
-def test_bad_datalist_is_a_clear_error(bundle_env, bundle, user_data, tmp_path, problem, message):
+def test_bad_input_is_a_one_line_error(bundle_env, bundle, user_data, tmp_path, problem, message):
+    """What the bundle's code refuses is one line on stderr, not MONAI's 60-240-line
+    "Failed to instantiate component" traceback (``--block_exponent True`` was taken as 1)."""
     datalist = tmp_path / "datalist.json"
+    pet_mri = [str(user_data / "images" / "PET-MRI" / "MRI" / "25015.png"),
+               str(user_data / "images" / "PET-MRI" / "PET" / "25015.png")]
+    options = ["--datalist", str(datalist)]
     if problem == "missing":
         datalist.write_text(json.dumps({"testing": [{"sources": [
-            str(user_data / "images" / "PET-MRI" / "MRI" / "25015.png"),
-            str(tmp_path / "no_such_pet.png")]}]}))
-    else:
+            pet_mri[0], str(tmp_path / "no_such_pet.png")]}]}))
+    elif problem == "malformed":
         datalist.write_text(json.dumps({"training": [["a.png", "b.png"]]}))
+    elif problem == "one modality":
+        (tmp_path / "folder" / "MRI").mkdir(parents=True)
+        shutil.copy(pet_mri[0], tmp_path / "folder" / "MRI" / "25015.png")
+        options = ["--dataset_dir", str(tmp_path / "folder")]
+    else:
+        datalist.write_text(json.dumps({"testing": [{"sources": pet_mri}]}))
+        options += ["--block_exponent", "True"]
     out = tmp_path / "fused"
     done = run_bundle(bundle_env, bundle, "--config_file", "configs/inference.json",
-                      "--datalist", str(datalist), "--output_dir", str(out))
+                      *options, "--output_dir", str(out))
     assert done.returncode != 0
-    assert message in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("medfusion bundle: error: "), done.stderr
+    assert message in errors[0]
     assert not out.exists() or not any(out.iterdir())
 
 

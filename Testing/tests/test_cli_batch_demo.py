@@ -73,6 +73,14 @@ def test_batch_from_csv_and_json_lists(tmp_path: Path, aanlib: Path, spm12: Path
                  "--method", "average", "--progress", "none"]) == 0
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["second.png"]
 
+    # an item that fails leaves no empty subfolder of its own behind; another item's stays
+    listing.write_text("reference,other,output\n"
+                       f"MRI/{NAMES[0]},PET/no-such.png,sub/deeper/x.png\n"
+                       f"MRI/{NAMES[0]},PET/{NAMES[0]},kept/y.png\n")
+    assert main(["batch", "--list", str(listing), "-o", str(tmp_path / "e"),
+                 "--method", "average", "--progress", "none"]) == 1
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["kept"]
+
     # JSON: a misspelt key, or an input that is no file name, is refused naming the group
     for group in ({"inputs": [f"MRI/{NAMES[0]}", f"PET/{NAMES[0]}"], "outptu": "x.png"},
                   {"inputs": [f"MRI/{NAMES[0]}", None]}):

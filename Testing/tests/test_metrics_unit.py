@@ -186,6 +186,21 @@ def test_parameter_errors():
         M.compute_metrics(img, [img], names=["RMSE_target"])
 
 
+def test_values_on_another_scale_than_data_range_are_refused(mri):
+    """0-255 images scored with ``data_range=1`` used to give plausible-looking numbers (their
+    grey levels clipped); noise just below 0 or above the range stays allowed."""
+    unit = mri / 255.0
+    with pytest.raises(M.MetricInputError, match="source 2 has values .* outside data_range"):
+        M.compute_metrics(unit, [unit, mri], names=["QABF"], data_range=1.0)
+    with pytest.raises(M.MetricInputError, match=r"fused image .* \(255 for 8-bit images"):
+        M.compute_metrics(mri, [unit, unit], names=["QABF"], data_range=1.0)
+    with pytest.raises(M.MetricInputError, match="target image"):
+        M.compute_metrics(unit, [unit], target=unit - 0.5, names=["MSE_target"], data_range=1.0)
+    noisy = unit + np.random.default_rng(0).normal(0, 0.02, unit.shape)  # a few % outside
+    assert math.isfinite(M.compute_metrics(noisy, [unit, unit], names=["QABF"],
+                                           data_range=1.0)["QABF"])
+
+
 def test_constant_inputs_give_nan_with_a_warning(mri):
     flat = np.full_like(mri, 100.0)
     for func in (M.correlation_coefficient, M.vif):

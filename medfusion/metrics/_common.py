@@ -132,6 +132,23 @@ def check_data_range(data_range: float) -> float:
     return value
 
 
+RANGE_TOLERANCE = 0.1
+"""How far (a share of ``data_range``) values may lie outside 0..data_range: noise, rounding and
+resampling overshoot, not another scale."""
+
+
+def check_in_range(image: np.ndarray, data_range: float, what: str) -> None:
+    """Refuse an image whose values lie outside ``0..data_range`` (beyond
+    :data:`RANGE_TOLERANCE`): 0-255 data scored with ``data_range=1`` would be clipped into the
+    histograms and give numbers that look plausible but mean nothing."""
+    low, high = float(image.min()), float(image.max())
+    margin = RANGE_TOLERANCE * data_range
+    if low < -margin or high > data_range + margin:
+        raise MetricInputError(
+            f"{what} has values {low:.4g}..{high:.4g}, outside data_range 0..{data_range:g}; "
+            "give the data_range of its scale (255 for 8-bit images, 1.0 for [0, 1] floats)")
+
+
 def prepare(
     fused: object,
     sources: Sequence[object],

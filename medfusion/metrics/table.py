@@ -25,6 +25,7 @@ from medfusion.metrics._common import (
     MetricUndefinedWarning,
     as_image,
     check_data_range,
+    check_in_range,
     collect_undefined,
     mark_checked,
     shared_results,
@@ -203,12 +204,14 @@ def compute_metrics(
     PSNR, REL) also appear as ``<NAME>_target``: the metric of F against the target alone.
     ``options`` passes convention knobs per metric, e.g. ``{"SSIM": {"reduce": "mean"}}``.
     Undefined values (e.g. CC of a constant image) are NaN with a
-    :class:`MetricUndefinedWarning`; bad inputs raise :class:`MetricInputError`.
+    :class:`MetricUndefinedWarning`; bad inputs raise :class:`MetricInputError`, also values
+    outside ``0..data_range`` by more than 10 % of it (another scale than the one given).
     ``workers``: threads (default :func:`default_workers`, at most 2 are used: the table is
     split in two groups of about equal cost); the values do not depend on it.
     """
     data_range = check_data_range(data_range)
     fused_image = as_image(fused, "fused image")
+    check_in_range(fused_image, data_range, "fused image")
     if isinstance(sources, np.ndarray) and sources.ndim == 2:
         sources = [sources]
     source_images = [as_image(s, f"source {i}") for i, s in enumerate(sources, start=1)]
@@ -218,12 +221,14 @@ def compute_metrics(
         if source.shape != fused_image.shape:
             raise MetricInputError(
                 f"source {index} has shape {source.shape}, the fused image {fused_image.shape}")
+        check_in_range(source, data_range, f"source {index}")
     target_image = None
     if target is not None:
         target_image = as_image(target, "target image")
         if target_image.shape != fused_image.shape:
             raise MetricInputError(
                 f"target has shape {target_image.shape}, the fused image {fused_image.shape}")
+        check_in_range(target_image, data_range, "target image")
     options = {resolve_name(k): v for k, v in (options or {}).items()}
     selection = _selection(names, target_image is not None)
     # scale once to the 0-255 grey scale so that every metric sees the same array objects and

@@ -330,6 +330,9 @@ def _source_sum(values: torch.Tensor) -> torch.Tensor:
 
 def check_block_exponent(value: object) -> int:
     """``value`` as a valid block exponent ``i`` (an integer 0..6), else ``ValueError``."""
+    if isinstance(value, bool):  # True == 1: a flag is no exponent
+        raise ValueError(f"block exponent must be an integer 0..{MAX_BLOCK_EXPONENT}, "
+                         f"got {value!r}")
     try:
         exponent = int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):

@@ -247,6 +247,7 @@ def summary(target_dir: str | Path) -> dict[str, dict[str, int]]:
 
 if __name__ == "__main__":
     if len(sys.argv) not in (3, 4) or sys.argv[3:] not in ([], ["--reverse"]):
-        sys.exit("usage: targets.py DATASET_DIR TARGET_DIR [--reverse]")
+        sys.exit("usage (in the bundle folder): python -m scripts.targets DATASET_DIR "
+                 "TARGET_DIR [--reverse]")
     build_targets(sys.argv[1], sys.argv[2], reverse=sys.argv[3:] == ["--reverse"])
     print(json.dumps(summary(sys.argv[2]), indent=1))
