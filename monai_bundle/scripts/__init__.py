@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+
+ExceptHook = Callable[[type[BaseException], BaseException, TracebackType | None], object]
 
 BUNDLE_ROOT = str(Path(__file__).resolve().parent.parent)
 _SCRIPTS = Path(__file__).resolve().parent
@@ -41,7 +44,8 @@ def refused_input(error: BaseException) -> BaseException | None:
     return root if raised_in.parent == _SCRIPTS else None
 
 
-def _one_line_hook(previous):  # type: ignore[no-untyped-def]
+def _one_line_hook(previous: ExceptHook) -> ExceptHook:
+    """``sys.excepthook`` that prints a refused input as one line and hands the rest on."""
     def hook(kind: type[BaseException], error: BaseException,
              traceback: TracebackType | None) -> None:
         refused = refused_input(error)

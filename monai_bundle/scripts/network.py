@@ -330,17 +330,16 @@ def _source_sum(values: torch.Tensor) -> torch.Tensor:
 
 def check_block_exponent(value: object) -> int:
     """``value`` as a valid block exponent ``i`` (an integer 0..6), else ``ValueError``."""
-    if isinstance(value, bool):  # True == 1: a flag is no exponent
-        raise ValueError(f"block exponent must be an integer 0..{MAX_BLOCK_EXPONENT}, "
-                         f"got {value!r}")
+    not_an_integer = ValueError(f"block exponent must be an integer 0..{MAX_BLOCK_EXPONENT}, "
+                                f"got {value!r}")
     try:
         exponent = int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"block exponent must be an integer 0..{MAX_BLOCK_EXPONENT}, "
-                         f"got {value!r}") from None
-    if exponent != value and not (isinstance(value, str) and value.strip() == str(exponent)):
-        raise ValueError(f"block exponent must be an integer 0..{MAX_BLOCK_EXPONENT}, "
-                         f"got {value!r}")
+        raise not_an_integer from None
+    # True == 1, but a flag is no exponent; 2.5 or "2.5" is no integer
+    if isinstance(value, bool) or (
+            exponent != value and not (isinstance(value, str) and value.strip() == str(exponent))):
+        raise not_an_integer
     if not 0 <= exponent <= MAX_BLOCK_EXPONENT:
         raise ValueError(f"block exponent must be in 0..{MAX_BLOCK_EXPONENT}, got {exponent}")
     return exponent
