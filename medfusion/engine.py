@@ -356,7 +356,7 @@ def check_files(inputs: Sequence[str | Path], output: str | Path) -> str:
     folder, with an extension for that kind, and not one of the inputs.
     """
     from medfusion.io.atomic import check_not_an_input
-    from medfusion.io.formats import check_path_name
+    from medfusion.io.formats import check_contents_match_names, check_path_name
     from medfusion.io.images import check_image_output
     from medfusion.io.volumes import check_volume_output
 
@@ -368,6 +368,7 @@ def check_files(inputs: Sequence[str | Path], output: str | Path) -> str:
             raise InputError(f"input not found: {path}")
     kinds = [input_kind(path) for path in inputs]
     if len(set(kinds)) > 1:
+        check_contents_match_names(inputs)  # a PNG named .nii is no 2D/3D mix
         image = inputs[kinds.index("image")]
         volume = inputs[kinds.index("volume")]
         raise GeometryError(

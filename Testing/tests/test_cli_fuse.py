@@ -96,6 +96,10 @@ def _bad_inputs(kind: str, tmp_path: Path, aanlib: Path, spm12: Path) -> tuple[l
         return [mri, broken], "out.png"
     if kind == "image_with_volume":
         return [mri, t1], "out.png"
+    if kind == "png_named_nii":  # the renamed file is named, not taken for a 2D/3D mix
+        renamed = tmp_path / "renamed.nii"
+        renamed.write_bytes(mri.read_bytes())
+        return [renamed, mri], "out.png"
     if kind == "size_mismatch":
         small = tmp_path / "small.png"
         Image.open(mri).resize((128, 128)).save(small)
@@ -127,6 +131,7 @@ BAD_CASES = {
     "missing": "input not found",
     "corrupt": "cannot read image broken.png",
     "image_with_volume": "cannot fuse a 2D image",
+    "png_named_nii": "renamed.nii: not a valid NIfTI file (its content looks like PNG)",
     "size_mismatch": "image sizes differ",
     "nan_voxels": "NaN or infinite",
     "all_zero": "zero.png is all zero",

@@ -69,6 +69,11 @@ def test_errors_exit_1(fused_png, pet_pair, tmp_path, capsys):
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(small)
     assert main(["metrics", str(path), str(small)]) == 1
     assert "pixels" in capsys.readouterr().err
+    renamed = tmp_path / "renamed.nii"
+    renamed.write_bytes(path.read_bytes())
+    assert main(["metrics", str(path), str(renamed)]) == 1
+    assert "renamed.nii: not a valid NIfTI file (its content looks like PNG)" in (
+        capsys.readouterr().err)
 
 
 def test_output_never_overwrites_an_input_nor_takes_an_image_name(fused_png, pet_pair,

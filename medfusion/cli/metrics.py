@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     paths = [args.fused, *args.sources] + ([args.target] if args.target else [])
     kinds = {input_kind(p) for p in paths}
     if len(kinds) > 1:
+        from medfusion.io.formats import check_contents_match_names
+
+        check_contents_match_names(paths)
         raise InputError("give either 2D images or volumes, not a mix of both")
     if args.output:
         from medfusion.io.atomic import check_not_an_input

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,14 @@ def check_content_matches_name(path: str | Path) -> None:
         f"{what}: not a valid {_FORMAT_NAMES[suffix]} file{said}; give the file its right "
         "extension"
     )
+
+
+def check_contents_match_names(paths: Sequence[str | Path]) -> None:
+    """:func:`check_content_matches_name` for each of ``paths`` that is a file (folders are
+    DICOM series): run before refusing a 2D/3D mix, so a renamed file is named as such."""
+    for path in paths:
+        if Path(path).is_file():
+            check_content_matches_name(path)
 
 
 def _matches(source: Path, suffix: str, head: bytes) -> bool:
