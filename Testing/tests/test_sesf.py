@@ -237,6 +237,17 @@ def test_missing_bundle_names_the_classical_fallback(tmp_path: Path) -> None:
         get_method("sesf", bundle_dir=tmp_path / "nowhere")
 
 
+def test_bundle_config_flag_as_block_exponent_is_refused(tmp_path: Path) -> None:
+    """``"block_exponent": true`` in a bundle's config was fused as exponent 1."""
+    bundle = copy_bundle_alone(BUNDLE, tmp_path / "sesf_bundle")
+    config = bundle / "configs" / "inference.json"
+    settings = json.loads(config.read_text())
+    settings["block_exponent"] = True
+    config.write_text(json.dumps(settings))
+    with pytest.raises(InputError, match="block exponent must be an integer 0..6, got True"):
+        get_method("sesf", device="cpu", bundle_dir=bundle)
+
+
 # ---------------------------------------------------------------- block exponent and memory tile
 def test_block_exponent_makes_the_decision_on_blocks(aanlib: Path, sesf) -> None:
     assert sesf.block_exponent == 0  # the bundle's default (configs/inference.json)
@@ -257,7 +268,7 @@ def test_block_exponent_makes_the_decision_on_blocks(aanlib: Path, sesf) -> None
     assert np.mean(hard[0] != hard[2]) > 0.01 and np.mean(hard[2] != hard[4]) > 0.01
 
 
-@pytest.mark.parametrize("bad", [7, -1, 2.5, "x"])
+@pytest.mark.parametrize("bad", [7, -1, 2.5, "x", True, False])
 def test_bad_block_exponent_is_a_one_line_error(bad) -> None:
     with pytest.raises(InputError, match="block exponent") as error:
         get_method("sesf", block_exponent=bad)

@@ -50,6 +50,8 @@ def check_exponent(value: Any) -> int:
     """The block exponent ``i`` of a learned method (decisions on ``2^i x 2^i`` blocks), checked:
     an integer 0..6 (one-line InputError otherwise). One rule for ``cnn`` and ``sesf``."""
     message = f"block exponent must be an integer 0..{MAX_BLOCK_EXPONENT}, got {value!r}"
+    if isinstance(value, bool):  # True == 1: a flag is no exponent
+        raise InputError(message)
     try:
         exponent = int(value)
     except (TypeError, ValueError):
