@@ -80,7 +80,7 @@ def tiny_aanlib(aanlib: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # of it raises ImportError), the bundle copied alone to a temporary folder and run from there.
 NO_MEDFUSION = ("import runpy, sys; sys.modules['medfusion'] = None; "
                 "sys.argv = ['monai.bundle', *sys.argv[1:]]; "
-                "runpy.run_module('monai.bundle', run_name='__main__')")
+                "runpy.run_module('monai.bundle', run_name='__main__', alter_sys=True)")
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,53 @@ def test_bundle_alone_fuses_as_the_core_does(lone_bundle: Path, aanlib: Path,
         assert np.array_equal(np.asarray(Image.open(out / f"{name}_decision.png")),
                               core.decision_map)
     assert set(np.unique(np.asarray(Image.open(out / "three_decision.png")))) <= {1, 2, 3}
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("no dataset_dir", "no splits.json in dataset_dir"),
+    ("one source", "'sources' needs a reference and at least one other file"),
+    ("flag as block exponent", "block_exponent must be an integer 0..6, got True"),
+    ("second group sizes differ", "sources of bad.png differ in size"),
+    ("second group palette", "not PIL mode 'P'"),
+])
+def test_bundle_alone_bad_input_is_one_line_nothing_written(
+    lone_bundle: Path, aanlib: Path, tmp_path: Path, problem: str, message: str
+) -> None:
+    """Refused input under ``monai.bundle run`` is one line (the CNN bundle's except hook, one
+    shared file), not a 60-line traceback; a later group's bad source leaves no earlier output."""
+    pair = list(map(str, _pair_paths(aanlib)))
+    datalist = tmp_path / "datalist.json"
+    options = ["--datalist", str(datalist)]
+    groups = [{"sources": pair, "name": "good.png"}]
+    if problem == "no dataset_dir":
+        options = ["--dataset_dir", str(tmp_path / "missing")]
+    elif problem == "one source":
+        groups = [{"sources": pair[:1]}]
+    elif problem == "flag as block exponent":
+        options += ["--block_exponent", "True"]
+    else:
+        odd = tmp_path / "odd.png"
+        with Image.open(pair[1]) as image:
+            (image.resize((128, 128)) if "sizes" in problem else image.convert("P")).save(odd)
+        groups.append({"sources": [pair[0], str(odd)], "name": "bad.png"})
+    datalist.write_text(json.dumps({"testing": groups}))
+    out = tmp_path / "fused"
+    done = _run_alone(lone_bundle, "--config_file", "configs/inference.json", *options,
+                      "--output_dir", str(out))
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("medfusion bundle: error: "), done.stderr
+    assert message in errors[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bundles_share_one_except_hook_file() -> None:
+    """The sesf bundle's one_line_errors.py is the CNN bundle's file (a link), not a copy."""
+    shared = BUNDLE / "scripts" / "one_line_errors.py"
+    assert shared.is_symlink()
+    assert shared.resolve() == (BUNDLE.parent / "monai_bundle" / "scripts" /
+                                "one_line_errors.py").resolve()
 
 
 def test_shipped_weights_reconstruct_sources(aanlib: Path, sesf) -> None:

@@ -1,9 +1,15 @@
 """Custom code of the MedFusion SESF bundle: auto-encoder, reconstruction loss, image datalist.
 
 ``BUNDLE_ROOT`` lets the configs find the bundle folder wherever the command is run from.
+Under ``python -m monai.bundle run ...`` a bad input that this code refuses (a missing
+``dataset_dir``, one source, a bad ``block_exponent``) is printed as one line, not as MONAI's
+60-line "Failed to instantiate component" traceback (``MEDFUSION_TRACEBACK=1`` shows it; see
+``one_line_errors.py``, shared with the CNN bundle).
 """
 
 from pathlib import Path
+
+from .one_line_errors import install_one_line_errors
 
 BUNDLE_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -11,3 +17,6 @@ BUNDLE_ROOT = str(Path(__file__).resolve().parent.parent)
 def bundle_root() -> str:
     """The bundle folder (configs call this through ``_target_`` so it resolves lazily)."""
     return BUNDLE_ROOT
+
+
+install_one_line_errors(Path(__file__).resolve().parent)

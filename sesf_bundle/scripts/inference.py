@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 
 from scripts import fusion
 from scripts.datalist import build_groups, subsample
-from scripts.transforms import load_luminance
+from scripts.transforms import load_luminance, source_size
 
 MAX_BLOCK_EXPONENT = 6
 
@@ -74,6 +75,16 @@ def fusion_groups(
     return subsample(groups, limit)
 
 
+def _save_png(image: Any, target: Path) -> None:
+    """Save a PIL image as PNG ``target`` through a temporary file beside it (atomic)."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        image.save(temporary, format="PNG")
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 class DecisionFuser:
     """The bundle's encoder and decision procedure: fuse groups of 2D images into PNG files."""
 
@@ -118,20 +129,21 @@ class DecisionFuser:
                 raise ValueError(f"output name {group['name']!r} leaves {output_dir}")
         if len(set(targets)) != len(targets):
             raise ValueError("two groups would write the same output name; give them names")
+        for group in groups:  # every group readable before anything is written
+            sizes = {source_size(p) for p in group["sources"]}
+            if len(sizes) != 1:
+                raise ValueError(f"sources of {group['name']} differ in size: {sorted(sizes)}")
         written = []
         for group, target in zip(groups, targets, strict=True):
             planes = [load_luminance(p) for p in group["sources"]]
-            if len({p.shape for p in planes}) != 1:
-                raise ValueError(f"sources of {group['name']} differ in size: "
-                                 f"{sorted({p.shape for p in planes})}")
             decision = self.fuse(np.stack(planes))
             target.parent.mkdir(parents=True, exist_ok=True)
             pixels = np.clip(np.rint(decision.fused[0].numpy() * 255.0), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(target)
+            _save_png(Image.fromarray(pixels.astype(np.uint8)), target)
             written.append(str(target))
             if save_decision_map:
                 labels = target.with_name(f"{target.stem}_decision.png")
-                Image.fromarray(decision.winners[0].numpy()).save(labels)
+                _save_png(Image.fromarray(decision.winners[0].numpy()), labels)
         print(f"fused {len(written)} group(s) into {output_dir} "
               f"(block exponent {self.block_exponent})")
         return written

@@ -12,6 +12,7 @@ rather than misread them: MedFusion's reader converts those.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,15 +24,29 @@ BT601 = (np.float32(0.299), np.float32(0.587), np.float32(0.114))  # Y of R, G, 
 READABLE_MODES = ("L", "RGB")  # 8-bit grey and RGB: samples / 255 are the core's
 
 
+def _check_mode(image: Any, path: str) -> None:
+    if image.mode not in READABLE_MODES:
+        raise ValueError(f"{path}: the sesf bundle alone reads 8-bit grey or RGB images, not "
+                         f"PIL mode {image.mode!r} (convert it, or fuse with medfusion, which "
+                         "reads it)")
+
+
+def source_size(path: str) -> tuple[int, int]:
+    """``(H, W)`` of an image :func:`load_luminance` reads (from its header; ValueError for a
+    mode it refuses), to check a whole datalist before anything is written."""
+    from PIL import Image
+
+    with Image.open(str(path)) as image:
+        _check_mode(image, path)
+        return image.height, image.width
+
+
 def load_luminance(path: str) -> np.ndarray:
     """An 8-bit grey or RGB 2D image -> (H, W) float32 luminance in [0, 1] (colour: BT.601 Y)."""
     from PIL import Image
 
     with Image.open(str(path)) as image:
-        if image.mode not in READABLE_MODES:
-            raise ValueError(f"{path}: the sesf bundle alone reads 8-bit grey or RGB images, not "
-                             f"PIL mode {image.mode!r} (convert it, or fuse with medfusion, which "
-                             "reads it)")
+        _check_mode(image, path)
         array = np.asarray(image)
     unit = array.astype(np.float32) / np.float32(255.0)
     if unit.ndim == 2:

@@ -1,0 +1,65 @@
+"""One-line errors for bad input under ``python -m monai.bundle run ...``.
+
+Shared by MedFusion's two bundles (``sesf_bundle/scripts/one_line_errors.py`` is a link to this
+file; wheel, Slicer install and bundle copies take its content). A bad input that a bundle's
+own code refuses (a ``ValueError`` or ``OSError`` raised in its ``scripts/`` folder: a missing
+``dataset_dir``, one modality, a bad ``block_exponent``) is printed as one line, not as MONAI's
+60-240-line "Failed to instantiate component" traceback (``MEDFUSION_TRACEBACK=1`` shows it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+ExceptHook = Callable[[type[BaseException], BaseException, TracebackType | None], object]
+
+
+def refused_input(error: BaseException, scripts: Path) -> BaseException | None:
+    """The error a bundle's code raised on purpose (a ``ValueError`` or ``OSError`` whose
+    ``raise`` is in the folder ``scripts``) at the root of ``error``'s chain of causes, else
+    ``None``."""
+    root = error
+    seen = {id(root)}
+    while (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+        if id(root) in seen:
+            break
+        seen.add(id(root))
+    if not isinstance(root, (ValueError, OSError)) or root.__traceback__ is None:
+        return None
+    frame = root.__traceback__
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    raised_in = Path(frame.tb_frame.f_code.co_filename).resolve()
+    return root if raised_in.parent == scripts else None
+
+
+def _one_line_hook(previous: ExceptHook, scripts: Path) -> ExceptHook:
+    """``sys.excepthook`` that prints a refused input as one line and hands the rest on."""
+    def hook(kind: type[BaseException], error: BaseException,
+             traceback: TracebackType | None) -> None:
+        refused = refused_input(error, scripts)
+        if refused is None or os.environ.get("MEDFUSION_TRACEBACK"):
+            previous(kind, error, traceback)
+            return
+        message = " ".join(str(refused).split())
+        print(f"medfusion bundle: error: {message} (MEDFUSION_TRACEBACK=1 shows the traceback)",
+              file=sys.stderr)
+    return hook
+
+
+def _run_by_monai_bundle() -> bool:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == "monai.bundle.__main__"
+
+
+def install_one_line_errors(scripts: Path) -> None:
+    """Under ``python -m monai.bundle``, make ``sys.excepthook`` print what the code in the
+    folder ``scripts`` refuses as one line (once per process)."""
+    if _run_by_monai_bundle() and not getattr(sys.excepthook, "medfusion_bundle", False):
+        sys.excepthook = _one_line_hook(sys.excepthook, scripts.resolve())
+        sys.excepthook.medfusion_bundle = True  # type: ignore[attr-defined]

@@ -1,0 +1,1 @@
+../../monai_bundle/scripts/one_line_errors.py
