@@ -9,6 +9,7 @@ series is left there and that no temporary files remain.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -24,6 +25,7 @@ from medfusion.cli import main
 
 pytest.register_assert_rewrite("orthanc_server")
 from orthanc_server import (  # noqa: E402
+    DROP_PATIENT_ID,
     NO_STORE_AET,
     NO_STORE_USER,
     write_node_file,
@@ -177,3 +179,29 @@ def _wait_for_workdir(process: subprocess.Popen, folder: Path, limit_s: float = 
                         f"{process.stderr.read() if process.stderr else ''}")
         time.sleep(0.002)
     pytest.fail("pacs fuse did not retrieve anything in time")
+
+
+def test_failed_store_leaves_no_output_folder(faulty_orthanc, tmp_path: Path, capsys) -> None:
+    """Store and folder together: a store the PACS refuses (our AE title may not store) left the
+    fused folder behind, so the command failed yet looked half done, and a batch run again
+    failed on "output folder already exists" instead of trying the store again. Now the folder
+    is written only after the store is verified."""
+    study = faulty_orthanc.studies["drop"]
+    refused = write_node_file(faulty_orthanc, tmp_path / "nodes.toml", calling_aet=NO_STORE_AET)
+    out = tmp_path / "fused"
+    code = main(["pacs", "fuse", "--config", str(refused), "--transport", "dimse",
+                 "--study", study.study_uid, *FUSION_ARGS, "--output-dir", str(out)])
+    assert code == 1 and "aborted the association during C-STORE" in capsys.readouterr().err
+    assert not out.exists()
+    root = tmp_path / "batch"
+    root.mkdir()
+    summary = tmp_path / "summary.json"
+    batch = ["pacs", "batch", "--config", str(refused), "--transport", "dimse", "--patient-id",
+             DROP_PATIENT_ID, *FUSION_ARGS, "--output-root", str(root), "--summary", str(summary)]
+    for _ in range(2):  # run again: the same reason, not "output folder already exists"
+        assert main(batch) == 1
+        rows = json.loads(summary.read_text())
+        assert [r["status"] for r in rows] == ["failed"]
+        assert "aborted the association during C-STORE" in rows[0]["message"], rows
+        assert list(root.iterdir()) == []
+    assert faulty_orthanc.study_series_uids(study.study_uid) == set(study.series.values())

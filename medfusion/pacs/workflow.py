@@ -284,17 +284,17 @@ def _deliver(client: PacsClient, study_uid: str, datasets: list[Dataset],
              output_dir: str | Path | None) -> FuseResult:  # fmt: skip
     series_uid = str(datasets[0].SeriesInstanceUID)
     written = None
-    if output_dir is not None:
-        write_series(datasets, output_dir)
-        written = Path(output_dir)
-        log.info("study %s: wrote %d instances to %s", study_uid, len(datasets), written)
-    if store:
+    if store:  # first: a failed store leaves no folder that looks like a result
         client.store(datasets)
         verify_stored(client, study_uid, datasets)
         log.info(
             "study %s: stored series %s (%d instances) on node %s",
             study_uid, series_uid, len(datasets), client.node_name,
         )  # fmt: skip
+    if output_dir is not None:
+        write_series(datasets, output_dir)
+        written = Path(output_dir)
+        log.info("study %s: wrote %d instances to %s", study_uid, len(datasets), written)
     return FuseResult(
         study_uid=study_uid,
         series_uid=series_uid,
