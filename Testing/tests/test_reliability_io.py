@@ -255,12 +255,17 @@ def test_dicom_mixed_modalities_name_the_odd_file(ct_series, dirs, capsys) -> No
     ("Rows", 256, "slice sizes"),
     ("ImageOrientationPatient", [0, 1, 0, 0, 0, -1], "orientations"),
     ("FrameOfReferenceUID", "1.2.826.0.1.3680043.8.498.1", "frames of reference"),
+    ("PixelSpacing", [0.7, 0.7], "pixel spacings"),  # was fused on the others' spacing
+    ("ImagePositionPatient", None, "ImagePositionPatient"),  # (given, missing): was stacked
 ])
 def test_dicom_mixed_slices_name_the_odd_file(keyword, value, plural, ct_series, dirs,
                                                capsys) -> None:
     _, out = dirs
     odd = pydicom.dcmread(ct_series / "07.dcm")
-    setattr(odd, keyword, value)
+    if value is None:
+        delattr(odd, keyword)
+    else:
+        setattr(odd, keyword, value)
     odd.save_as(ct_series / "07.dcm")
     assert_clean_error(_fuse([ct_series, ct_series], out / "f.nii.gz"), capsys, [ct_series],
                        out, rf"differ in their {plural} .*: odd file\(s\) 07\.dcm")

@@ -47,6 +47,7 @@ class SliceInfo:
     frames: int
     orientation: tuple[float, ...]
     position: tuple[float, ...] | None
+    spacing: tuple[float, ...] = ()  # PixelSpacing (row, column), mm
 
 
 def _read_header(path: Path):
@@ -113,6 +114,7 @@ def read_slice_infos(files: list[str]) -> list[SliceInfo]:
             frames=int(dataset.get("NumberOfFrames", 1) or 1),
             orientation=_numbers(dataset.get("ImageOrientationPatient"), 6) or (),
             position=_numbers(dataset.get("ImagePositionPatient"), 3),
+            spacing=_numbers(dataset.get("PixelSpacing"), 2) or (),
         ))
     return infos
 
@@ -149,7 +151,8 @@ _AGREEING = (
 
 def check_consistent(infos: list[SliceInfo], label: str) -> None:
     """Raise InputError naming the odd files when the slices disagree on what must be one."""
-    checks = [*_AGREEING, ("size", "slice sizes"), ("orientation", "orientations")]
+    checks = [*_AGREEING, ("size", "slice sizes"), ("orientation", "orientations"),
+              ("spacing", "pixel spacings"), ("placed", "ImagePositionPatient")]
     for field, plural in checks:
         keys = [_key(info, field) for info in infos]
         counts = Counter(keys)
@@ -172,8 +175,10 @@ def check_consistent(infos: list[SliceInfo], label: str) -> None:
 def _key(info: SliceInfo, field: str):
     if field == "size":
         return (info.columns, info.rows)
-    if field == "orientation":
-        return tuple(round(v, 3) for v in info.orientation)
+    if field in ("orientation", "spacing"):
+        return tuple(round(v, 3) for v in getattr(info, field))
+    if field == "placed":  # a slice without a position would be stacked at a guessed place
+        return "given" if info.position is not None else "missing"
     return getattr(info, field)
 
 
