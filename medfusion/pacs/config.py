@@ -218,7 +218,7 @@ def _parse_dicomweb(body: Any, where: str) -> DicomWebSettings:
         password=password,
         token=token,
         timeout=_positive(body.get("timeout", 30.0), where, "timeout"),
-        verify_tls=bool(body.get("verify_tls", True)),
+        verify_tls=_flag(body.get("verify_tls", True), where, "verify_tls"),
         ca_bundle=None if ca_bundle is None else _text(ca_bundle, where, "ca_bundle"),
     )
 
@@ -258,6 +258,13 @@ def _aet(value: Any, where: str, key: str) -> str:
     if len(text) > 16 or "\\" in text or not text.isascii() or not text.isprintable():
         raise InputError(f"{where}: {key} must be 1-16 printable ASCII characters, no backslash")
     return text
+
+
+def _flag(value: Any, where: str, key: str) -> bool:
+    """A true/false setting; text such as "false" is refused (``bool("false")`` is True)."""
+    if not isinstance(value, bool):
+        raise InputError(f"{where}: {key} must be true or false, not {value!r}")
+    return value
 
 
 def _port(value: Any, where: str, key: str) -> int:
