@@ -126,6 +126,46 @@ def test_runner_cancel_stops_the_process_and_leaves_nothing(tmp_path):
     assert leftovers(tmp_path, {"ct.nrrd", "mr.nrrd"}) == []
 
 
+def test_output_names_that_clash_are_refused_before_anything_runs(tmp_path):
+    """The runner stages the outputs, so the core never saw these names: an output named as the
+    reference overwrote it (reported as success); a decision map named as the output was lost."""
+    ramp, blob = phantom(shape=(4, 32, 32))
+    reference = write_volume(tmp_path / "ct.nrrd", ramp)
+    other = write_volume(tmp_path / "mr.nrrd", blob)
+    before = {p.name: p.read_bytes() for p in (reference, other)}
+    clashes = {
+        "would overwrite an input": dict(output=reference),
+        "would overwrite an input ": dict(output=tmp_path / "o.nrrd", decision_map=other),
+        "have one name": dict(output=tmp_path / "o.nrrd", decision_map=tmp_path / "o.nrrd"),
+    }
+    for message, names in clashes.items():
+        request = FuseRequest(reference, [other], method="sesf", device="cpu", **names)
+        with pytest.raises(ValueError, match=message.strip()):
+            FusionProcess(request)
+    assert {p.name: p.read_bytes() for p in (reference, other)} == before
+    assert leftovers(tmp_path, {"ct.nrrd", "mr.nrrd"}) == []
+
+
+def test_runner_stages_the_decision_map(tmp_path):
+    """The decision map is written in the staging folder like the fused volume (a cancel or a
+    failure after it was written left it in place), and moved beside it on success."""
+    ramp, blob = phantom(shape=(3, 32, 32))
+    reference = write_volume(tmp_path / "ct.nrrd", ramp)
+    other = write_volume(tmp_path / "mr.nrrd", blob)
+    decision = tmp_path / "decision.nrrd"
+    request = FuseRequest(reference, [other], tmp_path / "fused.nrrd", method="sesf",
+                          device="cpu", decision_map=decision)
+    process = FusionProcess(request)
+    process.start()
+    staged = process.command[process.command.index("--save-decision-map") + 1]
+    assert Path(staged).parent != tmp_path and Path(staged).parent.parent == tmp_path
+    result = process.wait(timeout=300)
+    assert result.ok, result.message + "\n".join(result.stderr)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(decision)))
+    assert set(np.unique(labels)) <= {1, 2}
+    assert leftovers(tmp_path, {"ct.nrrd", "mr.nrrd", "fused.nrrd", "decision.nrrd"}) == []
+
+
 def test_runner_reports_non_overlapping_inputs(tmp_path):
     ramp, blob = phantom()
     reference = write_volume(tmp_path / "ct.nrrd", ramp)

@@ -68,8 +68,18 @@ class FuseRequest:
         if self.batch_size < 0:
             raise ValueError("Batch size must be positive (0: default).")
         paths = [Path(self.reference), *map(Path, self.others)]
-        if len({p.resolve() for p in paths}) != len(paths):
+        inputs = {p.resolve() for p in paths}
+        if len(inputs) != len(paths):
             raise ValueError("The same volume is selected twice; pick different volumes.")
+        # The runner stages the output and metrics, so the core cannot see these clashes.
+        outputs = [Path(p) for p in (self.output, self.metrics, self.decision_map) if p]
+        for output in outputs:
+            if output.resolve() in inputs:
+                raise ValueError(f"The output {output.name} would overwrite an input volume; "
+                                 "choose another name.")
+        if len({p.resolve() for p in outputs}) != len(outputs):
+            raise ValueError("Two outputs (fused volume, metrics, decision map) have one name; "
+                             "choose different names.")
 
 
 def build_fuse_command(request: FuseRequest, python: str | None = None) -> list[str]:

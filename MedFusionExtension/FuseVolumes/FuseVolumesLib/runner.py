@@ -5,9 +5,10 @@ SlicerTotalSegmentator do), so Slicer's GUI stays responsive and a cancel is a s
 flag the fusion loop may never see. The caller polls: Slicer from a ``QTimer`` on the GUI
 thread, tests and scripts through :meth:`FusionProcess.wait`.
 
-Outputs are staged: the process writes into a private folder next to the requested output, and
-only a successful run moves the files into place. A cancelled, failed or killed run leaves
-nothing behind, whatever state the process was in when it stopped.
+Outputs are staged: the process writes into a private folder next to the requested output
+(the fused volume, metrics and decision map), and only a successful run moves the files into
+place. A cancelled, failed or killed run leaves nothing behind, whatever state the process was
+in when it stopped.
 """
 
 from __future__ import annotations
@@ -100,11 +101,13 @@ class FusionProcess:
         output = Path(self.request.output)
         output.parent.mkdir(parents=True, exist_ok=True)
         self._staging = Path(tempfile.mkdtemp(prefix=".medfusion-staging-", dir=output.parent))
-        metrics = self.request.metrics
+        metrics, decision = self.request.metrics, self.request.decision_map
         self._staged_request = dataclasses.replace(
             self.request,
             output=self._staging / output.name,
             metrics=None if metrics is None else self._staging / ("metrics-" + Path(metrics).name),
+            decision_map=(None if decision is None
+                          else self._staging / ("decision-" + Path(decision).name)),
         )
         self._started_at = time.monotonic()
         self._launch()
@@ -277,6 +280,9 @@ class FusionProcess:
                 if staged_metrics is not None and Path(staged_metrics).is_file():
                     metrics = Path(self.request.metrics)  # type: ignore[arg-type]
                     os.replace(staged_metrics, metrics)
+                staged_decision = self._staged_request.decision_map
+                if staged_decision is not None and Path(staged_decision).is_file():
+                    os.replace(staged_decision, self.request.decision_map)  # type: ignore[arg-type]
                 message = f"Fused {1 + len(self.request.others)} volumes in {seconds:.1f} s."
                 result = FusionResult(SUCCEEDED, returncode, message, warnings, output, metrics)
         finally:
