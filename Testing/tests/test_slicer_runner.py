@@ -249,6 +249,9 @@ def test_progress_lines_parse():
     assert parse_progress_line("loading bundle").kind == "log"
     assert parse_progress_line("[1, 2]").kind == "log"
     assert parse_progress_line('{"event": "progress", "done": "x"}').kind == "log"
+    # an infinite count raised OverflowError, which ended the runner's stdout reader thread
+    assert parse_progress_line('{"event": "progress", "done": 1e400, "total": 3}').kind == "log"
+    assert parse_progress_line('{"event": "progress", "done": -2, "total": 3}').fraction == 0.0
 
 
 def test_failure_messages_from_real_stderr():

@@ -31,7 +31,7 @@ class ProgressEvent:
     @property
     def fraction(self) -> float:
         """Progress in [0, 1] (0 when the total is unknown)."""
-        return min(1.0, self.done / self.total) if self.total > 0 else 0.0
+        return min(1.0, max(0.0, self.done / self.total)) if self.total > 0 else 0.0
 
 
 def parse_progress_line(line: str) -> ProgressEvent | None:
@@ -49,7 +49,7 @@ def parse_progress_line(line: str) -> ProgressEvent | None:
     try:
         done = int(payload.get("done", 0))
         total = int(payload.get("total", 0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 is infinite
         return ProgressEvent("log", text=text)
     output = payload.get("output")
     message = payload.get("message")
