@@ -8,7 +8,9 @@ fallback are exercised on the real process too. ``--method average`` keeps it fa
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -164,6 +166,35 @@ def test_runner_stages_the_decision_map(tmp_path):
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(decision)))
     assert set(np.unique(labels)) <= {1, 2}
     assert leftovers(tmp_path, {"ct.nrrd", "mr.nrrd", "fused.nrrd", "decision.nrrd"}) == []
+
+
+def test_metrics_in_another_folder_or_file_system(tmp_path):
+    """The metrics file goes where it is asked for: a folder that does not exist yet, or another
+    file system (os.replace raised there: an exception out of poll(), then "wrote no fused
+    volume" although the fused volume was in place)."""
+    ramp, blob = phantom(shape=(3, 32, 32))
+    reference = write_volume(tmp_path / "ct.nrrd", ramp)
+    other = write_volume(tmp_path / "mr.nrrd", blob)
+    elsewhere = Path("/dev/shm")
+    other_fs = elsewhere.is_dir() and os.stat(elsewhere).st_dev != os.stat(tmp_path).st_dev
+    folders = [tmp_path / "new" / "folder"]
+    if other_fs and os.access(elsewhere, os.W_OK):
+        folders.append(Path(tempfile.mkdtemp(dir=elsewhere)))
+    try:
+        for index, folder in enumerate(folders):
+            output, metrics = tmp_path / f"fused{index}.nrrd", folder / "metrics.csv"
+            request = FuseRequest(reference, [other], output, metrics, method="average",
+                                  device="cpu")
+            process = FusionProcess(request)
+            process.start()
+            result = process.wait(timeout=120)
+            assert result.ok, result.message
+            assert result.output == output and output.is_file()
+            assert result.metrics == metrics and read_metrics_csv(metrics).rows
+            assert leftovers(folder, {"metrics.csv"}) == []
+    finally:
+        if len(folders) > 1:
+            shutil.rmtree(folders[1], ignore_errors=True)
 
 
 def test_runner_reports_non_overlapping_inputs(tmp_path):

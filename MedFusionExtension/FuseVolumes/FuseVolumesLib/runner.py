@@ -14,6 +14,7 @@ in when it stopped.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import queue
 import shutil
@@ -99,7 +100,9 @@ class FusionProcess:
         if self._proc is not None or self._result is not None:
             raise RuntimeError("this fusion process was already started")
         output = Path(self.request.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
+        for target in (output, self.request.metrics, self.request.decision_map):
+            if target is not None:
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
         self._staging = Path(tempfile.mkdtemp(prefix=".medfusion-staging-", dir=output.parent))
         metrics, decision = self.request.metrics, self.request.decision_map
         self._staged_request = dataclasses.replace(
@@ -253,6 +256,25 @@ class FusionProcess:
         self._launch()
         return self._result is None
 
+    def _move_into_place(self, returncode: int, seconds: float,
+                         warnings: list[str]) -> FusionResult:
+        """Move the staged files to where they were asked for (the fused volume last)."""
+        assert self._staged_request is not None
+        staged, asked = self._staged_request, self.request
+        metrics = None
+        try:
+            if staged.metrics is not None and Path(staged.metrics).is_file():
+                metrics = Path(asked.metrics)  # type: ignore[arg-type]
+                _replace(Path(staged.metrics), metrics)
+            if staged.decision_map is not None and Path(staged.decision_map).is_file():
+                _replace(Path(staged.decision_map), Path(asked.decision_map))  # type: ignore[arg-type]
+            _replace(Path(staged.output), Path(asked.output))
+        except OSError as error:
+            return FusionResult(FAILED, returncode, "Could not move the results into place: "
+                                f"{error.strerror or error} ({error.filename})", warnings)
+        message = f"Fused {1 + len(asked.others)} volumes in {seconds:.1f} s."
+        return FusionResult(SUCCEEDED, returncode, message, warnings, Path(asked.output), metrics)
+
     def _finish(self) -> None:
         assert self._proc is not None and self._staged_request is not None
         if self._fall_back_to_cpu():
@@ -273,21 +295,26 @@ class FusionProcess:
                                       "MedFusion reported success but wrote no fused volume.",
                                       warnings)
             else:
-                output = Path(self.request.output)
-                os.replace(staged_output, output)
-                metrics = None
-                staged_metrics = self._staged_request.metrics
-                if staged_metrics is not None and Path(staged_metrics).is_file():
-                    metrics = Path(self.request.metrics)  # type: ignore[arg-type]
-                    os.replace(staged_metrics, metrics)
-                staged_decision = self._staged_request.decision_map
-                if staged_decision is not None and Path(staged_decision).is_file():
-                    os.replace(staged_decision, self.request.decision_map)  # type: ignore[arg-type]
-                message = f"Fused {1 + len(self.request.others)} volumes in {seconds:.1f} s."
-                result = FusionResult(SUCCEEDED, returncode, message, warnings, output, metrics)
+                result = self._move_into_place(returncode, seconds, warnings)
         finally:
             if self._staging is not None:
                 shutil.rmtree(self._staging, ignore_errors=True)
         result.stderr = stderr
         result.seconds = seconds
         self._result = result
+
+
+def _replace(staged: Path, target: Path) -> None:
+    """``os.replace``; onto another file system, a copy beside ``target`` renamed over it (so
+    ``target`` is never half-written either)."""
+    try:
+        os.replace(staged, target)
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            shutil.copyfile(staged, temporary)
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
