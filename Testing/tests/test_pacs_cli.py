@@ -121,3 +121,25 @@ def test_batch_fuses_skips_and_reports_failures(
     assert rows[batch.study_uid]["status"] == "skipped"
     assert rows[batch.study_uid]["series_uid"] == fused_uid
     assert len(orthanc.study_series_uids(batch.study_uid)) == 3  # MR, PT, one fused series
+
+
+def test_batch_summary_that_cannot_be_written_is_refused_before_any_study(
+    orthanc, pacs_studies, tmp_path: Path, capsys
+) -> None:
+    """A --summary in a missing folder used to fail only after the first study was fused and
+    stored; one named as the node file overwrote it with the summary."""
+    config = write_node_file(orthanc, tmp_path / "nodes.toml")
+    batch = pacs_studies["batch"]
+    before = orthanc.study_series_uids(batch.study_uid)
+    config_text = config.read_text()
+    for summary, words in ((tmp_path / "missing" / "s.csv", "output folder does not exist"),
+                           (config, "would overwrite an input")):
+        code = main(["pacs", "batch", "--config", str(config), "--patient-id", "MFBATCH0001",
+                     *FUSION_ARGS, "--device", "cpu", "--summary", str(summary), "--force"])
+        captured = capsys.readouterr()
+        errors = [line for line in captured.err.splitlines() if "error" in line]
+        assert code == 1 and len(errors) == 1 and words in errors[0], captured.err
+        assert "studies:" not in captured.out
+        assert orthanc.study_series_uids(batch.study_uid) == before  # nothing stored
+    assert config.read_text() == config_text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nodes.toml"]

@@ -260,6 +260,10 @@ def run_batch(args: argparse.Namespace) -> int:
 
     if args.no_store and not args.output_root:
         raise InputError("--no-store needs --output-root (otherwise the results go nowhere)")
+    if args.summary:
+        from medfusion.io.atomic import check_not_an_input
+
+        check_not_an_input(args.summary, [args.config])  # the node file is an input
     client = _client(args)
     bar = tqdm(total=0, unit="study", file=sys.stderr, disable=None, desc="studies")
 

@@ -225,6 +225,10 @@ def batch_fuse(
         raise InputError("nothing to do: neither storing to the PACS nor writing to a folder")
     if output_root is not None and not Path(output_root).is_dir():
         raise InputError(f"output folder does not exist: {output_root}")
+    if summary_path is not None:  # before any study is fused (and stored)
+        from medfusion.io.atomic import check_output_path
+
+        check_output_path(summary_path)
     studies = client.find_studies(query)
     log.info("batch: %d studies match the query on node %s", len(studies), client.node_name)
     rows: list[BatchRow] = []
