@@ -205,3 +205,9 @@ def test_failed_store_leaves_no_output_folder(faulty_orthanc, tmp_path: Path, ca
         assert "aborted the association during C-STORE" in rows[0]["message"], rows
         assert list(root.iterdir()) == []
     assert faulty_orthanc.study_series_uids(study.study_uid) == set(study.series.values())
+    # the folder is written after the store, so its parent is checked before anything
+    code = main(["pacs", "fuse", "--config", str(refused), "--transport", "dimse",
+                 "--study", study.study_uid, *FUSION_ARGS,
+                 "--output-dir", str(tmp_path / "missing" / "fused")])
+    assert code == 1 and "output folder does not exist" in capsys.readouterr().err
+    assert "series-" not in " ".join(p.name for p in tmp_path.iterdir())

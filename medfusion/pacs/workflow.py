@@ -115,6 +115,10 @@ def fuse_study(
         raise InputError("nothing to do: neither storing to the PACS nor writing to a folder")
     if output_dir is not None and Path(output_dir).exists():
         raise InputError(f"output folder already exists: {output_dir} (choose a new one)")
+    if output_dir is not None:  # written after the store: its parent checked before any work
+        from medfusion.io.atomic import check_output_path
+
+        check_output_path(output_dir)
     if series is None:
         series = client.find_series(study_uid)
     if not series:
