@@ -158,3 +158,30 @@ def test_verify_net_in_out_and_torchscript_export(tmp_path: Path) -> None:
     y = scripted(x)
     assert y.shape == (1, 1, 40, 56)
     assert 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--pairs", "['CT-PET']"], "pair type(s) CT-PET not in"),  # was an empty run, exit 0
+    (["--split", "test"], "no split 'test' for CT-MRI"),  # was a KeyError traceback
+    ([], "is not an atlas splits file"),  # (a splits.json without 'pairs') KeyError traceback
+])
+def test_cli_run_refuses_unknown_pairs_and_splits_in_one_line(
+    tiny_aanlib: Path, tmp_path: Path, repo_root: Path, options: list[str], message: str
+) -> None:
+    dataset = tiny_aanlib
+    if not options:
+        dataset = tmp_path / "atlas"
+        dataset.mkdir()
+        (dataset / "splits.json").write_text(json.dumps({"groups": {}}))
+    out = tmp_path / "fused"
+    done = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+         "monai_bundle/configs/inference.json", "--dataset_dir", str(dataset), *options,
+         "--output_dir", str(out)],
+        cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("medfusion bundle: error: "), done.stderr
+    assert message in errors[0]
+    assert not out.exists()

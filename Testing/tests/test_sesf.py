@@ -158,6 +158,10 @@ def test_bundle_alone_fuses_as_the_core_does(lone_bundle: Path, aanlib: Path,
     ("flag as block exponent", "block_exponent must be an integer 0..6, got True"),
     ("second group sizes differ", "sources of bad.png differ in size"),
     ("second group palette", "not PIL mode 'P'"),
+    ("unknown pair", "pair type(s) CT-PET not in"),  # was an empty run ending in success
+    ("unknown split", "no split 'test' for CT-MRI"),  # was a KeyError traceback
+    # raised "from None": the hidden float() error was shown instead
+    ("text as a setting", "non-numeric fusion setting"),
 ])
 def test_bundle_alone_bad_input_is_one_line_nothing_written(
     lone_bundle: Path, aanlib: Path, tmp_path: Path, problem: str, message: str
@@ -174,6 +178,11 @@ def test_bundle_alone_bad_input_is_one_line_nothing_written(
         groups = [{"sources": pair[:1]}]
     elif problem == "flag as block exponent":
         options += ["--block_exponent", "True"]
+    elif problem == "text as a setting":
+        options += ["--fusion#sf_radius", "abc"]
+    elif problem in ("unknown pair", "unknown split"):
+        options = ["--dataset_dir", str(aanlib),
+                   *(["--pairs", "['CT-PET']"] if "pair" in problem else ["--split", "test"])]
     else:
         odd = tmp_path / "odd.png"
         with Image.open(pair[1]) as image:
@@ -191,12 +200,13 @@ def test_bundle_alone_bad_input_is_one_line_nothing_written(
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_bundles_share_one_except_hook_file() -> None:
-    """The sesf bundle's one_line_errors.py is the CNN bundle's file (a link), not a copy."""
-    shared = BUNDLE / "scripts" / "one_line_errors.py"
+@pytest.mark.parametrize("name", ["one_line_errors.py", "splits.py"])
+def test_bundles_share_one_file(name: str) -> None:
+    """The sesf bundle's except hook and splits.json reader are the CNN bundle's files (links),
+    not copies."""
+    shared = BUNDLE / "scripts" / name
     assert shared.is_symlink()
-    assert shared.resolve() == (BUNDLE.parent / "monai_bundle" / "scripts" /
-                                "one_line_errors.py").resolve()
+    assert shared.resolve() == (BUNDLE.parent / "monai_bundle" / "scripts" / name).resolve()
 
 
 def test_shipped_weights_reconstruct_sources(aanlib: Path, sesf) -> None:

@@ -12,24 +12,20 @@ import json
 import sys
 from pathlib import Path
 
+try:
+    from scripts.splits import split_entries
+except ImportError:  # run as a script (see the usage above)
+    from splits import split_entries
+
 SPLITS = {"training": "train", "validation": "validation"}
 
 
 def build_groups(dataset_dir: str | Path, split: str, pairs: list[str] | None = None) -> list[dict]:
     """Groups of one split (``"train"`` or ``"validation"``) of ``dataset_dir/splits.json``."""
     root = Path(dataset_dir)
-    splits_file = root / "splits.json"
-    if not splits_file.is_file():
-        raise FileNotFoundError(f"no splits.json in dataset_dir {root}")
-    spec = json.loads(splits_file.read_text())["pairs"]
-    groups: list[dict] = []
-    for pair, info in sorted(spec.items()):
-        if pairs and pair not in pairs:
-            continue
-        for name in info[split]:
-            sources = [str(root / pair / modality / name) for modality in info["modalities"]]
-            groups.append({"sources": sources, "pair": pair, "name": f"{pair}/{name}"})
-    return groups
+    return [{"sources": [str(root / pair / modality / name) for modality in modalities],
+             "pair": pair, "name": f"{pair}/{name}"}
+            for pair, modalities, name in split_entries(root, split, pairs)]
 
 
 def build_datalist(

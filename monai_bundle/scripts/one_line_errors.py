@@ -24,18 +24,25 @@ def refused_input(error: BaseException, scripts: Path) -> BaseException | None:
     ``None``."""
     root = error
     seen = {id(root)}
-    while (root.__cause__ or root.__context__) is not None:
-        root = root.__cause__ or root.__context__  # type: ignore[assignment]
-        if id(root) in seen:
-            break
+    while (cause := _cause(root)) is not None and id(cause) not in seen:
+        root = cause
         seen.add(id(root))
     if not isinstance(root, (ValueError, OSError)) or root.__traceback__ is None:
         return None
     frame = root.__traceback__
     while frame.tb_next is not None:
         frame = frame.tb_next
-    raised_in = Path(frame.tb_frame.f_code.co_filename).resolve()
-    return root if raised_in.parent == scripts else None
+    # the folder, not the file, resolved: a file linked in from the other bundle counts as here
+    raised_in = Path(frame.tb_frame.f_code.co_filename).absolute().parent.resolve()
+    return root if raised_in == scripts else None
+
+
+def _cause(error: BaseException) -> BaseException | None:
+    """What ``error`` was raised from, as Python shows it (``raise ... from None`` hides the
+    error being handled)."""
+    if error.__cause__ is not None or error.__suppress_context__:
+        return error.__cause__
+    return error.__context__
 
 
 def _one_line_hook(previous: ExceptHook, scripts: Path) -> ExceptHook:

@@ -3,7 +3,8 @@
 Every source image of every co-registered group of a split is one sample
 ``{"image": path, "modality": str, "name": "<PAIR>/<MODALITY>/<file>"}`` (MONAI datalist style);
 the groups themselves (:func:`build_groups`) are what ``configs/inference.json`` fuses.
-The groups are those of ``monai_bundle/scripts/datalist.py`` (same ``splits.json`` reading), so the
+The groups are those of ``monai_bundle/scripts/datalist.py`` (one ``splits.json`` reading,
+``scripts/splits.py``), so the
 SESF encoder never sees a validation patient either. Usage as a script writes the datalist JSON::
 
     python sesf_bundle/scripts/datalist.py ../shared/data/aanlib datalist.json
@@ -15,6 +16,11 @@ import json
 import sys
 from pathlib import Path
 
+try:
+    from scripts.splits import split_entries
+except ImportError:  # run as a script (see the usage above)
+    from splits import split_entries
+
 SPLITS = {"training": "train", "validation": "validation"}
 
 
@@ -22,16 +28,9 @@ def build_groups(dataset_dir: str | Path, split: str, pairs: list[str] | None = 
     """Co-registered groups of one split (``"train"`` or ``"validation"``) of ``dataset_dir``:
     ``{"sources": [path per modality], "modalities": [...], "name": "<PAIR>/<file>"}``."""
     root = Path(dataset_dir)
-    splits_file = root / "splits.json"
-    if not splits_file.is_file():
-        raise FileNotFoundError(f"no splits.json in dataset_dir {root}")
-    spec = json.loads(splits_file.read_text())["pairs"]
-    return [
-        {"sources": [str(root / pair / modality / name) for modality in info["modalities"]],
-         "modalities": list(info["modalities"]), "name": f"{pair}/{name}"}
-        for pair, info in sorted(spec.items()) if not pairs or pair in pairs
-        for name in info[split]
-    ]
+    return [{"sources": [str(root / pair / modality / name) for modality in modalities],
+             "modalities": modalities, "name": f"{pair}/{name}"}
+            for pair, modalities, name in split_entries(root, split, pairs)]
 
 
 def build_images(dataset_dir: str | Path, split: str, pairs: list[str] | None = None) -> list[dict]:

@@ -1,0 +1,1 @@
+../../monai_bundle/scripts/splits.py
