@@ -91,6 +91,9 @@ def test_yaml_single_node_is_the_default(tmp_path: Path) -> None:
          "verify_tls must be true or false, not 'false'"),  # was taken as true
         (lambda c: c["nodes"]["a"].update(dicomweb={"url": "https://x", "verify_tls": ""}),
          "verify_tls must be true or false"),  # was taken as false: TLS unchecked
+        (lambda c: c["nodes"]["a"].update(dicomweb={"url": "https://x",
+                                                     "ca_bundle": "/no/such/ca.pem"}),
+         "ca_bundle not found: /no/such/ca.pem"),  # was "TLS certificate check failed"
         (lambda c: c.update(default="b"), "default node"),
         (lambda c: c["nodes"].update(b={}), "needs a 'dimse' or a 'dicomweb'"),
     ],

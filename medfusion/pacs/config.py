@@ -212,6 +212,9 @@ def _parse_dicomweb(body: Any, where: str) -> DicomWebSettings:
     if token is not None and username is not None:
         raise InputError(f"{where}: give either username/password or token, not both")
     ca_bundle = body.get("ca_bundle")
+    if ca_bundle is not None and not Path(_text(ca_bundle, where, "ca_bundle")).exists():
+        # requests would only say "TLS certificate check failed" at the first request
+        raise InputError(f"{where}: ca_bundle not found: {ca_bundle}")
     return DicomWebSettings(
         url=url,
         username=username,
