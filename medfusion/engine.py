@@ -25,7 +25,7 @@ import numpy as np
 
 from medfusion import color, geometry, intensity
 from medfusion.errors import CancelledError, GeometryError, InputError, OutputError
-from medfusion.io import input_kind
+from medfusion.io import full_suffix, input_kind
 from medfusion.methods import FusionMethod, get_method, resolve_device
 from medfusion.methods.tiling import (  # noqa: F401 (public: the one budget)
     DEFAULT_MEMORY_BUDGET_MB,
@@ -429,6 +429,10 @@ def fuse_files(
         if Path(decision_map).resolve() == Path(output).resolve():
             raise OutputError("the decision map and the fused output must be different files")
         check_files(inputs, decision_map)
+        if full_suffix(decision_map) in (".jpg", ".jpeg"):
+            raise OutputError("a decision map holds labels 1..K: save it as .png, .tif or .bmp, "
+                              f"not {Path(decision_map).name} (JPEG is lossy: it would change "
+                              "the labels)")
         if not isinstance(method, str):
             check_decision_method(method)
     target = Path(output)

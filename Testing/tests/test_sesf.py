@@ -366,6 +366,20 @@ def test_cli_saves_decision_map_for_images(aanlib: Path, tmp_path: Path, repo_ro
     assert set(np.unique(decision)) == {1, 2}
 
 
+def test_cli_refuses_a_jpeg_decision_map(aanlib: Path, tmp_path: Path, capsys) -> None:
+    """Labels 1/2 saved as JPEG came back as 0..3 (lossy), reported as success."""
+    from medfusion.cli import main
+
+    mri, ct = _pair_paths(aanlib)
+    for name in ("decision.jpg", "decision.JPEG"):
+        code = main(["fuse", str(mri), str(ct), "-o", str(tmp_path / "fused.png"), "--method",
+                     "sesf", "--save-decision-map", str(tmp_path / name), "--progress", "none"])
+        err = [line for line in capsys.readouterr().err.splitlines()
+               if line.startswith("medfusion: error:")]
+        assert code == 1 and len(err) == 1 and f"not {name} (JPEG is lossy" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_block_exponent_applies_to_sesf(aanlib: Path, tmp_path: Path, repo_root) -> None:
     from medfusion.io.images import to_uint8
 
