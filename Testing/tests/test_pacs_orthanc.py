@@ -202,6 +202,26 @@ def test_missing_study_and_series(orthanc, pacs_studies, transport, tmp_path):
     assert orthanc.study_series_uids(study.study_uid) == before
 
 
+def test_move_to_an_unknown_destination_is_not_called_a_missing_series(
+    orthanc, pacs_studies, tmp_path
+):
+    """Orthanc answers a C-MOVE to a destination it does not know with 0xC000; that was
+    reported as "series ... not found" although the series is there."""
+    import dataclasses
+
+    study = pacs_studies["fusion"]
+    node = parse_config(orthanc.node_config(retrieve="move")).node("orthanc")
+    node = dataclasses.replace(
+        node, dimse=dataclasses.replace(node.dimse, move_destination="NOTREGISTERED"))
+    client = open_client(node, "dimse")
+    with pytest.raises(PacsError) as caught:
+        client.retrieve_series(study.study_uid, study.series["MR"], tmp_path / "mr")
+    message = str(caught.value)
+    assert "not found" not in message and f"holds series {study.series['MR']}" in message
+    assert "move destination 'NOTREGISTERED'" in message and "\n" not in message
+    assert not any((tmp_path / "mr").iterdir())
+
+
 @pytest.mark.parametrize("transport", ["dimse", "dicomweb"])
 def test_incomplete_series_stores_nothing(orthanc, pacs_studies, transport):
     study = pacs_studies["incomplete"]

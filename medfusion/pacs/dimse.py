@@ -156,7 +156,13 @@ class DimseClient:
         except PacsError as error:
             if writer.files or "failed (status" not in str(error):
                 raise
-            raise PacsError(f"series {series_uid} not found on {self._who} ({error})") from None
+            if not self._holds(study_uid, series_uid):
+                raise PacsError(f"series {series_uid} not found on {self._who} ({error})") from None
+            hint = ""
+            if self.settings.retrieve == "move":  # Orthanc: 0xC000 for an unknown destination
+                hint = (f"; is our move destination {self.settings.move_destination!r} (port "
+                        f"{self.settings.storage_port}) registered there?")
+            raise PacsError(f"{error}, although the PACS holds series {series_uid}{hint}") from None
         if not writer.files:
             raise PacsError(f"series {series_uid} not found on {self._who} (nothing retrieved)")
         if writer.errors:
@@ -166,6 +172,13 @@ class DimseClient:
             self.settings.retrieve.upper(), self.node_name, len(writer.files), series_uid,
         )  # fmt: skip
         return list(writer.files)
+
+    def _holds(self, study_uid: str, series_uid: str) -> bool:
+        """Whether the node answers a C-FIND for instances of the series (False if it refuses)."""
+        try:
+            return bool(self.find_instances(study_uid, series_uid))
+        except PacsError:
+            return False
 
     def _get(self, identifier: Dataset, writer: _InstanceWriter) -> None:
         contexts = [StudyRootQueryRetrieveInformationModelGet]
