@@ -162,6 +162,8 @@ def test_bundle_alone_fuses_as_the_core_does(lone_bundle: Path, aanlib: Path,
     ("unknown split", "no split 'test' for CT-MRI"),  # was a KeyError traceback
     # raised "from None": the hidden float() error was shown instead
     ("text as a setting", "non-numeric fusion setting"),
+    # the second group's decision map overwrote the first group's fused image
+    ("name of a decision map", "good_decision.png would be both a fused image"),
 ])
 def test_bundle_alone_bad_input_is_one_line_nothing_written(
     lone_bundle: Path, aanlib: Path, tmp_path: Path, problem: str, message: str
@@ -178,6 +180,9 @@ def test_bundle_alone_bad_input_is_one_line_nothing_written(
         groups = [{"sources": pair[:1]}]
     elif problem == "flag as block exponent":
         options += ["--block_exponent", "True"]
+    elif problem == "name of a decision map":
+        groups = [{"sources": pair, "name": "good_decision.png"},
+                  {"sources": pair[::-1], "name": "good.png"}]
     elif problem == "text as a setting":
         options += ["--fusion#sf_radius", "abc"]
     elif problem in ("unknown pair", "unknown split"):

@@ -75,6 +75,11 @@ def fusion_groups(
     return subsample(groups, limit)
 
 
+def _decision_path(target: Path) -> Path:
+    """Where the decision map of the fused image ``target`` goes: ``<name>_decision.png``."""
+    return target.with_name(f"{target.stem}_decision.png")
+
+
 def _save_png(image: Any, target: Path) -> None:
     """Save a PIL image as PNG ``target`` through a temporary file beside it (atomic)."""
     temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
@@ -129,6 +134,12 @@ class DecisionFuser:
                 raise ValueError(f"output name {group['name']!r} leaves {output_dir}")
         if len(set(targets)) != len(targets):
             raise ValueError("two groups would write the same output name; give them names")
+        maps = [_decision_path(t) for t in targets] if save_decision_map else []
+        clash = sorted({str(t.relative_to(root)) for t in targets} & {str(m.relative_to(root))
+                                                                      for m in maps})
+        if clash:
+            raise ValueError(f"output {clash[0]} would be both a fused image and another group's "
+                             "decision map (<name>_decision.png); rename that group")
         for group in groups:  # every group readable before anything is written
             sizes = {source_size(p) for p in group["sources"]}
             if len(sizes) != 1:
@@ -142,7 +153,7 @@ class DecisionFuser:
             _save_png(Image.fromarray(pixels.astype(np.uint8)), target)
             written.append(str(target))
             if save_decision_map:
-                labels = target.with_name(f"{target.stem}_decision.png")
+                labels = _decision_path(target)
                 _save_png(Image.fromarray(decision.winners[0].numpy()), labels)
         print(f"fused {len(written)} group(s) into {output_dir} "
               f"(block exponent {self.block_exponent})")
