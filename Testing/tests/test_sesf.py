@@ -294,6 +294,14 @@ def test_tiny_slices_do_not_crash(sesf, shape) -> None:
     assert torch.isfinite(fused).all()
 
 
+def test_sesf_bundle_given_to_cnn_is_a_one_line_error() -> None:
+    """``--method cnn --bundle sesf_bundle`` loaded (same config keys, strict weights) and then
+    failed at the first slice with a 60-line ValueError traceback."""
+    with pytest.raises(ModelError, match="does not fuse sources .*is it a cnn bundle") as error:
+        get_method("cnn", device="cpu", bundle_dir=BUNDLE)
+    assert "\n" not in str(error.value)
+
+
 def test_missing_bundle_names_the_classical_fallback(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="SESF bundle folder not found.*laplacian"):
         get_method("sesf", bundle_dir=tmp_path / "nowhere")

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from medfusion.errors import ModelError
 from medfusion.methods import backend, bundle, tiling
 from medfusion.methods.bundle import CONFIG, WEIGHTS, use_bundle_scripts  # noqa: F401 (public)
 from medfusion.methods.sources import check_sources
@@ -92,8 +93,28 @@ class CNNFusion:
         self.memory_budget_mb = (None if memory_budget_mb is None
                                  else tiling.check_budget(memory_budget_mb))
         self.module = bundle.load_weights(network, weights_file, "CNN").to(self.device).eval()
+        self._check_fuses()
         # what __call__ runs: the module through the fastest checked backend (backend.py)
         self.network = backend.accelerate(self.module, self.device)
+
+    def _check_fuses(self) -> None:
+        """ModelError unless the bundle's network fuses two sources into one image (the sesf
+        bundle's auto-encoder, given as ``--bundle``, failed with a traceback at the first
+        slice)."""
+        side = 2 ** bundle.MAX_BLOCK_EXPONENT  # a multiple of every block size
+        probe = torch.zeros(1, 2, side, side, device=self.device)
+        try:
+            with torch.inference_mode():
+                shape = tuple(self.module(probe).shape)
+        except Exception as error:  # any failure of a foreign network: say what it is
+            reason = (str(error).splitlines() or [type(error).__name__])[0]
+            raise ModelError(f"the network of bundle {self.bundle_dir} does not fuse sources "
+                             f"({reason}); is it a cnn bundle? (the sesf bundle goes with "
+                             "--method sesf)") from None
+        if shape != (1, 1, side, side):
+            raise ModelError(f"the network of bundle {self.bundle_dir} turns 2 sources of "
+                             f"{side}x{side} into {shape}, not one fused image; is it a cnn "
+                             "bundle?")
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Fuse ``(B, K, H, W)`` float sources in [0, 1] into ``(B, H, W)`` on the same device."""
