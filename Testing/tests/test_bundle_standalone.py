@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from bundle_errors import assert_one_line_bundle_error
 from packaging_envs import (
     PythonEnv,
     assert_cannot_import_medfusion,
@@ -174,12 +175,7 @@ def test_bad_input_is_a_one_line_error(bundle_env, bundle, user_data, tmp_path, 
     out = tmp_path / "fused"
     done = run_bundle(bundle_env, bundle, "--config_file", "configs/inference.json",
                       *options, "--output_dir", str(out))
-    assert done.returncode != 0
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("medfusion bundle: error: "), done.stderr
-    assert message in errors[0]
-    assert not out.exists() or not any(out.iterdir())
+    assert_one_line_bundle_error(done, message, out)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from bundle_errors import assert_one_line_bundle_error
 from packaging_envs import copy_bundle_alone
 from PIL import Image
 
@@ -197,12 +198,7 @@ def test_bundle_alone_bad_input_is_one_line_nothing_written(
     out = tmp_path / "fused"
     done = _run_alone(lone_bundle, "--config_file", "configs/inference.json", *options,
                       "--output_dir", str(out))
-    assert done.returncode != 0
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("medfusion bundle: error: "), done.stderr
-    assert message in errors[0]
-    assert not out.exists() or not any(out.iterdir())
+    assert_one_line_bundle_error(done, message, out)
 
 
 @pytest.mark.parametrize("name", ["one_line_errors.py", "splits.py"])
