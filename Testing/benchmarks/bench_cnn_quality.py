@@ -6,7 +6,11 @@ share QSF_MIN (``medfusion.metrics``, ``data_range=255``) are averaged per pair 
 next to the best classical method on each (issue 11's bars: the CNN should beat them all).
 
     python Testing/benchmarks/bench_cnn_quality.py [--weights W.pt [W2.pt ...]]
-        [--block-exponent 3] [--limit N]
+        [--block-exponent 3] [--limit N] [--ranks docs/report/metrics.csv]
+
+``--ranks CSV`` also gives the weights' mean rank per pair type over the report's 8 ranking
+metrics against the other methods' rows of a report's ``metrics.csv`` (the same groups, the
+report's ``mean_ranks``), so a checkpoint can be ranked without re-running the whole report.
 
 Each weights file (a bare state dict or MONAI's ``{"model": ...}``) runs from a temporary copy
 of ``monai_bundle/`` whose ``models/model.pt`` is replaced (its ``model.ts`` removed, so only
@@ -23,6 +27,7 @@ pick ONNX Runtime or torch, whose outputs differ by ~1e-5 before the rounding to
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 import time
@@ -40,7 +45,8 @@ from scripts.datalist import build_groups  # noqa: E402
 from scripts.transforms import LoadFusionGroupd  # noqa: E402
 
 from medfusion.methods import get_method  # noqa: E402
-from medfusion.metrics import qabf, vif, weaker_source_share  # noqa: E402
+from medfusion.metrics import compute_metrics, qabf, vif, weaker_source_share  # noqa: E402
+from medfusion.report.runner import PREFERRED_RANK_METRICS, mean_ranks  # noqa: E402
 
 METRICS = ("QABF", "VIF", "QSF_MIN")
 # best classical method per pair type and metric at i = 3 on all 189 validation pairs (issue 11)
@@ -51,14 +57,15 @@ BARS = {
 }
 
 
-def load_pairs(dataset_dir: str, limit: int) -> list[tuple[str, torch.Tensor]]:
-    """``(pair type, (K, H, W) luminance in [0, 1])`` of the validation groups."""
+def load_pairs(dataset_dir: str, limit: int) -> list[tuple[str, str, torch.Tensor]]:
+    """``(pair type, group name, (K, H, W) luminance in [0, 1])`` of the validation groups."""
     load, seen, pairs = LoadFusionGroupd(), defaultdict(int), []
     for group in build_groups(dataset_dir, "validation"):
         if limit and seen[group["pair"]] >= limit:
             continue
         seen[group["pair"]] += 1
-        pairs.append((group["pair"], torch.as_tensor(load(group)["image"]).float()))
+        name = str(Path(group["name"]).with_suffix(""))  # the report's group name
+        pairs.append((group["pair"], name, torch.as_tensor(load(group)["image"]).float()))
     return pairs
 
 
@@ -66,16 +73,41 @@ def to8(image: torch.Tensor) -> np.ndarray:
     return np.rint(image.clamp(0.0, 1.0).cpu().numpy() * 255.0).astype(np.uint8)
 
 
-def score(method, pairs: list[tuple[str, torch.Tensor]]) -> dict[str, np.ndarray]:
-    """Mean ``[QABF, VIF, QSF_MIN]`` per pair type."""
+def score(method, pairs: list[tuple[str, str, torch.Tensor]], rank_rows: list[dict] | None = None
+          ) -> dict[str, np.ndarray]:
+    """Mean ``[QABF, VIF, QSF_MIN]`` per pair type; with ``rank_rows`` (a report's metrics.csv
+    rows) the method's rank-metric rows are appended to it as method ``cnn``."""
     rows: dict[str, list[list[float]]] = defaultdict(list)
-    for pair, image in pairs:
+    for pair, name, image in pairs:
         fused = to8(method(image[None])[0])
         sources = [to8(s) for s in image]
         rows[pair].append([qabf(fused, *sources, data_range=255),
                            vif(fused, *sources, data_range=255),
                            weaker_source_share(fused, *sources, data_range=255)])
+        if rank_rows is not None:
+            values = compute_metrics(fused, sources, names=PREFERRED_RANK_METRICS, data_range=255)
+            rank_rows.append({"pair_type": pair, "group": name, "method": "cnn", **values})
     return {pair: np.nanmean(values, axis=0) for pair, values in rows.items()}
+
+
+def read_report_rows(path: str) -> list[dict]:
+    """The rows of a report's metrics.csv except the ``cnn`` ones, rank metrics as floats."""
+    with open(path, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["method"] != "cnn"]
+    for row in rows:
+        for metric in PREFERRED_RANK_METRICS:
+            row[metric] = float(row[metric])
+    return rows
+
+
+def print_ranks(rows: list[dict]) -> None:
+    """Mean rank per pair type of every method in ``rows`` (the report's rule)."""
+    for pair in sorted({row["pair_type"] for row in rows}):
+        subset = [row for row in rows if row["pair_type"] == pair]
+        methods = sorted({row["method"] for row in subset})
+        ranks = mean_ranks(subset, methods, PREFERRED_RANK_METRICS, {})
+        ordered = sorted(ranks.items(), key=lambda item: item[1])
+        print(f"mean rank {pair}: " + ", ".join(f"{m} {r:.2f}" for m, r in ordered))
 
 
 def report(name: str, means: dict[str, np.ndarray], counts: dict[str, int]) -> None:
@@ -107,12 +139,14 @@ def main() -> None:
     parser.add_argument("--method", action="append", default=[],
                         help="also score this classical method (e.g. max, gff; repeatable)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--ranks", metavar="CSV", help="a report's metrics.csv: also print the "
+                        "mean rank per pair type against its other methods")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     pairs = load_pairs(args.dataset_dir, args.limit)
     counts: dict[str, int] = defaultdict(int)
-    for pair, _ in pairs:
+    for pair, _, _ in pairs:
         counts[pair] += 1
     for name in args.method:
         start = time.perf_counter()
@@ -122,9 +156,12 @@ def main() -> None:
         start = time.perf_counter()
         with bundle_with_weights(weights) as bundle:
             method = get_method("cnn", bundle_dir=bundle, block_exponent=args.block_exponent)
-            means = score(method, pairs)
+            rank_rows = read_report_rows(args.ranks) if args.ranks else None
+            means = score(method, pairs, rank_rows)
         report(f"{weights or 'shipped'} (i = {args.block_exponent}, "
                f"{time.perf_counter() - start:.0f} s)", means, counts)
+        if rank_rows is not None:
+            print_ranks(rank_rows)
 
 
 if __name__ == "__main__":
