@@ -85,7 +85,8 @@ def test_wheel_carries_the_bundle_and_the_demo_sample(wheel: Path):
     for bundle_file in ("configs/inference.json", "configs/metadata.json", "scripts/network.py",
                         "scripts/fusion.py", "models/model.pt", "docs/README.md", "LICENSE"):
         assert f"medfusion/sesf_bundle/{bundle_file}" in names, bundle_file
-    for shared in ("scripts/one_line_errors.py", "scripts/splits.py"):  # links to the cnn's files
+    for shared in ("scripts/one_line_errors.py", "scripts/splits.py",
+                   "scripts/atomic_files.py"):  # links to the cnn's files
         content = {zipfile.ZipFile(wheel).read(f"medfusion/{b}/{shared}")
                    for b in ("bundle", "sesf_bundle")}
         assert len(content) == 1 and b"def " in content.pop(), shared

@@ -143,3 +143,17 @@ def test_batch_summary_that_cannot_be_written_is_refused_before_any_study(
         assert orthanc.study_series_uids(batch.study_uid) == before  # nothing stored
     assert config.read_text() == config_text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nodes.toml"]
+
+
+def test_batch_whose_query_matches_no_study_is_an_error(orthanc, pacs_studies, tmp_path: Path,
+                                                         capsys) -> None:
+    """A batch over a query that matches nothing (e.g. a mistyped patient ID) used to print
+    "0 studies" and exit 0, which a scheduled job reads as success."""
+    config = write_node_file(orthanc, tmp_path / "nodes.toml")
+    code = main(["pacs", "batch", "--config", str(config), "--patient-id", "NOSUCHPATIENT*",
+                 *FUSION_ARGS, "--device", "cpu"])
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error" in line]
+    assert code == 1 and len(errors) == 1, captured.err
+    assert "no study on node orthanc matches the query" in errors[0]
+    assert "studies:" not in captured.out

@@ -271,6 +271,16 @@ def test_dicom_mixed_slices_name_the_odd_file(keyword, value, plural, ct_series,
                        out, rf"differ in their {plural} .*: odd file\(s\) 07\.dcm")
 
 
+def test_dicom_slice_with_rescale_slope_zero_is_refused(ct_series, dirs, capsys) -> None:
+    """A slice whose RescaleSlope is 0 read as a blank slice and was fused as if real."""
+    _, out = dirs
+    odd = pydicom.dcmread(ct_series / "05.dcm")
+    odd.RescaleSlope = 0
+    odd.save_as(ct_series / "05.dcm")
+    assert_clean_error(_fuse([ct_series, ct_series], out / "f.nii.gz"), capsys, [ct_series],
+                       out, r"05\.dcm has RescaleSlope 0(\.0)?: its pixel values would all be lost")
+
+
 def test_dicom_two_slices_at_one_position(ct_series, dirs, capsys) -> None:
     _, out = dirs
     twin = pydicom.dcmread(ct_series / "03.dcm")

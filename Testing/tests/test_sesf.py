@@ -201,10 +201,10 @@ def test_bundle_alone_bad_input_is_one_line_nothing_written(
     assert_one_line_bundle_error(done, message, out)
 
 
-@pytest.mark.parametrize("name", ["one_line_errors.py", "splits.py"])
+@pytest.mark.parametrize("name", ["one_line_errors.py", "splits.py", "atomic_files.py"])
 def test_bundles_share_one_file(name: str) -> None:
-    """The sesf bundle's except hook and splits.json reader are the CNN bundle's files (links),
-    not copies."""
+    """The sesf bundle's except hook, splits.json reader and atomic writer are the CNN bundle's
+    files (links), not copies."""
     shared = BUNDLE / "scripts" / name
     assert shared.is_symlink()
     assert shared.resolve() == (BUNDLE.parent / "monai_bundle" / "scripts" / name).resolve()

@@ -285,6 +285,8 @@ def run_batch(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
+    if not rows:  # a query that matches nothing is most often a mistyped one: not a success
+        raise InputError(f"no study on node {client.node_name} matches the query: nothing fused")
     _print_table(
         ["StudyInstanceUID", "Status", "FusedSeriesUID", "Instances", "Seconds", "Message"],
         [

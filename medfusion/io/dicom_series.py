@@ -90,6 +90,23 @@ def _check_pixel_data_whole(path: Path, dataset) -> None:
         )
 
 
+def _check_rescale_slope(path: Path, dataset) -> None:
+    """Raise InputError for a RescaleSlope of 0 or not a finite number: every pixel of that
+    slice would read as the intercept (a blank slice fused as if it were real)."""
+    slope = dataset.get("RescaleSlope")
+    if slope is None:
+        return
+    try:
+        value = float(slope)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not np.isfinite(value) or value == 0.0:
+        raise InputError(
+            f"{path.parent.name}/{path.name} has RescaleSlope {slope}: its pixel values would "
+            "all be lost; fix the header or remove the slice"
+        )
+
+
 def _numbers(value, count: int) -> tuple[float, ...] | None:
     try:
         numbers = tuple(float(v) for v in value)
@@ -105,6 +122,7 @@ def read_slice_infos(files: list[str]) -> list[SliceInfo]:
         path = Path(name)
         dataset = _read_header(path)
         _check_pixel_data_whole(path, dataset)
+        _check_rescale_slope(path, dataset)
         infos.append(SliceInfo(
             path=path,
             modality=str(dataset.get("Modality", "")),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from monai.transforms import MapTransform
 from PIL import Image
 
 from scripts import colour
+from scripts.atomic_files import atomic_output
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -300,12 +300,6 @@ class SliceWiseInferer:
         return torch.stack(outputs)
 
 
-def _atomic_target(target: Path) -> Path:
-    """A temporary file beside ``target`` with the same (possibly double) suffix."""
-    suffix = _suffix(target)
-    return target.with_name(f".{uuid.uuid4().hex}.partial{suffix}")
-
-
 class SaveFusedd(MapTransform):
     """Write ``pred`` as ``output_dir/<name>``: an 8-bit PNG, or a float32 volume on the grid of
     the reference (its affine: origin, spacing, direction). Written to a temporary file and
@@ -320,15 +314,11 @@ class SaveFusedd(MapTransform):
         pred = torch.as_tensor(d[self.pred_key]).detach().float().cpu().clamp(0.0, 1.0)
         target = self.output_dir / str(d.get(self.name_key) or "fused.png")
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = _atomic_target(target)
-        try:
+        with atomic_output(target, _suffix(target)) as temporary:  # same (double) suffix
             if int(d.get("slice_axis", -1)) < 0:
                 self._write_image(d, pred[0].numpy(), temporary)
             else:
                 self._write_volume(d, pred[0], temporary)
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
         d["fused_path"] = str(target)
         return d
 

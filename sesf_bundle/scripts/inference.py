@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from scripts import fusion
+from scripts.atomic_files import atomic_output
 from scripts.datalist import build_groups, subsample
 from scripts.transforms import load_luminance, source_size
 
@@ -82,12 +82,8 @@ def _decision_path(target: Path) -> Path:
 
 def _save_png(image: Any, target: Path) -> None:
     """Save a PIL image as PNG ``target`` through a temporary file beside it (atomic)."""
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
+    with atomic_output(target, ".png") as temporary:
         image.save(temporary, format="PNG")
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 class DecisionFuser:

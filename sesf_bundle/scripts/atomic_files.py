@@ -1,0 +1,1 @@
+../../monai_bundle/scripts/atomic_files.py
