@@ -45,7 +45,7 @@ from scripts.datalist import build_groups  # noqa: E402
 from scripts.transforms import LoadFusionGroupd  # noqa: E402
 
 from medfusion.methods import get_method  # noqa: E402
-from medfusion.metrics import compute_metrics, qabf, vif, weaker_source_share  # noqa: E402
+from medfusion.metrics import compute_metrics  # noqa: E402
 from medfusion.report.runner import PREFERRED_RANK_METRICS, mean_ranks  # noqa: E402
 
 METRICS = ("QABF", "VIF", "QSF_MIN")
@@ -78,14 +78,13 @@ def score(method, pairs: list[tuple[str, str, torch.Tensor]], rank_rows: list[di
     """Mean ``[QABF, VIF, QSF_MIN]`` per pair type; with ``rank_rows`` (a report's metrics.csv
     rows) the method's rank-metric rows are appended to it as method ``cnn``."""
     rows: dict[str, list[list[float]]] = defaultdict(list)
+    names = list(dict.fromkeys([*METRICS, *(PREFERRED_RANK_METRICS if rank_rows is not None
+                                             else ())]))
     for pair, name, image in pairs:
         fused = to8(method(image[None])[0])
-        sources = [to8(s) for s in image]
-        rows[pair].append([qabf(fused, *sources, data_range=255),
-                           vif(fused, *sources, data_range=255),
-                           weaker_source_share(fused, *sources, data_range=255)])
+        values = compute_metrics(fused, [to8(s) for s in image], names=names, data_range=255)
+        rows[pair].append([values[metric] for metric in METRICS])
         if rank_rows is not None:
-            values = compute_metrics(fused, sources, names=PREFERRED_RANK_METRICS, data_range=255)
             rank_rows.append({"pair_type": pair, "group": name, "method": "cnn", **values})
     return {pair: np.nanmean(values, axis=0) for pair, values in rows.items()}
 

@@ -28,11 +28,11 @@ above the curve); CT-MRI a=0 0.5933 / 0.5213 / 0.4746.
 
 ``--oracle a:b[,a:b...]`` adds an *oracle* per objective: each fused image optimised pixel by
 pixel (Adam on the pixels, 100 steps, from the a = 0.3 edge selection) for ``Q^{AB/F} + a *
-softmin_S Q^{S/F} + b * VIF / K`` with the bundle's differentiable forms (``scripts.losses``).
+softmin_S Q^{S/F} + b * VIF / K`` (the bundle's training loss, ``FusionLoss``, with those terms).
 It is no method (it needs the metrics at fusion time); it shows what one fused image can reach,
 so whether a bar is out of reach of any fusion or only of a network's form. Session 27 (SPECT-MRI,
 ``--step 8`` = 7 pairs, ``--oracle 1:0,1:2``, ~2.5 min): oracle 1:0 0.793 / 0.684 / 0.518,
-1:2 0.794 / 1.059 / 0.441, both Q^{AB/F} and share (and VIF for 1:2) above issue 11's
+1:2 0.794 / 1.059 / 0.440, both Q^{AB/F} and share (and VIF for 1:2) above issue 11's
 SPECT-MRI bars, far above the whole-edge curve (a=0.3 0.783 / 0.872 / 0.306 on the same pairs).
 Every CNN checkpoint trained so far lies on that curve (0.790 / 0.251 to 0.763 / 0.353 on all
 56 pairs): its fused image is a convex per-pixel selection of the sources; the oracle's is not
@@ -57,11 +57,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "monai_bundle"))
 
 from scripts.datalist import build_groups  # noqa: E402
-from scripts.losses import (  # noqa: E402
-    edge_preservation,
-    per_source_edge_preservation,
-    visual_fidelity,
-)
+from scripts.losses import FusionLoss  # noqa: E402
 from scripts.targets import edge_selection_fusion  # noqa: E402
 from scripts.transforms import LoadFusionGroupd  # noqa: E402
 
@@ -81,18 +77,19 @@ def scores(fused: np.ndarray, sources: np.ndarray) -> tuple[float, ...]:
 def oracle(sources: np.ndarray, share_weight: float, fidelity_weight: float,
            iterations: int = 100) -> np.ndarray:
     """A fused image ``(H, W)`` in [0, 1] optimised pixel by pixel for
-    ``Q^{AB/F} + share_weight * softmin_S Q^{S/F} + fidelity_weight * VIF / K``."""
+    ``Q^{AB/F} + share_weight * softmin_S Q^{S/F} + fidelity_weight * VIF / K``: the training
+    loss (``FusionLoss``) with only those three terms, minimised over the pixels."""
     batch = torch.from_numpy(sources[None].astype(np.float32))
+    no_target = torch.zeros_like(batch[:, :2])  # the target and has-target channels: unused
+    label = torch.cat([batch, no_target], dim=1)
+    loss = FusionLoss(l1=0.0, ssim=0.0, source_ssim=0.0, gradient=0.0, intensity=0.0, edge=1.0,
+                      weaker_edge=share_weight, vif=fidelity_weight)
     start = edge_selection_fusion(sources, 0.3)
     fused = torch.tensor(start[None, None], dtype=torch.float32, requires_grad=True)
     optimiser = torch.optim.Adam([fused], lr=0.004)
     for _ in range(iterations):
-        share = per_source_edge_preservation(fused, batch)
-        soft_min = -0.02 * torch.logsumexp(-share / 0.02, dim=1)
-        gain = (edge_preservation(fused, batch) + share_weight * soft_min
-                + fidelity_weight * visual_fidelity(fused, batch) / batch.shape[1])
         optimiser.zero_grad()
-        (-gain.sum()).backward()
+        loss(fused, label).backward()
         optimiser.step()
         with torch.no_grad():
             fused.clamp_(0.0, 1.0)
