@@ -245,7 +245,26 @@ def load_volumes(
             raise InputError(f"{label} is a colour/vector volume; give a scalar volume")
         images.append(image)
         labels.append(label)
+    warn_frames_of_reference(references, labels)
     return images, labels
+
+
+def warn_frames_of_reference(references: Sequence[Any], labels: Sequence[str]) -> None:
+    """Log a warning when DICOM series among ``references`` lie in different frames of
+    reference (FrameOfReferenceUID). Why: fusion compares volumes in patient coordinates, and
+    series from different frames (two scanners, two sessions) share them only if someone
+    registered them; the content check of :func:`medfusion.registration.align_for_fusion`
+    may still pass on a small shift. The UIDs themselves are not logged."""
+    from medfusion.io.dicom_series import frame_of_reference
+
+    frames = {label: frame_of_reference(Path(item)) for item, label in
+              zip(references, labels, strict=True)
+              if isinstance(item, (str, Path)) and Path(item).is_dir()}
+    if len({uid for uid in frames.values() if uid}) > 1:
+        logger.warning(
+            "%s lie in different DICOM frames of reference (FrameOfReferenceUID): their patient "
+            "coordinates agree only if the series were registered; check the fused result or "
+            "use --register rigid", " and ".join(frames))
 
 
 def fuse_volumes(

@@ -14,10 +14,14 @@
   cache tile; calls of many large slices run out of this CPU's caches).
 
 Times are the minimum of ``--repeat`` calls after a warm-up (the CPU may be shared: the minimum
-is the least disturbed run), wall clock and process CPU time.
+is the least disturbed run), wall clock and process CPU time. The default method's ratio is also
+measured *interleaved* (``--rounds`` rounds, each timing the limit's convolution and then the
+method, best of ``--repeat`` calls each): a host whose speed drifts between the limit's run and
+the method's (this VM's limit read 200-380 GFLOP/s from one run to the next) moves both alike, so
+the median of the rounds' ratios holds where a ratio of two separate runs does not.
 
     nice python Testing/benchmarks/bench_flops.py [--threads 2] [--repeat 5] [--size 512]
-        [--batches 1,2,4,8,16] [--no-malloc-tuning]
+        [--rounds 9] [--batches 1,2,4,8,16] [--no-malloc-tuning]
 
 The allocator is tuned as the command line tunes it (``medfusion.allocator``) unless
 ``--no-malloc-tuning``: without it, every large temporary of the network costs fresh pages.
@@ -27,19 +31,43 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
+from collections.abc import Callable
 
 import torch
 from timing import best_of
 
+LIMIT_FLOPS = 2 * 64 * 64 * 9 * 256 * 256  # the limit's convolution
 
-def conv_limit(repeat: int) -> float:
-    """FLOP/s of a 64->64 3x3 convolution on (1, 64, 256, 256), float32."""
+
+def limit_convolution() -> Callable[[], object]:
+    """One call of the limit's 64->64 3x3 convolution on (1, 64, 256, 256), float32."""
     conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).eval()
     x = torch.rand(1, 64, 256, 256)
-    flops = 2 * 64 * 64 * 9 * 256 * 256
-    with torch.inference_mode():
-        wall, _ = best_of(lambda: conv(x), repeat)
-    return flops / wall
+
+    def run() -> object:
+        with torch.inference_mode():
+            return conv(x)
+    return run
+
+
+def conv_limit(repeat: int) -> float:
+    """FLOP/s of the limit's convolution (best of ``repeat`` calls)."""
+    wall, _ = best_of(limit_convolution(), repeat)
+    return LIMIT_FLOPS / wall
+
+
+def interleaved_ratios(method: Callable[[], object], flops: int, rounds: int, repeat: int
+                       ) -> list[tuple[float, float, float]]:
+    """Per round: the limit (FLOP/s), the method's seconds and their ratio to the ideal time
+    ``flops / limit``, the two timed back to back (best of ``repeat`` calls each)."""
+    convolution = limit_convolution()
+    results = []
+    for _ in range(rounds):
+        limit = LIMIT_FLOPS / best_of(convolution, repeat)[0]
+        wall = best_of(method, repeat)[0]
+        results.append((limit, wall, wall / (flops / limit)))
+    return results
 
 
 def network_flops(module: torch.nn.Module, batch: torch.Tensor) -> int:
@@ -55,6 +83,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=9,
+                        help="interleaved rounds (limit, default method) for the ratio")
     parser.add_argument("--batches", default="",
                         help="comma-separated slices per network call to compare (e.g. 1,2,8)")
     parser.add_argument("--no-malloc-tuning", action="store_true",
@@ -106,6 +136,15 @@ def main() -> None:
     for label, wall, cpu in rows:
         print(f"{label:<34}{wall * 1e3:>9.1f}{cpu * 1e3:>9.1f}{flops / wall / 1e9:>9.1f}"
               f"{wall / ideal:>9.1f}")
+    rounds = interleaved_ratios(lambda: default(batch), flops, args.rounds, args.repeat)
+    ratios = sorted(ratio for _, _, ratio in rounds)
+    print(f"\n# default cnn method, interleaved with the limit ({args.rounds} rounds, best of "
+          f"{args.repeat} each)")
+    limits, walls = [r[0] / 1e9 for r in rounds], [r[1] * 1e3 for r in rounds]
+    print(f"limit GFLOP/s {min(limits):.0f}-{max(limits):.0f}, "
+          f"method ms {min(walls):.2f}-{max(walls):.2f}")
+    print(f"x limit: median {statistics.median(ratios):.2f} "
+          f"(range {ratios[0]:.2f}-{ratios[-1]:.2f})")
     if args.batches:
         per_call_table(module, args.size, [int(n) for n in args.batches.split(",")],
                        args.repeat, ideal)

@@ -152,6 +152,9 @@ def test_inference_on_a_paired_folder(bundle_env, bundle, user_data, tmp_path):
     ("malformed", "has no 'testing' list"),
     ("one modality", "needs two or more modality folders"),
     ("flag as block exponent", "block exponent must be an integer 0..6, got True"),
+    # an all-black PET was fused into an image that looked like a success (medfusion refuses it)
+    ("constant source", "black.png is all zero: there is nothing to fuse"),
+    ("constant volume", "flat.nii.gz is constant (7 everywhere): there is nothing to fuse"),
 ])
 def test_bad_input_is_a_one_line_error(bundle_env, bundle, user_data, tmp_path, problem, message):
     """What the bundle's code refuses is one line on stderr, not MONAI's 60-240-line
@@ -165,6 +168,16 @@ def test_bad_input_is_a_one_line_error(bundle_env, bundle, user_data, tmp_path, 
             pet_mri[0], str(tmp_path / "no_such_pet.png")]}]}))
     elif problem == "malformed":
         datalist.write_text(json.dumps({"training": [["a.png", "b.png"]]}))
+    elif problem == "constant source":
+        Image.new("RGB", (256, 256)).save(tmp_path / "black.png")
+        datalist.write_text(json.dumps({"testing": [{"sources": [
+            pet_mri[0], str(tmp_path / "black.png")]}]}))
+    elif problem == "constant volume":
+        t1 = user_data / "volumes" / "t1.nii.gz"
+        flat = sitk.ReadImage(str(t1)) * 0 + 7
+        sitk.WriteImage(flat, str(tmp_path / "flat.nii.gz"))
+        datalist.write_text(json.dumps({"testing": [{"sources": [
+            str(t1), str(tmp_path / "flat.nii.gz")]}]}))
     elif problem == "one modality":
         (tmp_path / "folder" / "MRI").mkdir(parents=True)
         shutil.copy(pet_mri[0], tmp_path / "folder" / "MRI" / "25015.png")

@@ -108,6 +108,34 @@ def test_ct_dicom_folder_as_reference_with_ct_window(ct_dicom_dir: Path, tmp_pat
     assert 0.0 <= values.min() and values.max() <= 1.0
 
 
+def test_dicom_series_in_different_frames_of_reference_are_warned_about(
+        ct_dicom_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two series whose FrameOfReferenceUIDs differ share patient coordinates only if they were
+    registered: the fusion says so (it was silent), naming the folders but not the UIDs."""
+    import shutil
+
+    import pydicom
+
+    same, other = tmp_path / "ct_same", tmp_path / "ct_other"
+    shutil.copytree(ct_dicom_dir, same)
+    shutil.copytree(ct_dicom_dir, other)
+    new_frame = pydicom.uid.generate_uid()
+    for path in sorted(other.glob("*.dcm")):
+        dataset = pydicom.dcmread(path)
+        dataset.FrameOfReferenceUID = new_frame
+        dataset.save_as(path)
+    options = {"method": "average", "device": "cpu", "normalisation": "minmax"}
+    with caplog.at_level(logging.WARNING, logger="medfusion.engine"):
+        fuse_volumes(ct_dicom_dir, [same], **options)
+    assert "frames of reference" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="medfusion.engine"):
+        fused = fuse_volumes(ct_dicom_dir, [other], **options)
+    warnings = [r.getMessage() for r in caplog.records if "frames of reference" in r.getMessage()]
+    assert len(warnings) == 1 and "ct-head-ge and ct_other" in warnings[0]
+    assert new_frame not in caplog.text
+    assert fused.GetSize() == read_volume(ct_dicom_dir).GetSize()  # a warning, not a refusal
+
+
 def test_non_finite_volume_is_refused(spm12: Path) -> None:
     t1 = read_volume(spm12 / "T1.nii")
     broken = sitk.Image(t1)

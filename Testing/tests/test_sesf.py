@@ -165,6 +165,8 @@ def test_bundle_alone_fuses_as_the_core_does(lone_bundle: Path, aanlib: Path,
     ("text as a setting", "non-numeric fusion setting"),
     # the second group's decision map overwrote the first group's fused image
     ("name of a decision map", "good_decision.png would be both a fused image"),
+    # an all-black second source was fused into an image that looked like a success
+    ("second group constant", "odd.png is all zero: there is nothing to fuse"),
 ])
 def test_bundle_alone_bad_input_is_one_line_nothing_written(
     lone_bundle: Path, aanlib: Path, tmp_path: Path, problem: str, message: str
@@ -192,7 +194,10 @@ def test_bundle_alone_bad_input_is_one_line_nothing_written(
     else:
         odd = tmp_path / "odd.png"
         with Image.open(pair[1]) as image:
-            (image.resize((128, 128)) if "sizes" in problem else image.convert("P")).save(odd)
+            if "constant" in problem:
+                image = Image.new(image.mode, image.size)
+            (image.resize((128, 128)) if "sizes" in problem
+             else image if "constant" in problem else image.convert("P")).save(odd)
         groups.append({"sources": [pair[0], str(odd)], "name": "bad.png"})
     datalist.write_text(json.dumps({"testing": groups}))
     out = tmp_path / "fused"

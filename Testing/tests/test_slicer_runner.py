@@ -212,6 +212,23 @@ def test_runner_reports_non_overlapping_inputs(tmp_path):
     assert leftovers(tmp_path, {"ct.nrrd", "mr.nrrd"}) == []
 
 
+def test_failure_messages_name_the_files_asked_for_not_the_staged_ones(tmp_path):
+    """The runner writes into a staging folder; a message of the core about an output names
+    the file the user asked for (it named ``.medfusion-staging-.../metrics-stats.txt``)."""
+    ramp, blob = phantom()
+    reference = write_volume(tmp_path / "ct.nrrd", ramp)
+    other = write_volume(tmp_path / "mr.nrrd", blob)
+    request = FuseRequest(reference, [other], tmp_path / "fused.nrrd", tmp_path / "stats.txt",
+                          method="average", device="cpu")
+    process = FusionProcess(request)
+    process.start()
+    result = process.wait(timeout=120)
+    assert result.status == "failed"
+    assert "not stats.txt" in result.message, result.message
+    assert "staging" not in result.message and "metrics-" not in result.message
+    assert leftovers(tmp_path, {"ct.nrrd", "mr.nrrd"}) == []
+
+
 def test_runner_reports_a_missing_bundle(tmp_path):
     ramp, blob = phantom()
     reference = write_volume(tmp_path / "ct.nrrd", ramp)

@@ -137,6 +137,22 @@ def read_slice_infos(files: list[str]) -> list[SliceInfo]:
     return infos
 
 
+def frame_of_reference(folder: Path) -> str:
+    """The FrameOfReferenceUID of the DICOM series in ``folder`` ("" when it has none), from the
+    first DICOM file's header (the series was checked to agree on it when it was read)."""
+    import pydicom
+    from pydicom.misc import is_dicom
+
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or path.name.upper() == "DICOMDIR":
+            continue
+        if is_dicom(path):
+            header = pydicom.dcmread(path, stop_before_pixels=True,
+                                     specific_tags=["FrameOfReferenceUID"])
+            return str(header.get("FrameOfReferenceUID", ""))
+    return ""
+
+
 def check_no_stray_files(folder: Path, series_files: list[str]) -> None:
     """Raise InputError when a DICOM file of ``folder`` is not among the series' files (GDCM
     skips files it cannot parse, e.g. a slice cut in half). Non-DICOM files are ignored."""

@@ -30,6 +30,7 @@ from PIL import Image
 
 from scripts import colour
 from scripts.atomic_files import atomic_output
+from scripts.one_line_errors import check_not_constant
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -217,6 +218,8 @@ class LoadSourcesd(MapTransform):
 
     def _images(self, d: dict, sources: list[str]) -> dict:
         planes, chromas = zip(*(_read_image(p) for p in sources), strict=True)
+        for plane, path in zip(planes, sources, strict=True):
+            check_not_constant(plane, path)
         shapes = {p.shape for p in planes}
         if len(shapes) != 1:
             raise ValueError(f"sources of {d.get('name', sources[0])} differ in size: "
@@ -250,6 +253,7 @@ class LoadSourcesd(MapTransform):
                                  f"(shape {tuple(volume.shape)})")
             if not torch.isfinite(volume).all():
                 raise ValueError(f"{path} has NaN or infinite voxels")
+            check_not_constant(volume, path)
             volumes.append(volume.float())
         reference = volumes[0]
         others = [v if v.shape == reference.shape and torch.allclose(v.affine, reference.affine)

@@ -5,6 +5,7 @@ file; wheel, Slicer install and bundle copies take its content). A bad input tha
 own code refuses (a ``ValueError`` or ``OSError`` raised in its ``scripts/`` folder: a missing
 ``dataset_dir``, one modality, a bad ``block_exponent``) is printed as one line, not as MONAI's
 60-240-line "Failed to instantiate component" traceback (``MEDFUSION_TRACEBACK=1`` shows it).
+Refusals that both bundles make alike live here too (:func:`check_not_constant`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,22 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 ExceptHook = Callable[[type[BaseException], BaseException, TracebackType | None], object]
+
+
+def check_not_constant(values: Any, source: str) -> None:
+    """``ValueError`` naming ``source`` when its samples (an array) are all one value.
+
+    Why: a constant source (an all-black PET, a volume of zeros) has nothing to fuse; MedFusion
+    refuses it (``medfusion.intensity.fit_normaliser``), and the bundles alone fused it into an
+    image that looked like a success. The same message as MedFusion's.
+    """
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        what = "all zero" if high == 0 else f"constant ({high:g} everywhere)"
+        raise ValueError(f"{source} is {what}: there is nothing to fuse")
 
 
 def refused_input(error: BaseException, scripts: Path) -> BaseException | None:

@@ -1,9 +1,9 @@
-"""Dictionary transforms of the fusion bundle: load a group as luminance, pack the loss label."""
+"""Dictionary transforms of the fusion bundle's training: load a group as luminance, pack the loss
+label (inference reads and writes with ``scripts/inference.py``)."""
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,31 +65,4 @@ class PackFusionLabeld(MapTransform):
         target = torch.as_tensor(d["target"])
         mask = torch.full_like(target, float(d["has_target"]))
         d["label"] = torch.cat([image, target, mask], dim=0)
-        return d
-
-
-class SaveFusedPNGd(MapTransform):
-    """Write ``pred`` (1, H, W) in [0, 1] as an 8-bit PNG ``output_dir/<name>`` (atomic write).
-
-    ``name`` is the group's relative name (e.g. ``CT-MRI/2004.png``); sub-folders are created.
-    """
-
-    def __init__(self, output_dir: str, pred_key: str = "pred", name_key: str = "name") -> None:
-        super().__init__(keys=[pred_key])
-        self.output_dir, self.pred_key, self.name_key = Path(output_dir), pred_key, name_key
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        pred = torch.as_tensor(d[self.pred_key]).detach().float().cpu()
-        pixels = (pred[0].clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).numpy()
-        target = self.output_dir / str(d.get(self.name_key) or "fused.png")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            from medfusion.io.atomic import atomic_output
-        except ImportError:  # bundle used without the medfusion package
-            Image.fromarray(pixels).save(target)
-        else:
-            with atomic_output(target) as temporary:
-                Image.fromarray(pixels).save(temporary, format="PNG")
-        d["fused_path"] = str(target)
         return d

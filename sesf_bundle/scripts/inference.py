@@ -26,6 +26,7 @@ import torch
 from scripts import fusion
 from scripts.atomic_files import atomic_output
 from scripts.datalist import build_groups, subsample
+from scripts.one_line_errors import check_not_constant
 from scripts.transforms import load_luminance, source_size
 
 MAX_BLOCK_EXPONENT = 6
@@ -136,10 +137,12 @@ class DecisionFuser:
         if clash:
             raise ValueError(f"output {clash[0]} would be both a fused image and another group's "
                              "decision map (<name>_decision.png); rename that group")
-        for group in groups:  # every group readable before anything is written
+        for group in groups:  # every group readable and fusible before anything is written
             sizes = {source_size(p) for p in group["sources"]}
             if len(sizes) != 1:
                 raise ValueError(f"sources of {group['name']} differ in size: {sorted(sizes)}")
+            for path in group["sources"]:
+                check_not_constant(load_luminance(path), path)
         written = []
         for group, target in zip(groups, targets, strict=True):
             planes = [load_luminance(p) for p in group["sources"]]

@@ -256,6 +256,18 @@ class FusionProcess:
         self._launch()
         return self._result is None
 
+    def _as_asked(self, text: str) -> str:
+        """``text`` of the core with the staged output paths and names (``metrics-NAME`` in the
+        staging folder) replaced by the ones the user asked for."""
+        assert self._staged_request is not None
+        staged, asked = self._staged_request, self.request
+        for name in ("output", "metrics", "decision_map"):
+            where, wanted = getattr(staged, name), getattr(asked, name)
+            if where is not None and wanted is not None:
+                text = text.replace(str(where), str(wanted))
+                text = text.replace(Path(where).name, Path(wanted).name)
+        return text
+
     def _move_into_place(self, returncode: int, seconds: float,
                          warnings: list[str]) -> FusionResult:
         """Move the staged files to where they were asked for (the fused volume last)."""
@@ -282,13 +294,14 @@ class FusionProcess:
         returncode = self._proc.returncode
         seconds = time.monotonic() - self._started_at
         stderr = list(self._stderr)
-        warnings = self._fallback_warnings + extract_warnings(stderr)
+        warnings = self._fallback_warnings + [self._as_asked(w) for w in extract_warnings(stderr)]
         staged_output = Path(self._staged_request.output)
         try:
             if self._cancelled:
                 result = FusionResult(CANCELLED, returncode, "Fusion cancelled.", warnings)
             elif returncode != EXIT_OK:
-                message = explain_failure(returncode, stderr, self.request.device)
+                message = self._as_asked(explain_failure(returncode, stderr,
+                                                         self.request.device))
                 result = FusionResult(FAILED, returncode, message, warnings)
             elif not staged_output.is_file():
                 result = FusionResult(FAILED, returncode,
