@@ -123,22 +123,26 @@ def _slot(keys: np.ndarray, key: int, keep: int) -> tuple[int, bool]:
 
 
 @numba.njit(**_JIT_FUSED, inline="always")
-def _mix(first: np.ndarray, second: np.ndarray, weight: float, out: np.ndarray) -> None:
-    keep = _F32(1.0) - weight
-    for position in range(out.shape[0]):
-        out[position] = keep * first[position] + weight * second[position]
-
-
-@numba.njit(**_JIT_FUSED, inline="always")
-def _combine_row(first: np.ndarray, second: np.ndarray, rows: np.ndarray, max_prior: float,
+def _combine_row(first: np.ndarray, second: np.ndarray, maps_above: np.ndarray,
+                 maps_below: np.ndarray, maps_weight: float, base_above: np.ndarray,
+                 base_below: np.ndarray, base_weight: float, max_prior: float,
                  out: np.ndarray) -> None:
-    """One fused row from the sources' rows and the upsampled maps ``rows``: logit difference,
-    gain 0, gain 1, base 0, base 1 (``scripts.network._combine_two_sources``, clamped)."""
+    """One fused row from the sources' rows and the widened block rows above and below it:
+    maps (logit difference, gain 0, gain 1) and base means (source 0, 1), each mixed by its
+    vertical weight (``(1 - t) above + t below``) as it is used
+    (``scripts.network._combine_two_sources``, clamped). Why mixed here: mixing each channel
+    into a row buffer first cost a store and a load per pixel and channel (25 % of the loop)."""
+    maps_keep, base_keep = _F32(1.0) - maps_weight, _F32(1.0) - base_weight
     for position in range(out.shape[0]):
         x0, x1 = first[position], second[position]
-        keep_second = x1 + sigmoid(rows[1, position]) * (x0 - rows[3, position])
-        keep_first = x0 + sigmoid(rows[2, position]) * (x1 - rows[4, position])
-        weight = sigmoid(rows[0, position] + max_prior * (x0 - x1))
+        logit = maps_keep * maps_above[0, position] + maps_weight * maps_below[0, position]
+        gain0 = maps_keep * maps_above[1, position] + maps_weight * maps_below[1, position]
+        gain1 = maps_keep * maps_above[2, position] + maps_weight * maps_below[2, position]
+        base0 = base_keep * base_above[0, position] + base_weight * base_below[0, position]
+        base1 = base_keep * base_above[1, position] + base_weight * base_below[1, position]
+        keep_second = x1 + sigmoid(gain0) * (x0 - base0)
+        keep_first = x0 + sigmoid(gain1) * (x1 - base1)
+        weight = sigmoid(logit + max_prior * (x0 - x1))
         fused = keep_second + weight * (keep_first - keep_second)
         out[position] = min(max(fused, _F32(0.0)), _F32(1.0))
 
@@ -151,7 +155,7 @@ def _compose_rows(x: np.ndarray, maps: np.ndarray, coarse: np.ndarray, max_prior
     ``maps`` (B, 4, H / block, W / block): logit and gain of source 0, then of source 1;
     ``coarse`` (B, 2, H / base_pool, W / base_pool): the sources' base-layer means. Upsampling
     is separable: each block row (and base row) is widened once, kept in one of two slots while
-    the output rows between it and the next need it, and the output rows mix two slots."""
+    the output rows between it and the next need it, and each output row mixes two slots."""
     height, width = x.shape[2], x.shape[3]
     map_rows, base_rows = maps.shape[2], coarse.shape[2]
     low = np.empty((3, maps.shape[3]), np.float32)  # logit difference, gain 0, gain 1
@@ -159,15 +163,15 @@ def _compose_rows(x: np.ndarray, maps: np.ndarray, coarse: np.ndarray, max_prior
     wide_base = np.empty((2, 2, width), np.float32)
     map_keys = np.full(2, -1, np.int64)
     base_keys = np.full(2, -1, np.int64)
-    rows = np.empty((5, width), np.float32)
+    map_slots = np.zeros(2, np.int64)
+    base_slots = np.zeros(2, np.int64)
     for flat in range(x.shape[0] * height):
         image, row = flat // height, flat % height
-        first, second, weight = _source_cell(row, block, map_rows)
-        slots = [0, 0]
+        first, second, maps_weight = _source_cell(row, block, map_rows)
         for which, cell in enumerate((first, second)):
             other = second if which == 0 else first
             slot, fresh = _slot(map_keys, image * map_rows + cell, image * map_rows + other)
-            slots[which] = slot
+            map_slots[which] = slot
             if fresh:
                 for column in range(maps.shape[3]):
                     low[0, column] = maps[image, 0, cell, column] - maps[image, 2, cell, column]
@@ -175,21 +179,17 @@ def _compose_rows(x: np.ndarray, maps: np.ndarray, coarse: np.ndarray, max_prior
                     low[2, column] = maps[image, 3, cell, column]
                 for channel in range(3):
                     _widen(low[channel], block, wide_maps[slot, channel])
-        for channel in range(3):
-            _mix(wide_maps[slots[0], channel], wide_maps[slots[1], channel], weight,
-                 rows[channel])
-        first, second, weight = _source_cell(row, base_pool, base_rows)
+        first, second, base_weight = _source_cell(row, base_pool, base_rows)
         for which, cell in enumerate((first, second)):
             other = second if which == 0 else first
             slot, fresh = _slot(base_keys, image * base_rows + cell, image * base_rows + other)
-            slots[which] = slot
+            base_slots[which] = slot
             if fresh:
                 for source in range(2):
                     _widen(coarse[image, source, cell], base_pool, wide_base[slot, source])
-        for source in range(2):
-            _mix(wide_base[slots[0], source], wide_base[slots[1], source], weight,
-                 rows[3 + source])
-        _combine_row(x[image, 0, row], x[image, 1, row], rows, max_prior, out[image, 0, row])
+        _combine_row(x[image, 0, row], x[image, 1, row], wide_maps[map_slots[0]],
+                     wide_maps[map_slots[1]], maps_weight, wide_base[base_slots[0]],
+                     wide_base[base_slots[1]], base_weight, max_prior, out[image, 0, row])
 
 
 @numba.njit(**_JIT)
