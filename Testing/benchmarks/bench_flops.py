@@ -9,6 +9,9 @@
   and cache tiles) on the same slice, with numba loaded as in a volume job (the network's
   full-resolution passes as compiled loops), and the network's torch code alone for comparison
   (FLOPs are those of the path that runs: convolutions and matrix products);
+- the network's compiled path in its parts, each timed alone: the block statistics and the
+  composition loops (no FLOPs) and the block CNN (all of them), with the floor the two loops
+  put under the ratio;
 - ``--batches 1,2,4,8,16``: the network (plain torch) on a stack of 16 such slice pairs in calls
   of that many slices, per slice: what sets ``medfusion.methods.cnn.CPU_PIXELS_PER_CALL`` (the
   cache tile; calls of many large slices run out of this CPU's caches).
@@ -145,9 +148,46 @@ def main() -> None:
           f"method ms {min(walls):.2f}-{max(walls):.2f}")
     print(f"x limit: median {statistics.median(ratios):.2f} "
           f"(range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    parts_table(module, batch, args.repeat, flops, ideal)
     if args.batches:
         per_call_table(module, args.size, [int(n) for n in args.batches.split(",")],
                        args.repeat, ideal)
+
+
+def parts_table(module: torch.nn.Module, batch: torch.Tensor, repeat: int, flops: int,
+                ideal: float) -> None:
+    """The network's compiled path in its three parts, each timed alone: the block statistics
+    and the composition (full-resolution loops, no FLOPs counted: every FLOP is the block
+    CNN's) bound the ratio from below whatever the block CNN's speed."""
+    import sys
+
+    kernels = sys.modules[type(module).__module__]._cpu_kernels()
+    if kernels is None or batch.shape[1] != 2:
+        return
+    block, pool = 1 << module.block_exponent, module.base_pool
+    b, k = batch.shape[0], batch.shape[1]
+    with torch.inference_mode():
+        stats, coarse = kernels.block_stats(batch, block, pool)
+        maps = module._block_maps(stats, b, k)
+        parts = [
+            ("block statistics (compiled loop)",
+             best_of(lambda: kernels.block_stats(batch, block, pool), repeat)[0], 0),
+            ("block CNN (torch)", best_of(lambda: module._block_maps(stats, b, k), repeat)[0],
+             flops),
+            ("composition (compiled loop)", best_of(lambda: kernels.compose_two(
+                batch, maps, coarse, module.max_prior, block, pool), repeat)[0], 0),
+        ]
+    print("\n# the network's compiled path by part (each alone, best of "
+          f"{repeat}; the ratio is to the whole network's ideal time)")
+    header = f"{'part':<34}{'wall ms':>9}{'GFLOP/s':>9}{'x limit':>9}"
+    print(header)
+    print("-" * len(header))
+    for label, wall, part_flops in parts:
+        rate = f"{part_flops / wall / 1e9:>9.1f}" if part_flops else f"{'-':>9}"
+        print(f"{label:<34}{wall * 1e3:>9.2f}{rate}{wall / ideal:>9.2f}")
+    floor = parts[0][1] + parts[2][1]
+    print(f"statistics + composition alone: {floor * 1e3:.2f} ms = {floor / ideal:.2f}x the "
+          "ideal time (the ratio's floor with an infinitely fast block CNN)")
 
 
 def per_call_table(module: torch.nn.Module, size: int, batches: list[int], repeat: int,
