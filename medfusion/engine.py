@@ -245,7 +245,6 @@ def load_volumes(
             raise InputError(f"{label} is a colour/vector volume; give a scalar volume")
         images.append(image)
         labels.append(label)
-    warn_frames_of_reference(references, labels)
     return images, labels
 
 
@@ -254,17 +253,21 @@ def warn_frames_of_reference(references: Sequence[Any], labels: Sequence[str]) -
     reference (FrameOfReferenceUID). Why: fusion compares volumes in patient coordinates, and
     series from different frames (two scanners, two sessions) share them only if someone
     registered them; the content check of :func:`medfusion.registration.align_for_fusion`
-    may still pass on a small shift. The UIDs themselves are not logged."""
+    may still pass on a small shift. Folders are named by their label, or by their path where
+    two labels are the same (two folders called ``DICOM``); the UIDs themselves are not logged."""
     from medfusion.io.dicom_series import frame_of_reference
 
-    frames = {label: frame_of_reference(Path(item)) for item, label in
-              zip(references, labels, strict=True)
-              if isinstance(item, (str, Path)) and Path(item).is_dir()}
-    if len({uid for uid in frames.values() if uid}) > 1:
-        logger.warning(
-            "%s lie in different DICOM frames of reference (FrameOfReferenceUID): their patient "
-            "coordinates agree only if the series were registered; check the fused result or "
-            "use --register rigid", " and ".join(frames))
+    folders = [(Path(item), label) for item, label in zip(references, labels, strict=True)
+               if isinstance(item, (str, Path)) and Path(item).is_dir()]
+    frames = [(folder, label, frame_of_reference(folder)) for folder, label in folders]
+    if len({uid for _, _, uid in frames if uid}) < 2:
+        return
+    named = [label for _, label, _ in frames]
+    names = [label if named.count(label) == 1 else str(folder) for folder, label, _ in frames]
+    logger.warning(
+        "%s lie in different DICOM frames of reference (FrameOfReferenceUID): their patient "
+        "coordinates agree only if the series were registered; check the fused result or "
+        "use --register rigid", " and ".join(names))
 
 
 def fuse_volumes(
@@ -313,6 +316,8 @@ def fuse_volumes(
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     images, labels = load_volumes([reference, *others], allow_slice_gaps=allow_slice_gaps)
+    if register == "none":  # registered inputs are brought into one frame here
+        warn_frames_of_reference([reference, *others], labels)
     policies = intensity.policies_for(len(images), normalisation, ct_window)
     torch_device = resolve_device(device)
     fuse = _build_method(method, torch_device, method_options)

@@ -93,6 +93,9 @@ def main() -> None:
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="leave glibc's allocator as it is (the CLI tunes it)")
     args = parser.parse_args()
+    for name in ("threads", "repeat", "size", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, not {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     if not args.no_malloc_tuning:
         from medfusion.allocator import keep_freed_memory

@@ -168,10 +168,10 @@ def test_bad_input_is_a_one_line_error(bundle_env, bundle, user_data, tmp_path, 
             pet_mri[0], str(tmp_path / "no_such_pet.png")]}]}))
     elif problem == "malformed":
         datalist.write_text(json.dumps({"training": [["a.png", "b.png"]]}))
-    elif problem == "constant source":
+    elif problem == "constant source":  # in the second group: refused before the first is written
         Image.new("RGB", (256, 256)).save(tmp_path / "black.png")
-        datalist.write_text(json.dumps({"testing": [{"sources": [
-            pet_mri[0], str(tmp_path / "black.png")]}]}))
+        datalist.write_text(json.dumps({"testing": [{"sources": pet_mri}, {"sources": [
+            pet_mri[0], str(tmp_path / "black.png")], "name": "black"}]}))
     elif problem == "constant volume":
         t1 = user_data / "volumes" / "t1.nii.gz"
         flat = sitk.ReadImage(str(t1)) * 0 + 7

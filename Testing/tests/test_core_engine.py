@@ -111,12 +111,14 @@ def test_ct_dicom_folder_as_reference_with_ct_window(ct_dicom_dir: Path, tmp_pat
 def test_dicom_series_in_different_frames_of_reference_are_warned_about(
         ct_dicom_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Two series whose FrameOfReferenceUIDs differ share patient coordinates only if they were
-    registered: the fusion says so (it was silent), naming the folders but not the UIDs."""
+    registered: the fusion says so (it was silent), naming the folders but not the UIDs, by
+    path where both are called ``DICOM`` (the two collapsed into one name and no warning);
+    fusion that registers them first does not warn."""
     import shutil
 
     import pydicom
 
-    same, other = tmp_path / "ct_same", tmp_path / "ct_other"
+    same, other = tmp_path / "ct_same", tmp_path / "b" / "DICOM"
     shutil.copytree(ct_dicom_dir, same)
     shutil.copytree(ct_dicom_dir, other)
     new_frame = pydicom.uid.generate_uid()
@@ -124,16 +126,32 @@ def test_dicom_series_in_different_frames_of_reference_are_warned_about(
         dataset = pydicom.dcmread(path)
         dataset.FrameOfReferenceUID = new_frame
         dataset.save_as(path)
+    (other / "notes.txt").write_text("not DICOM")  # skipped, as in reading the series
     options = {"method": "average", "device": "cpu", "normalisation": "minmax"}
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "frames of reference" in r.getMessage()]
+
     with caplog.at_level(logging.WARNING, logger="medfusion.engine"):
         fuse_volumes(ct_dicom_dir, [same], **options)
-    assert "frames of reference" not in caplog.text
+    assert not warnings()
     with caplog.at_level(logging.WARNING, logger="medfusion.engine"):
         fused = fuse_volumes(ct_dicom_dir, [other], **options)
-    warnings = [r.getMessage() for r in caplog.records if "frames of reference" in r.getMessage()]
-    assert len(warnings) == 1 and "ct-head-ge and ct_other" in warnings[0]
+    assert len(warnings()) == 1 and "ct-head-ge and DICOM" in warnings()[0]
     assert new_frame not in caplog.text
     assert fused.GetSize() == read_volume(ct_dicom_dir).GetSize()  # a warning, not a refusal
+
+    caplog.clear()
+    first = tmp_path / "a" / "DICOM"
+    shutil.copytree(ct_dicom_dir, first)
+    with caplog.at_level(logging.WARNING, logger="medfusion.engine"):
+        fuse_volumes(first, [other], **options)
+    assert len(warnings()) == 1 and f"{first} and {other}" in warnings()[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medfusion.engine"):
+        fuse_volumes(ct_dicom_dir, [other], register="rigid", **options)
+    assert not warnings()
 
 
 def test_non_finite_volume_is_refused(spm12: Path) -> None:

@@ -150,22 +150,29 @@ def test_output_names_that_clash_are_refused_before_anything_runs(tmp_path):
 
 def test_runner_stages_the_decision_map(tmp_path):
     """The decision map is written in the staging folder like the fused volume (a cancel or a
-    failure after it was written left it in place), and moved beside it on success."""
+    failure after it was written left it in place), and moved beside it on success. Each staged
+    output has its own prefix: a fused volume asked for as ``decision-map.nrrd`` beside a
+    decision map ``map.nrrd`` met there under one name (a false "one name" failure)."""
     ramp, blob = phantom(shape=(3, 32, 32))
     reference = write_volume(tmp_path / "ct.nrrd", ramp)
     other = write_volume(tmp_path / "mr.nrrd", blob)
-    decision = tmp_path / "decision.nrrd"
-    request = FuseRequest(reference, [other], tmp_path / "fused.nrrd", method="sesf",
-                          device="cpu", decision_map=decision)
+    output, decision = tmp_path / "decision-map.nrrd", tmp_path / "map.nrrd"
+    request = FuseRequest(reference, [other], output, method="sesf", device="cpu",
+                          decision_map=decision)
     process = FusionProcess(request)
     process.start()
-    staged = process.command[process.command.index("--save-decision-map") + 1]
-    assert Path(staged).parent != tmp_path and Path(staged).parent.parent == tmp_path
+    staged = Path(process.command[process.command.index("--save-decision-map") + 1])
+    staged_output = Path(process.command[process.command.index("-o") + 1])
+    assert staged.parent != tmp_path and staged.parent.parent == tmp_path
+    assert staged_output.parent == staged.parent and staged_output.name != staged.name
+    told = process._as_asked(f"cannot write {staged_output}, {staged} or {staged.parent}/x")
+    assert told == f"cannot write {output}, {decision} or {tmp_path}/x"
     result = process.wait(timeout=300)
     assert result.ok, result.message + "\n".join(result.stderr)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(decision)))
     assert set(np.unique(labels)) <= {1, 2}
-    assert leftovers(tmp_path, {"ct.nrrd", "mr.nrrd", "fused.nrrd", "decision.nrrd"}) == []
+    assert sitk.ReadImage(str(output)).GetSize() == (32, 32, 3)
+    assert leftovers(tmp_path, {"ct.nrrd", "mr.nrrd", output.name, decision.name}) == []
 
 
 def test_metrics_in_another_folder_or_file_system(tmp_path):

@@ -146,10 +146,17 @@ def frame_of_reference(folder: Path) -> str:
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file() or path.name.upper() == "DICOMDIR":
             continue
-        if is_dicom(path):
+        try:
+            if not is_dicom(path):
+                continue
+        except OSError:  # unreadable: not a slice of the series (it was read already)
+            continue
+        try:
             header = pydicom.dcmread(path, stop_before_pixels=True,
                                      specific_tags=["FrameOfReferenceUID"])
-            return str(header.get("FrameOfReferenceUID", ""))
+        except Exception:  # noqa: BLE001 - pydicom raises many kinds; a warning is not worth a failure
+            return ""
+        return str(header.get("FrameOfReferenceUID", ""))
     return ""
 
 

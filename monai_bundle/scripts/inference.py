@@ -13,7 +13,8 @@
 - :class:`SaveFusedd`: an 8-bit PNG (in colour when a source was) or a float32 volume with the
   reference's affine, written atomically.
 
-Every problem with the inputs is a ``ValueError``/``FileNotFoundError`` with a one-line message.
+Every problem with the inputs is a ``ValueError``/``FileNotFoundError`` with a one-line message,
+and :func:`check_sources` finds it before the first group is fused, so nothing is written.
 """
 
 from __future__ import annotations
@@ -161,7 +162,27 @@ def inference_items(
     if limit and limit < len(items):
         step = len(items) / limit
         items = [items[int(i * step)] for i in range(limit)]
+    check_sources(items)
     return items
+
+
+def check_sources(items: Sequence[dict]) -> None:
+    """Read every source once, one at a time, and refuse the run on the first bad one.
+
+    Why: the evaluator reads a group only when it fuses it, so a bad later group (a constant
+    PET, an unreadable volume) stopped the run after earlier groups had been written, with
+    ignite's two tracebacks in the log. Checked here, a bad input is refused before anything
+    is written. Images are read whole (cheap: also their sizes); volumes one at a time and
+    let go (bounded memory; they are read again when fused).
+    """
+    loader = LoadSourcesd()
+    for item in items:
+        sources = [str(p) for p in item["sources"]]
+        if _kind(sources[0]) == "image":
+            loader._images(dict(item), sources)
+        else:
+            for path in sources:
+                _read_volume(path)
 
 
 def _read_image(path: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -182,6 +203,24 @@ def _read_image(path: str) -> tuple[np.ndarray, np.ndarray | None]:
         return rgb[..., 0].copy(), None
     ycbcr = colour.rgb_to_ycbcr(rgb)
     return np.clip(ycbcr[..., 0], 0.0, 1.0), ycbcr[..., 1:]
+
+
+def _read_volume(path: str) -> torch.Tensor:
+    """A checked single-channel 3D volume (1, X, Y, Z) as float32, with its affine (MONAI's
+    ``LoadImage``: nibabel, ITK)."""
+    from monai.transforms import LoadImage
+
+    try:
+        volume = LoadImage(image_only=True, ensure_channel_first=True)(path)
+    except Exception as error:  # MONAI's readers raise many kinds
+        raise ValueError(f"cannot read volume {path}: {error}") from None
+    if volume.shape[0] != 1 or volume.ndim != 4:
+        raise ValueError(f"{path} is not a single-channel 3D volume "
+                         f"(shape {tuple(volume.shape)})")
+    if not torch.isfinite(volume).all():
+        raise ValueError(f"{path} has NaN or infinite voxels")
+    check_not_constant(volume, path)
+    return volume.float()
 
 
 def _slice_axis(affine: np.ndarray, axis: str) -> int:
@@ -238,23 +277,10 @@ class LoadSourcesd(MapTransform):
         return d
 
     def _volumes(self, d: dict, sources: list[str]) -> dict:
-        from monai.transforms import LoadImage, ResampleToMatch, ScaleIntensityRangePercentiles
+        from monai.transforms import ResampleToMatch, ScaleIntensityRangePercentiles
 
-        loader = LoadImage(image_only=True, ensure_channel_first=True)
         scale = ScaleIntensityRangePercentiles(self.lower, self.upper, 0.0, 1.0, clip=True)
-        volumes = []
-        for path in sources:
-            try:
-                volume = loader(path)
-            except Exception as error:  # MONAI's readers raise many kinds
-                raise ValueError(f"cannot read volume {path}: {error}") from None
-            if volume.shape[0] != 1 or volume.ndim != 4:
-                raise ValueError(f"{path} is not a single-channel 3D volume "
-                                 f"(shape {tuple(volume.shape)})")
-            if not torch.isfinite(volume).all():
-                raise ValueError(f"{path} has NaN or infinite voxels")
-            check_not_constant(volume, path)
-            volumes.append(volume.float())
+        volumes = [_read_volume(path) for path in sources]
         reference = volumes[0]
         others = [v if v.shape == reference.shape and torch.allclose(v.affine, reference.affine)
                   else ResampleToMatch(mode="bilinear", padding_mode="zeros")(v, reference)

@@ -17,6 +17,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import numpy as np
+
 ExceptHook = Callable[[type[BaseException], BaseException, TracebackType | None], object]
 
 
@@ -28,6 +30,9 @@ def check_not_constant(values: Any, source: str) -> None:
     image that looked like a success. The same message as MedFusion's.
     """
     low, high = float(values.min()), float(values.max())
+    if not (np.isfinite(low) and np.isfinite(high)):  # NaN compared false: it passed through
+        raise ValueError(f"{source} has values that are not finite numbers (NaN or "
+                         "infinity): there is nothing to fuse")
     if high <= low:
         what = "all zero" if high == 0 else f"constant ({high:g} everywhere)"
         raise ValueError(f"{source} is {what}: there is nothing to fuse")

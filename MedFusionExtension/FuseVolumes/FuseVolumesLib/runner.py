@@ -17,6 +17,7 @@ import dataclasses
 import errno
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -104,16 +105,26 @@ class FusionProcess:
             if target is not None:
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
         self._staging = Path(tempfile.mkdtemp(prefix=".medfusion-staging-", dir=output.parent))
-        metrics, decision = self.request.metrics, self.request.decision_map
-        self._staged_request = dataclasses.replace(
+        try:
+            self._staged_request = self._staged(self._staging)
+            self._started_at = time.monotonic()
+            self._launch()
+        except BaseException:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            raise
+
+    def _staged(self, staging: Path) -> FuseRequest:
+        """The request with every output in ``staging``, each under its own prefix: outputs asked
+        for as ``decision-map.nrrd`` and ``map.nrrd`` (a decision map) must not meet there."""
+        def staged(path: str | Path | None, prefix: str) -> Path | None:
+            return None if path is None else staging / (prefix + Path(path).name)
+
+        return dataclasses.replace(
             self.request,
-            output=self._staging / output.name,
-            metrics=None if metrics is None else self._staging / ("metrics-" + Path(metrics).name),
-            decision_map=(None if decision is None
-                          else self._staging / ("decision-" + Path(decision).name)),
+            output=staged(self.request.output, "fused-"),
+            metrics=staged(self.request.metrics, "metrics-"),
+            decision_map=staged(self.request.decision_map, "decision-"),
         )
-        self._started_at = time.monotonic()
-        self._launch()
 
     def _launch(self) -> None:
         """Start (or, after a CUDA fallback, restart) the process for the staged request."""
@@ -257,16 +268,23 @@ class FusionProcess:
         return self._result is None
 
     def _as_asked(self, text: str) -> str:
-        """``text`` of the core with the staged output paths and names (``metrics-NAME`` in the
-        staging folder) replaced by the ones the user asked for."""
+        """``text`` of the core with the staged output paths, names (``metrics-NAME`` in the
+        staging folder) and the staging folder replaced by the ones the user asked for.
+
+        One pass, longest first, so that a replacement is never replaced again (``fused-map.nrrd``
+        becomes ``map.nrrd``, which may also be a staged name)."""
         assert self._staged_request is not None
         staged, asked = self._staged_request, self.request
+        replacements: dict[str, str] = {}
         for name in ("output", "metrics", "decision_map"):
             where, wanted = getattr(staged, name), getattr(asked, name)
             if where is not None and wanted is not None:
-                text = text.replace(str(where), str(wanted))
-                text = text.replace(Path(where).name, Path(wanted).name)
-        return text
+                replacements[str(where)] = str(wanted)
+                replacements[Path(where).name] = Path(wanted).name
+        if self._staging is not None:
+            replacements[str(self._staging)] = str(Path(asked.output).parent)
+        pattern = "|".join(re.escape(key) for key in sorted(replacements, key=len, reverse=True))
+        return re.sub(pattern, lambda match: replacements[match.group(0)], text)
 
     def _move_into_place(self, returncode: int, seconds: float,
                          warnings: list[str]) -> FusionResult:
