@@ -358,3 +358,32 @@ def test_an_unwritable_cache_still_gives_the_fast_backend(network, atlas_batch, 
     assert runner.prepare() == "onnxruntime"
     assert float((runner(atlas_batch) - _plain(network, atlas_batch)).abs().max()) <= \
         backend.TOLERANCE
+
+
+def _cudnn_float32_precision() -> str:
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return conv.fp32_precision
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def test_full_float32_convolutions_switch_tf32_off_and_back():
+    """torch lets cuDNN run float32 convolutions in TF32 by default (the CNN's GPU output was
+    3.6e-3 off the CPU's on an H200); inside the guard they run in full float32, and torch's
+    setting is back afterwards, also after an error."""
+    before = _cudnn_float32_precision()
+    with backend.full_float32_convolutions():
+        assert _cudnn_float32_precision() == "ieee"
+    assert _cudnn_float32_precision() == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with backend.full_float32_convolutions():
+            raise RuntimeError("inside")
+    assert _cudnn_float32_precision() == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cnn_on_cuda_matches_the_cpu(atlas_batch):
+    """The same fused slices on a GPU as on the CPU, to the backends' tolerance."""
+    on_cpu = get_method("cnn", device="cpu")(atlas_batch)
+    on_gpu = get_method("cnn", device="cuda")(atlas_batch.to("cuda")).cpu()
+    assert float((on_gpu - on_cpu).abs().max()) <= backend.TOLERANCE

@@ -31,6 +31,10 @@ CUDA too: the CPU wheel of ONNX Runtime has no GPU provider). A backend is check
 torch on two probe inputs (max abs difference ``TOLERANCE``; ONNX Runtime once, before its export
 is cached); one that fails to build, to run or to match falls back to plain torch with a log
 message, so inference never fails for the backend's sake.
+
+On CUDA every call runs its convolutions in full float32 (:func:`full_float32_convolutions`):
+torch lets cuDNN use TF32 by default, and the CNN's fused slices on an H200 then differed from
+the CPU's by up to 3.6e-3 (4.4e-6 in full float32; ``Testing/benchmarks/bench_gpu.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -58,6 +63,28 @@ EXPORT_FORMAT = 3
 # (batch, sources, height, width) inputs on which a backend is compared with plain torch; the
 # last is no multiple of any block, so the padding to ``input_multiple`` is checked too
 PROBE_SHAPES = ((1, 2, 64, 64), (2, 3, 48, 80), (1, 2, 37, 53))
+
+
+@contextmanager
+def full_float32_convolutions() -> Iterator[None]:
+    """cuDNN's float32 convolutions in full float32, not TF32, inside the block (then as they
+    were): the GPU's fused images then match the CPU's to float32 rounding. These networks are
+    small and launch-bound, so full precision costs little. Process-wide, like torch's switch."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        before = conv.fp32_precision
+        conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = before
+        return
+    before_flag = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before_flag
 
 
 def probe_shapes(sources: int) -> tuple[tuple[int, int, int, int], ...]:
@@ -480,6 +507,12 @@ class InferenceRunner:
             return self.backend  # type: ignore[return-value]
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            with full_float32_convolutions():
+                return self._call(inputs)
+        return self._call(inputs)
+
+    def _call(self, inputs: torch.Tensor) -> torch.Tensor:
         if self._run is None:
             self.prepare(inputs)
         if self.backend == "torch":
