@@ -253,8 +253,9 @@ def warn_frames_of_reference(references: Sequence[Any], labels: Sequence[str]) -
     reference (FrameOfReferenceUID). Why: fusion compares volumes in patient coordinates, and
     series from different frames (two scanners, two sessions) share them only if someone
     registered them; the content check of :func:`medfusion.registration.align_for_fusion`
-    may still pass on a small shift. Folders are named by their label, or by their path where
-    two labels are the same (two folders called ``DICOM``); the UIDs themselves are not logged."""
+    may still pass on a small shift. Folders are named by their label, or where two labels are
+    the same (two folders called ``DICOM``) by the shortest ends of their paths that tell them
+    apart (``a/DICOM``: the folders above may name the patient); the UIDs are not logged."""
     from medfusion.io.dicom_series import frame_of_reference
 
     folders = [(Path(item), label) for item, label in zip(references, labels, strict=True)
@@ -263,11 +264,24 @@ def warn_frames_of_reference(references: Sequence[Any], labels: Sequence[str]) -
     if len({uid for _, _, uid in frames if uid}) < 2:
         return
     named = [label for _, label, _ in frames]
-    names = [label if named.count(label) == 1 else str(folder) for folder, label, _ in frames]
+    tails = _distinct_tails([folder for folder, _, _ in frames])
+    names = [label if named.count(label) == 1 else tail
+             for (_, label, _), tail in zip(frames, tails, strict=True)]
     logger.warning(
         "%s lie in different DICOM frames of reference (FrameOfReferenceUID): their patient "
         "coordinates agree only if the series were registered; check the fused result or "
         "use --register rigid", " and ".join(names))
+
+
+def _distinct_tails(folders: Sequence[Path]) -> list[str]:
+    """Each folder's path cut to its last parts, as few as tell all the folders apart."""
+    resolved = [folder.resolve() for folder in folders]
+    longest = max((len(folder.parts) for folder in resolved), default=1)
+    for count in range(1, longest + 1):
+        tails = [str(Path(*folder.parts[-count:])) for folder in resolved]
+        if len(set(tails)) == len(tails):
+            return tails
+    return [str(folder) for folder in resolved]
 
 
 def fuse_volumes(

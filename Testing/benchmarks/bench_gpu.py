@@ -163,9 +163,13 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=0,
                         help="slices of a volume pair to fuse end to end (0: none)")
     args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--batches must be whole numbers separated by commas, got {args.batches!r}")
     if args.size < 8 or args.repeat < 1 or not batches or min(batches) < 1 or args.depth < 0:
-        parser.error("--size must be at least 8, --repeat and every batch at least 1")
+        parser.error("--size must be at least 8, --repeat and every batch at least 1, "
+                     "--depth at least 0")
     if not torch.cuda.is_available():
         print("no CUDA GPU here: nothing to measure")
         return

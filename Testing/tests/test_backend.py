@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -378,6 +379,37 @@ def test_full_float32_convolutions_switch_tf32_off_and_back():
     with pytest.raises(RuntimeError, match="inside"):
         with backend.full_float32_convolutions():
             raise RuntimeError("inside")
+    assert _cudnn_float32_precision() == before
+
+
+def test_full_float32_convolutions_overlapping_in_two_threads():
+    """Two threads' guards that overlap (the first leaves while the second is inside): the
+    switch stays full float32 until the last leaves, then is what it was before the first (each
+    guard put back what it saw: the first left the second in TF32, the last set TF32 "back" to
+    full float32 for good)."""
+    before = _cudnn_float32_precision()
+    first_inside, second_inside, first_left = (threading.Event() for _ in range(3))
+    seen: list[str] = []
+
+    def first() -> None:
+        with backend.full_float32_convolutions():
+            first_inside.set()
+            second_inside.wait(10)
+        first_left.set()
+
+    def second() -> None:
+        first_inside.wait(10)
+        with backend.full_float32_convolutions():
+            second_inside.set()
+            first_left.wait(10)
+            seen.append(_cudnn_float32_precision())
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen == ["ieee"]
     assert _cudnn_float32_precision() == before
 
 

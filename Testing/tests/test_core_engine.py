@@ -112,8 +112,9 @@ def test_dicom_series_in_different_frames_of_reference_are_warned_about(
         ct_dicom_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Two series whose FrameOfReferenceUIDs differ share patient coordinates only if they were
     registered: the fusion says so (it was silent), naming the folders but not the UIDs, by
-    path where both are called ``DICOM`` (the two collapsed into one name and no warning);
-    fusion that registers them first does not warn."""
+    the ends of their paths where both are called ``DICOM`` (the two collapsed into one name;
+    the whole paths may name patients); fusion that registers them first does not warn; the
+    report, which only resamples, warns too."""
     import shutil
 
     import pydicom
@@ -146,7 +147,16 @@ def test_dicom_series_in_different_frames_of_reference_are_warned_about(
     shutil.copytree(ct_dicom_dir, first)
     with caplog.at_level(logging.WARNING, logger="medfusion.engine"):
         fuse_volumes(first, [other], **options)
-    assert len(warnings()) == 1 and f"{first} and {other}" in warnings()[0]
+    assert len(warnings()) == 1 and "a/DICOM and b/DICOM" in warnings()[0]
+    assert str(tmp_path) not in warnings()[0]
+
+    caplog.clear()
+    from medfusion.report.dataset import Group
+    from medfusion.report.fusion import load_group
+
+    with caplog.at_level(logging.WARNING, logger="medfusion.engine"):
+        load_group(Group("study", "CT-CT", ("CT", "CT"), (ct_dicom_dir, other), "volume"))
+    assert len(warnings()) == 1 and "ct-head-ge and DICOM" in warnings()[0]
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="medfusion.engine"):

@@ -7,6 +7,7 @@ fallback are exercised on the real process too. ``--method average`` keeps it fa
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -151,10 +152,12 @@ def test_output_names_that_clash_are_refused_before_anything_runs(tmp_path):
 def test_runner_stages_the_decision_map(tmp_path):
     """The decision map is written in the staging folder like the fused volume (a cancel or a
     failure after it was written left it in place), and moved beside it on success. Each staged
-    output has its own prefix: a fused volume asked for as ``decision-map.nrrd`` beside a
-    decision map ``map.nrrd`` met there under one name (a false "one name" failure)."""
+    output has its own folder: a fused volume asked for as ``decision-map.nrrd`` beside a
+    decision map ``map.nrrd`` met there under one name (a false "one name" failure). Messages
+    name the outputs as asked, and leave the inputs' names alone (an input named
+    ``fused-decision-map.nrrd`` was told as ``decision-map.nrrd``)."""
     ramp, blob = phantom(shape=(3, 32, 32))
-    reference = write_volume(tmp_path / "ct.nrrd", ramp)
+    reference = write_volume(tmp_path / "fused-decision-map.nrrd", ramp)
     other = write_volume(tmp_path / "mr.nrrd", blob)
     output, decision = tmp_path / "decision-map.nrrd", tmp_path / "map.nrrd"
     request = FuseRequest(reference, [other], output, method="sesf", device="cpu",
@@ -163,16 +166,20 @@ def test_runner_stages_the_decision_map(tmp_path):
     process.start()
     staged = Path(process.command[process.command.index("--save-decision-map") + 1])
     staged_output = Path(process.command[process.command.index("-o") + 1])
-    assert staged.parent != tmp_path and staged.parent.parent == tmp_path
-    assert staged_output.parent == staged.parent and staged_output.name != staged.name
-    told = process._as_asked(f"cannot write {staged_output}, {staged} or {staged.parent}/x")
-    assert told == f"cannot write {output}, {decision} or {tmp_path}/x"
+    staging = staged.parent.parent
+    assert staging != tmp_path and staging.parent == tmp_path
+    assert staged_output.parent.parent == staging and staged_output.parent != staged.parent
+    assert (staged.name, staged_output.name) == (decision.name, output.name)
+    told = process._as_asked(f"cannot write {staged_output}, {staged} or {staging}/x; "
+                             f"read {reference} and {other}")
+    assert told == (f"cannot write {output}, {decision} or {tmp_path}/x; "
+                    f"read {reference} and {other}")
     result = process.wait(timeout=300)
     assert result.ok, result.message + "\n".join(result.stderr)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(decision)))
     assert set(np.unique(labels)) <= {1, 2}
     assert sitk.ReadImage(str(output)).GetSize() == (32, 32, 3)
-    assert leftovers(tmp_path, {"ct.nrrd", "mr.nrrd", output.name, decision.name}) == []
+    assert leftovers(tmp_path, {reference.name, "mr.nrrd", output.name, decision.name}) == []
 
 
 def test_metrics_in_another_folder_or_file_system(tmp_path):
@@ -202,6 +209,24 @@ def test_metrics_in_another_folder_or_file_system(tmp_path):
     finally:
         if len(folders) > 1:
             shutil.rmtree(folders[1], ignore_errors=True)
+
+
+def test_json_metrics_name_the_fused_volume_as_asked(tmp_path):
+    """The core writes the metrics beside the staged volume and names that one in the JSON's
+    ``output``: the runner names the volume the user asked for (it named the staging folder,
+    deleted by then)."""
+    ramp, blob = phantom(shape=(3, 32, 32))
+    reference = write_volume(tmp_path / "ct.nrrd", ramp)
+    other = write_volume(tmp_path / "mr.nrrd", blob)
+    output, metrics = tmp_path / "fused.nrrd", tmp_path / "metrics.json"
+    process = FusionProcess(FuseRequest(reference, [other], output, metrics, method="average",
+                                        device="cpu"))
+    process.start()
+    result = process.wait(timeout=120)
+    assert result.ok, result.message
+    payload = json.loads(metrics.read_text(encoding="utf-8"))
+    assert payload["output"] == str(output)
+    assert payload["inputs"] == [str(reference), str(other)] and payload["metrics"]
 
 
 def test_runner_reports_non_overlapping_inputs(tmp_path):

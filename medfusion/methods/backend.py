@@ -65,26 +65,40 @@ EXPORT_FORMAT = 3
 PROBE_SHAPES = ((1, 2, 64, 64), (2, 3, 48, 80), (1, 2, 37, 53))
 
 
+_FULL_FLOAT32_LOCK = threading.Lock()
+_full_float32_depth = 0
+_full_float32_before: object = None
+
+
+def _cudnn_fp32_switch() -> tuple[object, str]:
+    """cuDNN's float32-convolution switch: (the object holding it, the attribute's name)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        return conv, "fp32_precision"
+    return torch.backends.cudnn, "allow_tf32"
+
+
 @contextmanager
 def full_float32_convolutions() -> Iterator[None]:
     """cuDNN's float32 convolutions in full float32, not TF32, inside the block (then as they
     were): the GPU's fused images then match the CPU's to float32 rounding. These networks are
-    small and launch-bound, so full precision costs little. Process-wide, like torch's switch."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
-        before = conv.fp32_precision
-        conv.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision = before
-        return
-    before_flag = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    small and launch-bound, so full precision costs little. torch's switch is process-wide, so
+    blocks of several threads share it: the first to enter sets it, the last to leave puts back
+    what was there before the first."""
+    global _full_float32_depth, _full_float32_before
+    holder, name = _cudnn_fp32_switch()
+    with _FULL_FLOAT32_LOCK:
+        if _full_float32_depth == 0:
+            _full_float32_before = getattr(holder, name)
+            setattr(holder, name, "ieee" if name == "fp32_precision" else False)
+        _full_float32_depth += 1
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = before_flag
+        with _FULL_FLOAT32_LOCK:
+            _full_float32_depth -= 1
+            if _full_float32_depth == 0:
+                setattr(holder, name, _full_float32_before)
 
 
 def probe_shapes(sources: int) -> tuple[tuple[int, int, int, int], ...]:

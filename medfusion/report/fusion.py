@@ -99,9 +99,10 @@ def load_group(group: Group) -> LoadedGroup:
     import SimpleITK as sitk
 
     from medfusion import geometry, intensity
-    from medfusion.engine import load_volumes
+    from medfusion.engine import load_volumes, warn_frames_of_reference
 
     images, labels = load_volumes(list(group.paths))
+    warn_frames_of_reference(list(group.paths), labels)  # the report resamples, never registers
     arrays = []
     for index, (image, label) in enumerate(zip(images, labels, strict=True)):
         if index > 0:

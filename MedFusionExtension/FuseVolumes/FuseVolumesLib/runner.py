@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
 import queue
 import re
@@ -55,6 +56,10 @@ class FusionResult:
     @property
     def ok(self) -> bool:
         return self.status == SUCCEEDED
+
+
+# The folder of the staging folder that each output of a request is written to.
+_STAGED_FOLDERS = {"output": "fused", "metrics": "metrics", "decision_map": "decision"}
 
 
 class FusionProcess:
@@ -114,16 +119,20 @@ class FusionProcess:
             raise
 
     def _staged(self, staging: Path) -> FuseRequest:
-        """The request with every output in ``staging``, each under its own prefix: outputs asked
-        for as ``decision-map.nrrd`` and ``map.nrrd`` (a decision map) must not meet there."""
-        def staged(path: str | Path | None, prefix: str) -> Path | None:
-            return None if path is None else staging / (prefix + Path(path).name)
+        """The request with every output in its own folder of ``staging``, under the name asked
+        for: outputs asked for as ``decision-map.nrrd`` and ``map.nrrd`` (a decision map) must
+        not meet there, and the core's messages then name the files as the user did."""
+        def staged(path: str | Path | None, folder: str) -> Path | None:
+            if path is None:
+                return None
+            (staging / folder).mkdir()
+            return staging / folder / Path(path).name
 
         return dataclasses.replace(
             self.request,
-            output=staged(self.request.output, "fused-"),
-            metrics=staged(self.request.metrics, "metrics-"),
-            decision_map=staged(self.request.decision_map, "decision-"),
+            output=staged(self.request.output, _STAGED_FOLDERS["output"]),
+            metrics=staged(self.request.metrics, _STAGED_FOLDERS["metrics"]),
+            decision_map=staged(self.request.decision_map, _STAGED_FOLDERS["decision_map"]),
         )
 
     def _launch(self) -> None:
@@ -193,12 +202,18 @@ class FusionProcess:
                 events.append(self._events.get_nowait())
             except queue.Empty:
                 break
+        events = [self._event_as_asked(event) for event in events]
         for event in events:
             if event.kind == "progress":
                 self.last_progress = event
         if ended:
             self._finish()
         return events
+
+    def _event_as_asked(self, event: ProgressEvent) -> ProgressEvent:
+        """``event`` naming the outputs as the user asked for them, not as staged."""
+        output = None if event.output is None else self._as_asked(event.output)
+        return dataclasses.replace(event, text=self._as_asked(event.text), output=output)
 
     def wait(
         self,
@@ -268,23 +283,32 @@ class FusionProcess:
         return self._result is None
 
     def _as_asked(self, text: str) -> str:
-        """``text`` of the core with the staged output paths, names (``metrics-NAME`` in the
-        staging folder) and the staging folder replaced by the ones the user asked for.
-
-        One pass, longest first, so that a replacement is never replaced again (``fused-map.nrrd``
-        becomes ``map.nrrd``, which may also be a staged name)."""
-        assert self._staged_request is not None
+        """``text`` of the core with the staged paths and folders replaced by the ones the user
+        asked for. Whole paths only, so an input's name is never touched; one pass, longest
+        first, so that a replacement is never replaced again."""
+        if self._staged_request is None or self._staging is None:
+            return text
         staged, asked = self._staged_request, self.request
-        replacements: dict[str, str] = {}
-        for name in ("output", "metrics", "decision_map"):
+        replacements = {str(self._staging): str(Path(asked.output).parent)}
+        for name, folder in _STAGED_FOLDERS.items():
             where, wanted = getattr(staged, name), getattr(asked, name)
             if where is not None and wanted is not None:
                 replacements[str(where)] = str(wanted)
-                replacements[Path(where).name] = Path(wanted).name
-        if self._staging is not None:
-            replacements[str(self._staging)] = str(Path(asked.output).parent)
+                replacements[str(self._staging / folder)] = str(Path(wanted).parent)
         pattern = "|".join(re.escape(key) for key in sorted(replacements, key=len, reverse=True))
         return re.sub(pattern, lambda match: replacements[match.group(0)], text)
+
+    def _name_output_as_asked(self, metrics: Path) -> None:
+        """A JSON metrics file names the fused volume it scored: as asked, not as staged."""
+        if metrics.suffix.lower() != ".json":
+            return
+        try:
+            payload = json.loads(metrics.read_text(encoding="utf-8"))
+        except ValueError:  # not the core's JSON: moved as it is
+            return
+        if isinstance(payload, dict) and isinstance(payload.get("output"), str):
+            payload["output"] = self._as_asked(payload["output"])
+            metrics.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
     def _move_into_place(self, returncode: int, seconds: float,
                          warnings: list[str]) -> FusionResult:
@@ -295,6 +319,7 @@ class FusionProcess:
         try:
             if staged.metrics is not None and Path(staged.metrics).is_file():
                 metrics = Path(asked.metrics)  # type: ignore[arg-type]
+                self._name_output_as_asked(Path(staged.metrics))
                 _replace(Path(staged.metrics), metrics)
             if staged.decision_map is not None and Path(staged.decision_map).is_file():
                 _replace(Path(staged.decision_map), Path(asked.decision_map))  # type: ignore[arg-type]
