@@ -1,5 +1,5 @@
 """``python -m medfusion`` runs the command line."""
 
-from medfusion.cli import main
+from medfusion.cli import run
 
-raise SystemExit(main())
+run()

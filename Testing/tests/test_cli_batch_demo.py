@@ -125,3 +125,21 @@ def test_demo_sample_ships_with_notice(repo_root: Path) -> None:
     demo = repo_root / "Resources" / "demo"
     assert (demo / "mri.png").stat().st_size < 100_000
     assert "Whole Brain Atlas" in (demo / "NOTICE.md").read_text()
+
+
+def test_refused_commands_create_no_output_folder(tmp_path: Path, aanlib: Path,
+                                                  capsys) -> None:
+    """A metrics file of the wrong kind (batch) or a missing GPU (demo) is refused after the
+    output folder was made: an empty folder was left behind."""
+    import torch
+
+    mri, pet = _pair_folders(tmp_path, aanlib)
+    out = tmp_path / "out"
+    assert main(["batch", str(mri), str(pet), "-o", str(out), "--method", "average",
+                 "--metrics", str(tmp_path / "m.txt")]) == 1
+    assert "m.txt" in capsys.readouterr().err
+    assert not out.exists()
+    if not torch.cuda.is_available():
+        assert main(["demo", "-o", str(out), "--method", "laplacian", "--device", "cuda"]) == 1
+        assert "CUDA" in capsys.readouterr().err
+        assert not out.exists()

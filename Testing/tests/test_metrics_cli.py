@@ -135,3 +135,32 @@ def test_volumes_per_slice(spm12, tmp_path, capsys):
     assert 0 < len(slices) <= a.shape[0] and payload["metrics"]["slices"] == len(slices)
     assert payload["metrics"]["SSIM"] == pytest.approx(np.mean([s["SSIM"] for s in slices]))
     assert all(0 < s["SSIM"] <= 2 for s in slices)
+
+
+def test_no_metric_named_is_an_error(fused_png, pet_pair, capsys):
+    """``--names ""`` printed an empty table and exited 0."""
+    path, _, _ = fused_png
+    for names in ("", ",,"):
+        assert main(["metrics", str(path), *map(str, pet_pair), "--names", names]) == 1
+        err = capsys.readouterr().err
+        assert "names no metric" in err and "Traceback" not in err
+
+
+def test_a_float_image_that_is_rescaled_is_said_to_be(fused_png, pet_pair, tmp_path, capsys,
+                                                      caplog):
+    """A float TIFF outside [0, 1] is scored min-max scaled (an all-negative one as its
+    inverse) while the log said "as written": now a warning names the file and its range."""
+    from PIL import Image
+
+    path, _, _ = fused_png
+    pixels = np.asarray(Image.open(path), np.float32)
+    tiffs = {"unit.tif": pixels / 255, "negative.tif": -pixels}
+    for name, values in tiffs.items():
+        Image.fromarray(values).save(tmp_path / name)
+        assert main(["metrics", str(tmp_path / name), *map(str, pet_pair), "--names", "MEAN"]) == 0
+        capsys.readouterr()
+        rescaled = "min-max scaled" in caplog.text
+        assert rescaled == (name == "negative.tif"), caplog.text
+        if rescaled:
+            assert f"{name} holds float32 values from -{pixels.max():g} to 0," in caplog.text
+        caplog.clear()

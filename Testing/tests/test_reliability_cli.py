@@ -333,3 +333,23 @@ def test_a_signal_inside_an_import_waits_for_the_import(tmp_path: Path, monkeypa
     sys.modules.pop("slow_module_for_signals", None)
     assert imported is not None and imported.DONE
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_after_a_finished_command_leaves_its_success(tmp_path: Path,
+                                                              aanlib: Path) -> None:
+    """SIGTERM during the interpreter's teardown, after the fused image was written and the
+    command had returned 0: the process died with 143 and the fused image in place (a caller
+    took a finished fusion for a terminated one). The entry point ignores it there."""
+    inputs = [aanlib / "PET-MRI" / m / NAMES[0] for m in ("MRI", "PET")]
+    output = tmp_path / "fused.png"
+    script = ("import atexit, os, signal, sys; "
+              "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM)); "
+              "sys.argv = ['medfusion', *sys.argv[1:]]; "
+              "from medfusion.cli import run; run()")
+    done = subprocess.run(
+        [sys.executable, "-c", script, "fuse", *map(str, inputs), "-o", str(output),
+         "--method", "average"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert output.is_file()

@@ -308,3 +308,25 @@ def test_a_smaller_run_into_the_same_folder_leaves_no_stale_files(
     present = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert present == written | {".medfusion-report-files", "notes.txt"}
     assert not (out / "robustness.csv").exists()
+
+
+def test_report_folder_and_methods_are_checked_before_anything_runs(
+        tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``-o`` naming a file was a FileExistsError traceback; ``-o`` inside the dataset wrote the
+    report there (exit 0), and the next run read its ``figures`` folder as a modality;
+    ``--methods ""`` ran the default methods without a word."""
+    before = sorted(str(p.relative_to(tiny_dataset)) for p in tiny_dataset.rglob("*"))
+    a_file = tmp_path / "report.txt"
+    a_file.write_text("not a folder")
+    cases = {
+        "is a file": ["-o", str(a_file)],
+        "inside the dataset folder": ["-o", str(tiny_dataset)],
+        "inside the dataset folder ": ["-o", str(tiny_dataset / "CT-MRI" / "report")],
+        "names no method": ["-o", str(tmp_path / "out"), "--methods", ","],
+    }
+    for words, options in cases.items():
+        code = main(["benchmark", str(tiny_dataset), *options, "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1 and words.strip() in err[0], err
+    assert sorted(str(p.relative_to(tiny_dataset)) for p in tiny_dataset.rglob("*")) == before
+    assert a_file.read_text() == "not a folder" and not (tmp_path / "out").exists()

@@ -134,6 +134,18 @@ def signals_raise() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+def run() -> NoReturn:
+    """The console entry point (``medfusion``, ``python -m medfusion``): :func:`main`, then exit.
+
+    SIGINT and SIGTERM are ignored outside the command itself (``signals_raise`` puts this back
+    when the command ends): once it has returned, its outputs are in place or cleaned up, and a
+    signal during the interpreter's teardown (torch's and numba's exit handlers take a moment)
+    turned a finished success into exit 143 with the outputs written."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    raise SystemExit(main())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code (see the module doc).
 

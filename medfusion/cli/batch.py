@@ -269,9 +269,9 @@ def run_batch(args: argparse.Namespace) -> int:
     )
     from medfusion.engine import FusedImage, fuse_files
 
-    groups = collect_groups(args.folders, args.group_list, args.output_dir)
     check_option_use(args)
-    check_metrics_path(args.metrics)
+    check_metrics_path(args.metrics)  # both before collect_groups creates the output folder
+    groups = collect_groups(args.folders, args.group_list, args.output_dir)
     method = build_method(args)
     progress = Progress(args.progress, description="batch", unit="item")
     failures: list[tuple[str, str]] = []

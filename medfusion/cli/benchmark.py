@@ -12,7 +12,7 @@ import os
 import shlex
 from pathlib import Path
 
-from medfusion.errors import InputError
+from medfusion.errors import InputError, OutputError
 
 DEFAULT_PERTURBATIONS = ("gaussian", "rician", "poisson", "blur")
 
@@ -167,6 +167,17 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(p) if p != "''" else p for p in parts)
 
 
+def check_report_folder(output: Path, dataset: Path) -> None:
+    """Refuse an ``-o`` that is a file, or that is or lies inside the dataset folder (the
+    report's folders would then be read as modalities of the dataset by the next run)."""
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"-o must be a folder, but {output} is a file")
+    inside = output.resolve()
+    if dataset.is_dir() and (inside == dataset.resolve() or dataset.resolve() in inside.parents):
+        raise OutputError(f"-o {output} lies inside the dataset folder {dataset}: write the "
+                          "report elsewhere")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print where the report is."""
     from medfusion.report.perturb import parse_perturbations
@@ -180,6 +191,9 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value is not None and value < least:
             raise InputError(f"{name} must be at least {least}, got {value}")
+    if args.methods is not None and not args.methods:
+        raise InputError("--methods names no method (give e.g. --methods cnn,max)")
+    check_report_folder(Path(args.output), Path(args.dataset))
     tokens = [t for t in args.perturbations if t.lower() != "none"]
     config = BenchmarkConfig(
         dataset=args.dataset,

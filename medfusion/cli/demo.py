@@ -75,12 +75,12 @@ def run_demo(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise InputError(f"demo sample not found: {path} (the installation is incomplete: "
                              "reinstall medfusion)")
+    method = demo_method(args.method, args.device)  # before the folder: a refusal leaves none
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"cannot create output folder {out}: {error.strerror}") from error
-    method = demo_method(args.method, args.device)
     result = fuse_images(inputs, method=method, device=args.device)
     fused_path = write_image(out / "fused.png", result.to_uint8())
     panel = _panel([read_image(p) for p in inputs], result.to_uint8(),

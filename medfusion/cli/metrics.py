@@ -19,6 +19,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -104,11 +105,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _names(names: list[str] | None) -> list[str] | None:
-    if not names:
+    if names is None:
         return None
     from medfusion.metrics import resolve_name
 
-    split = [part for name in names for part in name.split(",") if part.strip()]
+    split = [part.strip() for name in names for part in name.split(",") if part.strip()]
+    if not split:
+        raise InputError("--names names no metric (give e.g. --names QABF VIF)")
     for name in split:
         resolve_name(name)  # unknown names fail before reading any file
     return split
@@ -139,7 +142,14 @@ def _luminance01(path: str | Path) -> np.ndarray:
     from medfusion.engine import luminance_for_scoring
     from medfusion.io.images import read_image
 
-    return luminance_for_scoring(read_image(path))
+    samples = read_image(path)
+    if samples.dtype not in (np.uint8, np.uint16):
+        low, high = float(np.nanmin(samples)) + 0.0, float(np.nanmax(samples)) + 0.0  # no -0
+        if not (samples.dtype.kind == "f" and 0.0 <= low and high <= 1.0):
+            logging.getLogger("medfusion").warning(
+                "%s holds %s values from %g to %g, not 8- or 16-bit ones: scored "
+                "min-max scaled to [0, 1]", Path(path).name, samples.dtype, low, high)
+    return luminance_for_scoring(samples)
 
 
 def image_file_metrics(fused_path: str | Path, source_paths: list, target_path=None,
@@ -161,8 +171,6 @@ def image_file_metrics(fused_path: str | Path, source_paths: list, target_path=N
 
 
 def _image_metrics(args: argparse.Namespace, names: list[str] | None) -> dict[str, float]:
-    import logging
-
     from medfusion.engine import SCORED_IMAGE
 
     logging.getLogger("medfusion").info("scoring %s", SCORED_IMAGE)
