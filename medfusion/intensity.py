@@ -76,7 +76,7 @@ def check_finite(values: np.ndarray, label: str) -> None:
     for start in range(0, flat.size, chunk):
         if not np.isfinite(flat[start : start + chunk]).all():
             raise InputError(
-                f"{label} contains NaN or infinite values; fix or mask them before fusing"
+                f"{label} contains NaN or infinite values; fix or mask them first"
             )
 
 

@@ -164,3 +164,19 @@ def test_a_float_image_that_is_rescaled_is_said_to_be(fused_png, pet_pair, tmp_p
         if rescaled:
             assert f"{name} holds float32 values from -{pixels.max():g} to 0," in caplog.text
         caplog.clear()
+
+
+def test_volume_options_given_for_images_are_warned_about(fused_png, pet_pair, capsys,
+                                                          caplog):
+    """``--axis``, ``--per-slice`` and the other volume options did nothing on 2D images,
+    silently; each is now named in a warning (the numbers are the same)."""
+    path, _, _ = fused_png
+    args = ["metrics", str(path), *map(str, pet_pair), "--names", "MEAN", "--format", "json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert "applies to volumes only" not in caplog.text
+    assert main([*args, "--axis", "coronal", "--per-slice", "--normalisation", "minmax"]) == 0
+    assert json.loads(capsys.readouterr().out) == plain
+    for flag in ("--axis", "--per-slice", "--normalisation"):
+        assert f"{flag} applies to volumes only; ignored for 2D images" in caplog.text
+    assert "--mask" not in caplog.text and "--resample" not in caplog.text

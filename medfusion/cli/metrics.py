@@ -52,12 +52,12 @@ def register(subparsers) -> None:
                         help="output format (default: from -o's extension: .csv, .json, or "
                              "markdown for .md, .txt or none; markdown on stdout)")
     parser.add_argument("-o", "--output", help="write to this file (atomically) instead of stdout")
-    parser.add_argument("--axis", default="axial",
+    parser.add_argument("--axis", default=None,
                         help="volumes: slice axis, axial|coronal|sagittal or 0|1|2 of the "
                              "(z, y, x) array (default: axial)")
-    parser.add_argument("--mask", choices=("foreground", "none"), default="foreground",
+    parser.add_argument("--mask", choices=("foreground", "none"), default=None,
                         help="volumes: 'foreground' skips empty slices (default), 'none' keeps all")
-    parser.add_argument("--normalisation", default="percentile",
+    parser.add_argument("--normalisation", default=None,
                         help="volumes: normalisation of sources/target to [0, 1] "
                              "(percentile|minmax|none; default: percentile)")
     parser.add_argument("--resample", action="store_true",
@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         check_not_an_input(args.output, paths)  # before any work
     fmt = _output_format(args.format, args.output)
     names = _names(args.names)
+    _volume_options(args, kinds == {"image"})
     if kinds == {"image"}:
         summary = _image_metrics(args, names)
         rows: list[dict[str, float]] = []
@@ -102,6 +103,25 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(text, end="")
     return 0
+
+
+# the volume options and their defaults (None in the parser: given or not is known)
+_VOLUME_DEFAULTS = {"axis": "axial", "mask": "foreground", "normalisation": "percentile"}
+
+
+def _volume_options(args: argparse.Namespace, images: bool) -> None:
+    """Fill in the volume options' defaults; for 2D images warn about each one given (an
+    option that changes nothing is a mistake the user should hear of, as in ``fuse``)."""
+    for name, default in _VOLUME_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif images:
+            logging.getLogger("medfusion").warning(
+                "--%s applies to volumes only; ignored for 2D images", name)
+    for name in ("resample", "per_slice"):
+        if images and getattr(args, name):
+            logging.getLogger("medfusion").warning(
+                "--%s applies to volumes only; ignored for 2D images", name.replace("_", "-"))
 
 
 def _names(names: list[str] | None) -> list[str] | None:

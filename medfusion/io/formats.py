@@ -219,7 +219,7 @@ def check_nifti_data(path: str | Path, error: type[MedFusionError] = InputError)
                     if not np.isfinite(values).all():
                         raise error(
                             f"{source.name} contains NaN or infinite values; fix or mask them "
-                            "before fusing"
+                            "first"
                         )
     except EOFError:
         _truncated(source, read, expected, shape, error)
