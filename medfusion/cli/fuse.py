@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -162,11 +163,16 @@ def check_option_use(args: argparse.Namespace, kind: str | None = None) -> None:
             if value is not None:
                 raise InputError(f"{flag} applies to --method {learned} only, not {args.method}")
     if kind == "image":
-        for flag, given in (("--axis", args.axis is not None),
-                            ("--batch-size", args.batch_size is not None),
-                            ("--allow-slice-gaps", getattr(args, "allow_slice_gaps", False))):
-            if given:
-                logger.warning("%s applies to volumes only; ignored for 2D images", flag)
+        warn_ignored_for_images([("--axis", args.axis is not None),
+                                 ("--batch-size", args.batch_size is not None),
+                                 ("--allow-slice-gaps", getattr(args, "allow_slice_gaps", False))])
+
+
+def warn_ignored_for_images(flags: Iterable[tuple[str, bool]]) -> None:
+    """Warn about each volume option of ``(flag, given)`` that was given for 2D images."""
+    for flag, given in flags:
+        if given:
+            logger.warning("%s applies to volumes only; ignored for 2D images", flag)
 
 
 def build_method(args: argparse.Namespace):

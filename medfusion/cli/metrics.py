@@ -112,16 +112,15 @@ _VOLUME_DEFAULTS = {"axis": "axial", "mask": "foreground", "normalisation": "per
 def _volume_options(args: argparse.Namespace, images: bool) -> None:
     """Fill in the volume options' defaults; for 2D images warn about each one given (an
     option that changes nothing is a mistake the user should hear of, as in ``fuse``)."""
+    from medfusion.cli.fuse import warn_ignored_for_images
+
+    given = [(f"--{name}", getattr(args, name) is not None) for name in _VOLUME_DEFAULTS]
+    given += [("--resample", args.resample), ("--per-slice", args.per_slice)]
+    if images:
+        warn_ignored_for_images(given)
     for name, default in _VOLUME_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-        elif images:
-            logging.getLogger("medfusion").warning(
-                "--%s applies to volumes only; ignored for 2D images", name)
-    for name in ("resample", "per_slice"):
-        if images and getattr(args, name):
-            logging.getLogger("medfusion").warning(
-                "--%s applies to volumes only; ignored for 2D images", name.replace("_", "-"))
 
 
 def _names(names: list[str] | None) -> list[str] | None:
@@ -160,15 +159,15 @@ def _output_format(fmt: str | None, output: str | None) -> str:
 def _luminance01(path: str | Path) -> np.ndarray:
     """A 2D image file as float [0, 1] luminance (Y of YCbCr for colour images)."""
     from medfusion.engine import luminance_for_scoring
-    from medfusion.io.images import read_image
+    from medfusion.io.images import min_max_bounds, read_image
 
     samples = read_image(path)
-    if samples.dtype not in (np.uint8, np.uint16):
-        low, high = float(np.nanmin(samples)) + 0.0, float(np.nanmax(samples)) + 0.0  # no -0
-        if not (samples.dtype.kind == "f" and 0.0 <= low and high <= 1.0):
-            logging.getLogger("medfusion").warning(
-                "%s holds %s values from %g to %g, not 8- or 16-bit ones: scored "
-                "min-max scaled to [0, 1]", Path(path).name, samples.dtype, low, high)
+    bounds = min_max_bounds(samples)
+    if bounds is not None:
+        low, high = (bound + 0.0 for bound in bounds)  # + 0.0: -0 is printed as 0
+        logging.getLogger("medfusion").warning(
+            "%s holds %s values from %g to %g, not 8- or 16-bit ones: scored min-max scaled to "
+            "[0, 1]", Path(path).name, samples.dtype, low, high)
     return luminance_for_scoring(samples)
 
 

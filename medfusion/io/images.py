@@ -85,12 +85,28 @@ def to_unit_range(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint16:
         return array.astype(np.float32) / np.float32(65535.0)
     values = array.astype(np.float32)
-    low, high = float(np.nanmin(values)), float(np.nanmax(values))
-    if 0.0 <= low and high <= 1.0 and array.dtype.kind == "f":
+    bounds = _min_max_bounds(values, array.dtype.kind == "f")
+    if bounds is None:
         return values
+    low, high = bounds
     if high <= low:
         return np.zeros_like(values)
     return (values - low) / np.float32(high - low)
+
+
+def min_max_bounds(array: np.ndarray) -> tuple[float, float] | None:
+    """The ``(low, high)`` by which :func:`to_unit_range` min-max scales ``array``; None where
+    it scales by the storage range (8/16-bit) or keeps the values (floats already in [0, 1])."""
+    if array.dtype in (np.uint8, np.uint16):
+        return None
+    return _min_max_bounds(array.astype(np.float32), array.dtype.kind == "f")
+
+
+def _min_max_bounds(values: np.ndarray, is_float: bool) -> tuple[float, float] | None:
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    if 0.0 <= low and high <= 1.0 and is_float:
+        return None
+    return low, high
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:
