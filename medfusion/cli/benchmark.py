@@ -53,8 +53,9 @@ def register(subparsers) -> None:
         type=Path,
         required=True,
         metavar="REPORT_DIR",
-        help="report folder (created; the report's files in it are replaced, and those an "
-        "earlier report wrote there that this one does not are removed; other files stay)",
+        help="report folder, outside the dataset folder (created; the report's files in it are "
+        "replaced, and those an earlier report wrote there that this one does not are removed; "
+        "other files stay)",
     )
     parser.add_argument("--split", help="use only this split of the split file (e.g. validation)")
     parser.add_argument(
