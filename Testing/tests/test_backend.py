@@ -184,12 +184,16 @@ def test_environment_forces_a_backend_and_rejects_unknown_names(network, monkeyp
 
 
 def test_weights_and_settings_change_the_cache_key(network):
-    other = type(network)(block_exponent=network.block_exponent)
+    bound = network.logit_bound
+    other = type(network)(block_exponent=network.block_exponent, logit_bound=bound)
     other.load_state_dict(network.state_dict())
     assert backend.model_key(other) == backend.model_key(network)
-    coarser = type(network)(block_exponent=network.block_exponent + 1)
+    coarser = type(network)(block_exponent=network.block_exponent + 1, logit_bound=bound)
     coarser.load_state_dict(network.state_dict())  # same weights, another traced graph
     assert backend.model_key(coarser) != backend.model_key(network)
+    unbounded = type(network)(block_exponent=network.block_exponent, logit_bound=0.0)
+    unbounded.load_state_dict(network.state_dict())  # the logits' bound is in the graph too
+    assert backend.model_key(unbounded) != backend.model_key(network)
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
     assert backend.model_key(other) != backend.model_key(network)

@@ -93,13 +93,30 @@ def test_compiled_cpu_path_gives_the_torch_codes_image(network, exponent: int, s
     """Inference on the CPU runs the full-resolution passes as compiled loops
     (scripts/cpu_kernels.py); at every block exponent, on sizes that need padding, for batches
     and for three sources (compiled statistics, torch combination) the fused image is the torch
-    code's within float32 rounding."""
+    code's within float32 rounding (the head's last layer sums its taps in another order than
+    oneDNN, on selection logits in the hundreds: up to ~4e-5 on these inputs; 1e-4 is the
+    backends' tolerance)."""
     net = copy.deepcopy(network)
     sys.modules[type(net).__module__].set_block_exponent(net, exponent)
     x = torch.rand(shape, generator=torch.Generator().manual_seed(exponent))
     compiled, reference = _both_paths(net, x)
     assert compiled.shape == reference.shape == (shape[0], 1, shape[2], shape[3])
-    torch.testing.assert_close(compiled, reference, atol=3e-5, rtol=0)
+    torch.testing.assert_close(compiled, reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 64, 24), (3, 1, 5, 24), (1, 7, 1, 8), (4, 2, 2, 3)])
+def test_compiled_conv3x3_is_torchs(network, shape) -> None:
+    """The compiled path's 3x3 convolution (tap planes by one matrix product, summed shifted
+    with zeros beyond the edges) is torch's ``conv2d`` with padding 1, on maps down to one row
+    or column."""
+    generator = torch.Generator().manual_seed(shape[1] * shape[2])
+    features = torch.randn(shape, generator=generator)
+    weight = torch.randn(2, shape[3], 3, 3, generator=generator)
+    bias = torch.randn(2, generator=generator)
+    out = _kernels(network).conv3x3(features, weight, bias)
+    expected = torch.nn.functional.conv2d(features.permute(0, 3, 1, 2), weight, bias, padding=1)
+    assert out.shape == expected.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("exponent", range(7))
@@ -160,7 +177,9 @@ def test_training_tracing_and_scripting_run_the_torch_code(network) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):  # bfloat16 maps: the torch code
             assert not net._compiled_cpu_path(x)
             assert net(x).shape == compiled.shape
-    torch.testing.assert_close(net(x).detach(), compiled, atol=3e-5, rtol=0)  # grads on
+    # grads on; 1e-4: the compiled path's float32 rounding (its last layer sums taps in another
+    # order) on logits in the hundreds, the backends' tolerance
+    torch.testing.assert_close(net(x).detach(), compiled, atol=1e-4, rtol=0)
     net.max_prior.requires_grad_(False)  # fine-tuning with the prior frozen still trains
     net(x).mean().backward()
     assert net.head[2].weight.grad is not None
@@ -168,7 +187,7 @@ def test_training_tracing_and_scripting_run_the_torch_code(network) -> None:
         traced = torch.jit.trace(net, x, check_trace=False)
         scripted = torch.jit.script(net)
         for run in (traced, scripted):
-            torch.testing.assert_close(run(x), compiled, atol=3e-5, rtol=0)
+            torch.testing.assert_close(run(x), compiled, atol=1e-4, rtol=0)
 
 
 def test_without_numba_the_network_runs_its_torch_code(network, monkeypatch) -> None:
@@ -180,7 +199,7 @@ def test_without_numba_the_network_runs_its_torch_code(network, monkeypatch) -> 
     monkeypatch.setattr(module, "_KERNELS", [None])
     assert not network._compiled_cpu_path(x)
     with torch.inference_mode():
-        torch.testing.assert_close(network(x), compiled, atol=3e-5, rtol=0)
+        torch.testing.assert_close(network(x), compiled, atol=1e-4, rtol=0)
 
 
 def test_before_numba_is_loaded_only_large_calls_take_the_compiled_loops() -> None:
@@ -217,3 +236,29 @@ def test_compiled_loops_refuse_shapes_that_do_not_fit(network) -> None:
     with pytest.raises(ValueError, match="compose_two"):
         kernels.compose_two(x, torch.rand(1, 4, 8, 8), torch.rand(1, 2, 8, 16),
                             network.max_prior.detach(), 8, 4)
+
+
+@pytest.mark.parametrize("sources", [2, 3])
+def test_bounded_logits_differ_by_less_than_twice_the_bound(network, sources: int) -> None:
+    """With ``logit_bound`` L each block's selection logits are centred over the sources and
+    bounded, ``L tanh(centred / L)``: two sources' logits never differ by 2 L or more (so the
+    selection cannot switch within a pixel on the logits alone, the 3-source patchwork), the
+    gains are untouched, and both paths (compiled, torch) agree."""
+    module = sys.modules[type(network).__module__]
+    unbounded, net = copy.deepcopy(network), copy.deepcopy(network)
+    bound = 2.0
+    unbounded.logit_bound, net.logit_bound = 0.0, bound
+    x = torch.rand(2, sources, 64, 48, generator=torch.Generator().manual_seed(sources))
+    with torch.inference_mode():
+        stats, _ = net._block_stats(x, 1 << net.block_exponent)
+        free = unbounded._block_maps(stats, 2, sources).reshape(2, sources, 2, 8, 6)
+        bounded = net._block_maps(stats, 2, sources).reshape(2, sources, 2, 8, 6)
+    assert (free[:, :, 0].amax(1) - free[:, :, 0].amin(1)).max() > 2 * bound  # bound binds
+    logits = bounded[:, :, 0]
+    assert (logits.amax(1) - logits.amin(1)).max() < 2 * bound
+    centred = free[:, :, 0] - free[:, :, 0].mean(1, keepdim=True)
+    torch.testing.assert_close(logits, bound * torch.tanh(centred / bound))
+    torch.testing.assert_close(bounded[:, :, 1], free[:, :, 1])
+    compiled, reference = _both_paths(net, x)
+    torch.testing.assert_close(compiled, reference, atol=1e-4, rtol=0)
+    assert module.FusionNet(3, logit_bound=bound).logit_bound == bound

@@ -89,7 +89,7 @@ def _write_tables(results: BenchmarkResults, folder: Path) -> None:
         case = results.three_sources
         write_csv(folder / "three_sources.csv", case["rows"],
                   ["slice", "method", *case["metrics"]])
-        results.files["three_sources.csv"] = "3-source case (SPM12 T1 + T2 + PET), per slice"
+        results.files["three_sources.csv"] = "3-source case (SPM12 T1 + PET + SPECT), per slice"
     if results.robustness_rows:
         write_csv(
             folder / "robustness.csv",

@@ -5,10 +5,14 @@ the rest was a dozen full-resolution passes (pooling, the bilinear upsampling of
 the base layer, the two-source combination), each reading and writing whole images. Here they
 are compiled loops (numba) that read every source pixel once: :func:`block_stats` (the block
 CNN's input and the base layer's means, ``x`` and ``x^2`` pooled in one pass) and
-:func:`compose_two` (upsampling and combination row by row, each fused pixel written once).
+:func:`compose_two` (upsampling and combination row by row, each fused pixel written once); and
+:func:`conv3x3`, the block CNN's last layer (2 output channels, where oneDNN was slow) as one
+matrix product and a compiled sum of shifted tap planes, and :func:`bound_logits` (six small
+torch operations on the block grid in one loop).
 They compute what the network's torch code computes (``FusionNet._block_stats``,
-``upsample_bilinear``, ``_combine_two_sources``: the block means to the bit, the fused image
-within 2e-5 for the shipped weights; the logit difference is taken on the block grid before
+``upsample_bilinear``, ``_combine_two_sources``, the head's last layer: the block means to the
+bit, the fused image within 3.2e-5 for the shipped weights on atlas pairs, 1e-4 tested on random
+inputs; the logit difference is taken on the block grid before
 upsampling, which rounds less than upsampling each logit, so with logits of 1e4 the two paths
 differ by ~3e-4) and serve inference only: the network takes them for float32 CPU inputs
 without gradients, and keeps its torch code for training, GPUs, TorchScript and ONNX export.
@@ -303,6 +307,79 @@ def block_stats(x: torch.Tensor, block: int, base_pool: int
         stats[..., 1] = 0.0
     coarse = torch.from_numpy(coarse).reshape(b, k, h // base_pool, w // base_pool)
     return torch.from_numpy(stats).permute(0, 3, 1, 2), coarse
+
+
+@numba.njit(**_JIT_FUSED)
+def _sum_taps(planes: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+    """``out`` (N, C, h, w) = ``bias`` + the sum over the 3x3 taps of ``planes``
+    (C * 9, N, h, w), each tap plane shifted by its offset, zeros beyond the edges: the second
+    half of :func:`conv3x3`. Row by row, each tap a contiguous run (vectorised)."""
+    images, channels, height, width = out.shape
+    for flat in range(images * channels * height):
+        image = flat // (channels * height)
+        channel, row = (flat // height) % channels, flat % height
+        line = out[image, channel, row]
+        line[:] = bias[channel]
+        for dy in range(3):
+            source_row = row + dy - 1
+            if source_row < 0 or source_row >= height:
+                continue
+            for dx in range(3):
+                tap = planes[channel * 9 + dy * 3 + dx, image, source_row]
+                for column in range(max(0, 1 - dx), min(width, width + 1 - dx)):
+                    line[column] += tap[column + dx - 1]
+
+
+def conv3x3(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A 3x3 convolution (stride 1, zero padding 1, no dilation) of channels-last ``features``
+    (N, h, w, C_in) with ``weight`` (C_out, C_in, 3, 3): ``(N, C_out, h, w)``, contiguous.
+
+    One matrix product makes the ``C_out * 9`` tap planes ``W_tap @ features^T``, a compiled
+    loop adds them up shifted. Why: for the block CNN's last layer (24 -> 2 channels on 64x64
+    maps) oneDNN took ~150 us, as long as for 16 output channels; this takes ~80 us, the same
+    numbers to float32 rounding (the sums run in another order).
+    """
+    images, height, width, channels = features.shape
+    outputs = weight.shape[0]
+    taps = weight.permute(0, 2, 3, 1).reshape(outputs * 9, channels)  # [(o, dy, dx), c]
+    planes = torch.mm(taps, features.reshape(-1, channels).t())
+    out = torch.empty((images, outputs, height, width), dtype=torch.float32)
+    _sum_taps(planes.reshape(outputs * 9, images, height, width).numpy(),
+              bias.detach().contiguous().numpy(), out.numpy())
+    return out
+
+
+@numba.njit(**_JIT_FUSED)
+def _bound_logits(maps: np.ndarray, sources: int, bound: float) -> None:
+    """In place on ``maps`` (B, 2 K, h, w): each position's selection logits (channels 0, 2,
+    ...) centred on their mean over the ``sources`` and bounded, ``L tanh(l / L)`` with
+    ``tanh(u) = 2 sigmoid(2 u) - 1`` (the vectorising :func:`sigmoid`)."""
+    images, positions = maps.shape[0], maps.shape[2] * maps.shape[3]
+    flat = maps.reshape(images, maps.shape[1], positions)
+    scale, two = _F32(1.0) / _F32(sources), _F32(2.0)
+    mean = np.empty(positions, np.float32)
+    for image in range(images):  # loops along the positions, which vectorise
+        mean[:] = 0.0
+        for source in range(sources):
+            logits = flat[image, 2 * source]
+            for position in range(positions):
+                mean[position] += logits[position]
+        for source in range(sources):
+            logits = flat[image, 2 * source]
+            for position in range(positions):
+                u = (logits[position] - mean[position] * scale) / bound
+                logits[position] = bound * (two * sigmoid(two * u) - _F32(1.0))
+
+
+def bound_logits(maps: torch.Tensor, sources: int, bound: float) -> torch.Tensor:
+    """``FusionNet._bounded`` of contiguous float32 block maps ``(B, 2 K, h, w)``, in place
+    (within float32 rounding of torch's ``tanh``); returns ``maps``."""
+    if (maps.dtype != torch.float32 or not maps.is_contiguous() or maps.dim() != 4
+            or maps.shape[1] != 2 * sources or not bound > 0):
+        raise ValueError(f"bound_logits got maps {maps.dtype} {tuple(maps.shape)} for "
+                         f"{sources} sources and bound {bound}")
+    _bound_logits(maps.numpy(), sources, _F32(bound))
+    return maps
 
 
 def compose_two(x: torch.Tensor, maps: torch.Tensor, coarse: torch.Tensor,

@@ -46,6 +46,9 @@ class FusionNet(nn.Module):
         features: channels of the block CNN.
         min_sources: inputs with fewer channels are rejected (fusion needs at least two).
         max_prior: initial ``beta`` (weight of each source's intensity in its selection logit).
+        logit_bound: ``L > 0`` bounds each block's selection logits to ``L tanh((l_k - mean_j
+            l_j) / L)`` (so two sources' logits differ by less than ``2 L``); 0 leaves them
+            unbounded.
     """
 
     def __init__(
@@ -54,8 +57,10 @@ class FusionNet(nn.Module):
         features: int = 24,
         min_sources: int = 2,
         max_prior: float = 8.0,
+        logit_bound: float = 0.0,
     ) -> None:
         super().__init__()
+        self.logit_bound = float(logit_bound)
         self.block_exponent = check_block_exponent(block_exponent)
         self.base_pool = BASE_POOL
         self.stats = STATS
@@ -91,7 +96,8 @@ class FusionNet(nn.Module):
         return max(1 << self.block_exponent, self.base_pool)
 
     def extra_repr(self) -> str:
-        return f"block_exponent={self.block_exponent}"
+        # (the inference backends' cache key reads this: another bound is another graph)
+        return f"block_exponent={self.block_exponent}, logit_bound={self.logit_bound:g}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the fused image ``(B, 1, H, W)`` in [0, 1]."""
@@ -117,12 +123,23 @@ class FusionNet(nn.Module):
         block = 1 << self.block_exponent
         x = self._padded(x)
         stats, coarse = kernels.block_stats(x, block, self.base_pool)
-        maps = self._block_maps(stats, b, k)
+        maps = self._compiled_block_maps(kernels, stats, b, k)
         if k == 2:
             fused = kernels.compose_two(x, maps, coarse, self.max_prior, block, self.base_pool)
         else:
             fused = self._compose(x, maps, coarse, block)
         return fused[..., :h, :w]
+
+    def _compiled_block_maps(self, kernels, stats: torch.Tensor, b: int, k: int  # noqa: ANN001
+                             ) -> torch.Tensor:
+        """:meth:`_block_maps` on the compiled path: the head's last layer and the logits'
+        bound as compiled loops (:func:`scripts.cpu_kernels.conv3x3`, ``bound_logits``)."""
+        last = self.head[2]
+        maps = kernels.conv3x3(self._block_hidden(stats, b, k), last.weight, last.bias)
+        maps = maps.reshape(b, 2 * k, maps.shape[-2], maps.shape[-1])
+        if self.logit_bound > 0:
+            maps = kernels.bound_logits(maps, k, self.logit_bound)
+        return maps
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` replicate-padded at the bottom and right to :attr:`input_multiple`."""
@@ -137,6 +154,12 @@ class FusionNet(nn.Module):
         """The block CNN: per source a selection logit and a detail gain at the block grid,
         ``(B, 2 K, H / block, W / block)`` (logit, gain of source 0, then of source 1, ...),
         from the block statistics of :meth:`_block_stats`."""
+        hidden = self._block_hidden(stats, b, k)
+        return self._as_maps(self.head[2](hidden.permute(0, 3, 1, 2)), b, k)
+
+    def _block_hidden(self, stats: torch.Tensor, b: int, k: int) -> torch.Tensor:
+        """The block CNN up to the head's last layer: its input ``(B * K, h, w, features)``
+        (channels-last memory, contiguous in this view)."""
         hb, wb = stats.shape[-2], stats.shape[-1]
         # channels-last (N, C, H, W) is (N, H, W, C) in memory: features are pooled over the
         # sources and concatenated along the last axis of that view, with no layout copies
@@ -154,8 +177,22 @@ class FusionNet(nn.Module):
                              mixing[:, 2 * width:].t() / k)
         hidden = torch.matmul(feats, mixing[:, :width].t())
         hidden += shared.reshape(b, 1, hb, wb, width)
-        hidden = self.head[1](hidden).reshape(b * k, hb, wb, width).permute(0, 3, 1, 2)
-        return self.head[2](hidden).contiguous().reshape(b, k * 2, hb, wb)
+        return self.head[1](hidden).reshape(b * k, hb, wb, width)
+
+    def _as_maps(self, last: torch.Tensor, b: int, k: int) -> torch.Tensor:
+        """The head's last layer's ``(B * K, 2, h, w)`` output as the block maps
+        ``(B, 2 K, h, w)``, the logits bounded where :attr:`logit_bound` says so."""
+        maps = last.contiguous().reshape(b, k * 2, last.shape[-2], last.shape[-1])
+        return self._bounded(maps, b, k) if self.logit_bound > 0 else maps
+
+    def _bounded(self, maps: torch.Tensor, b: int, k: int) -> torch.Tensor:
+        """``maps`` with each block's selection logits centred on their mean over the sources
+        and bounded by :attr:`logit_bound` (``L tanh(l / L)``); the gains as they are."""
+        pairs = maps.reshape(b, k, 2, maps.shape[-2], maps.shape[-1])
+        logits = pairs[:, :, 0]
+        centred = logits - _source_sum(logits) / k
+        bounded = self.logit_bound * torch.tanh(centred / self.logit_bound)
+        return torch.stack([bounded, pairs[:, :, 1]], dim=2).reshape(maps.shape)
 
     def _compose(self, x: torch.Tensor, maps: torch.Tensor, coarse: torch.Tensor, block: int
                  ) -> torch.Tensor:
