@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 import textwrap
@@ -153,6 +154,66 @@ def test_compiled_combination_is_the_torch_formula(network, logit_scale: float) 
         expected = module.combine_sources(x, module.upsample_bilinear(coarse, 4), up[:, :, 0],
                                           up[:, :, 1], prior).clamp(0.0, 1.0)
         torch.testing.assert_close(fused, expected, atol=2e-5, rtol=0)
+
+
+def test_compiled_combination_leaves_out_dead_details_only(network, monkeypatch) -> None:
+    """Where every gain's sigmoid is below ``DEAD_GAIN_SIGMOID`` (the shipped weights') the
+    compiled loop combines the selection alone: the torch formula's image to float32 rounding,
+    and the full loop's; live gains, or a NaN gain, keep the detail terms."""
+    module = sys.modules[type(network).__module__]
+    kernels = _kernels(network)
+    generator = torch.Generator().manual_seed(7)
+    x = torch.rand(1, 2, 64, 64, generator=generator)
+    x[:, :, :16] = 0.0  # black rows: a detail term of 1e-13 would show there
+    coarse = torch.rand(1, 2, 16, 16, generator=generator)
+    prior = network.max_prior.detach()
+    maps = torch.randn(1, 4, 8, 8, generator=generator) * 20.0
+    maps[:, 1::2] = -30.0 - 10.0 * torch.rand(1, 2, 8, 8, generator=generator)
+    assert kernels._largest_gain_sigmoid(maps.numpy()) < kernels.DEAD_GAIN_SIGMOID
+    up = module.upsample_bilinear(maps, 8).reshape(1, 2, 2, 64, 64)
+    expected = module.combine_sources(x, module.upsample_bilinear(coarse, 4), up[:, :, 0],
+                                      up[:, :, 1], prior).clamp(0.0, 1.0)
+    selection = kernels.compose_two(x, maps, coarse, prior, 8, 4)
+    torch.testing.assert_close(selection, expected, atol=2e-5, rtol=0)
+    monkeypatch.setattr(kernels, "DEAD_GAIN_SIGMOID", -1.0)  # every gain counts as live
+    full = kernels.compose_two(x, maps, coarse, prior, 8, 4)
+    torch.testing.assert_close(selection, full, atol=1e-7, rtol=0)
+    monkeypatch.undo()
+
+    live = maps.clone()
+    live[0, 3] = 0.0  # source 1's details re-injected by half where source 0 is selected
+    up = module.upsample_bilinear(live, 8).reshape(1, 2, 2, 64, 64)
+    expected = module.combine_sources(x, module.upsample_bilinear(coarse, 4), up[:, :, 0],
+                                      up[:, :, 1], prior).clamp(0.0, 1.0)
+    fused = kernels.compose_two(x, live, coarse, prior, 8, 4)
+    torch.testing.assert_close(fused, expected, atol=2e-5, rtol=0)
+    assert (fused - selection).abs().max() > 1e-3
+    live[0, 1, 0, 0] = float("nan")
+    assert math.isnan(kernels._largest_gain_sigmoid(live.numpy()))
+
+
+def test_network_output_needs_no_clamp(network) -> None:
+    """The cnn method leaves out its own clamp for a network that declares its output in
+    [0, 1]: every path of FusionNet clamps, also for sources that push the combination out."""
+    assert type(network).output_in_unit_range is True
+    module = sys.modules[type(network).__module__]
+    x = torch.zeros(1, 2, 64, 64)
+    x[:, :, ::2] = 1.0  # striped sources: each one's details added to the other's bright rows
+    net = copy.deepcopy(network)
+    with torch.no_grad():
+        net.head[2].weight[1] = 0.0  # every gain 10: details re-injected in full
+        net.head[2].bias[1] = 10.0
+        stats, coarse = net._block_stats(x, 1 << net.block_exponent)
+        maps = module.upsample_bilinear(net._block_maps(stats, 1, 2), 1 << net.block_exponent)
+        maps = maps.reshape(1, 2, 2, 64, 64)
+        unclamped = module.combine_sources(x, module.upsample_bilinear(coarse, net.base_pool),
+                                           maps[:, :, 0], maps[:, :, 1], net.max_prior)
+    assert unclamped.max() > 1.2  # what a missing clamp would let through
+    for compiled in (True, False):
+        net.compiled_cpu_kernels = compiled
+        with torch.inference_mode():
+            fused = net(x)
+        assert fused.min() >= 0.0 and fused.max() <= 1.0
 
 
 def test_compiled_sigmoid_is_torchs(network) -> None:

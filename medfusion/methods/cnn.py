@@ -122,8 +122,10 @@ class CNNFusion:
         source_device = batch.device
         inputs, (height, width) = pad_to_network_minimum(batch.to(self.device, torch.float32))
         with torch.inference_mode():
-            fused = self._run_tiled(inputs)
-        return fused[:, 0, :height, :width].clamp(0.0, 1.0).to(source_device)
+            fused = self._run_tiled(inputs)[:, 0, :height, :width]
+            if not getattr(self.module, "output_in_unit_range", False):
+                fused = fused.clamp(0.0, 1.0)  # a bundle's own network may not bound its output
+        return fused.to(source_device)
 
     def tile(self, sources: int, height: int, width: int) -> tuple[int, int]:
         """The memory tile for slices of ``height x width`` with ``sources`` sources:
