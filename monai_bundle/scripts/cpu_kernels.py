@@ -430,7 +430,8 @@ def compose_two(x: torch.Tensor, maps: torch.Tensor, coarse: torch.Tensor,
     means ``coarse`` ``(B, 2, H / base_pool, W / base_pool)``: ``combine_sources`` of the
     bilinearly upsampled maps and base layers, clamped, without full-size intermediates. Where
     every gain's sigmoid is below :data:`DEAD_GAIN_SIGMOID` the detail terms and the base layer
-    are left out (the same image to float32 rounding, in ~0.65x the time)."""
+    are left out (the same image to float32 rounding, in ~0.45x the time: 0.10 against 0.23 ms
+    for a 512^2 pair)."""
     b, _, h, w = x.shape
     # the loops index without bounds checks: shapes that do not fit are refused here
     if (x.shape[1] != 2 or maps.shape != (b, 4, h // block, w // block) or h % block or w % block
