@@ -4,6 +4,7 @@ weights' hash, and a backend that cannot serve a network falls back to torch."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -95,7 +96,7 @@ def test_onnxruntime_matches_torch_on_a_real_pair_and_caches_the_export(
 def test_a_backend_failing_at_run_time_falls_back_to_torch(network, atlas_batch, cache):
     runner = backend.accelerate(network, "cpu", backend="onnxruntime")
     assert runner.prepare() == "onnxruntime"
-    runner._run.runs[2].run.session = None  # the session is gone: running it raises
+    runner._built["onnxruntime"].runs[2].run.session = None  # the session is gone: running it raises
     with torch.inference_mode():  # as the methods call it
         fused = runner(atlas_batch)
     assert runner.backend == "torch"
@@ -132,7 +133,7 @@ def test_auto_takes_onnxruntime_only_where_it_pays(network, cache, monkeypatch):
     if backend.onnxruntime_available():
         session = backend.accelerate(network, "cpu", backend="onnxruntime")
         session.prepare()
-        assert isinstance(backend._pays(session._run, network, torch.device("cpu")), bool)
+        assert isinstance(backend._pays(session._built["onnxruntime"], network, torch.device("cpu")), bool)
     for pays, expected in ((True, "onnxruntime"), (False, "torch")):
         monkeypatch.setattr(backend, "_pays", lambda *args, pays=pays: pays)
         monkeypatch.setattr(backend, "_AUTO_CHOICES", {})
@@ -149,8 +150,8 @@ def test_auto_takes_onnxruntime_only_where_it_pays(network, cache, monkeypatch):
 def test_auto_times_the_backends_on_the_first_calls_input(network, cache, monkeypatch):
     """``auto`` decides on what the caller runs: the bundle's network takes compiled CPU loops
     only on calls large enough to pay for loading numba, so a fixed small probe could time
-    another path than a volume's slices take. Without an input (``prepare()``), or with another
-    source count than the one timed, it times the 384² two-source probe."""
+    another path than a volume's slices take. Without an input (``prepare()``) it times the 384²
+    two-source probe; a call with another source count is timed on its first two sources."""
     monkeypatch.delenv(backend.BACKEND_ENV, raising=False)
     timed = []
 
@@ -160,7 +161,7 @@ def test_auto_times_the_backends_on_the_first_calls_input(network, cache, monkey
 
     monkeypatch.setattr(backend, "_best_times", record)
     for first_input, expected in ((torch.rand(2, 2, 80, 96), (2, 2, 80, 96)),
-                                  (torch.rand(1, 3, 64, 64), backend.TIMING_SHAPE),
+                                  (torch.rand(1, 3, 64, 64), (1, 2, 64, 64)),
                                   (None, backend.TIMING_SHAPE)):
         monkeypatch.setattr(backend, "_AUTO_CHOICES", {})
         runner = backend.accelerate(network, "cpu")
@@ -171,6 +172,54 @@ def test_auto_times_the_backends_on_the_first_calls_input(network, cache, monkey
                 runner(first_input)
         assert runner.backend == "onnxruntime"
         assert timed[-1] == expected
+
+
+@needs_ort
+def test_auto_decides_each_call_class_apart(network, cache, monkeypatch):
+    """A small first call, or one pair before numba is loaded, must not fix the backend of the
+    process: ``auto`` times each :func:`call_class` (size in powers of 4, the network's own path)
+    apart, once per process. Here ONNX Runtime "wins" on small calls and "loses" on large ones
+    (the timing is replaced; each class's real timing is a bool, checked above)."""
+    monkeypatch.delenv(backend.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(backend, "_AUTO_CHOICES", {})
+    timed = []
+
+    def record(runs, probe):
+        timed.append(tuple(probe.shape))
+        return [1.0, 2.0] if probe.shape[-1] <= 128 else [2.0, 1.0]
+
+    monkeypatch.setattr(backend, "_best_times", record)
+    runner = backend.accelerate(network, "cpu")
+    small, large = torch.rand(1, 2, 64, 64), torch.rand(2, 2, 512, 512)
+    with torch.inference_mode():
+        kinds = [backend.call_class(network, small)]
+        runner(small)
+        assert runner.backend == "onnxruntime"
+        runner(torch.rand(1, 2, 80, 64))  # the small class again: decided, not timed again
+        assert runner.backend == "onnxruntime"
+        fused = runner(large)
+        assert runner.backend == "torch"
+        assert torch.equal(fused, network(large))  # the module itself ran
+        kinds.append(backend.call_class(network, large))
+    assert timed == [(1, 2, 64, 64), (2, 2, 512, 512)]
+    assert kinds[0][0] == 6 and kinds[1][0] == 9 and kinds[0] != kinds[1]
+    # another runner of the same network follows the choices without timing
+    again = backend.accelerate(network, "cpu")
+    with torch.inference_mode():
+        again(large)
+    assert again.backend == "torch" and len(timed) == 2
+
+
+def test_the_bundle_network_declares_its_path(network):
+    """call_class sees the compiled CPU loops: a large float32 call without gradients runs
+    them (where numba is importable), a call with gradients runs the torch code."""
+    large = torch.rand(2, 2, 512, 512)
+    with torch.inference_mode():
+        inference = network.inference_path(large)
+    assert network.inference_path(large) == "torch"  # gradients on: the differentiable code
+    expected = "compiled" if importlib.util.find_spec("numba") else "torch"
+    assert inference == expected
+    assert backend.call_class(network, large)[1] == network.inference_path(large)
 
 
 def test_environment_forces_a_backend_and_rejects_unknown_names(network, monkeypatch):
@@ -284,7 +333,7 @@ def test_each_source_count_gets_its_own_export_or_torch(cache):
     assert float((runner(two) - _plain(module, two)).abs().max()) <= backend.TOLERANCE
     assert torch.equal(runner(three), _plain(module, three))
     assert runner.backend == "onnxruntime"
-    assert runner._run.runs[3] is module  # torch for three sources, ONNX Runtime for two
+    assert runner._built["onnxruntime"].runs[3] is module  # torch for three sources, ONNX Runtime for two
     assert [p.name.split("-")[2] for p in cache.glob(f"*{backend.model_key(module)}*")] == ["k2"]
 
 

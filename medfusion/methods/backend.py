@@ -22,12 +22,13 @@ dynamic) and returns an :class:`InferenceRunner`, a callable with the module's s
 
 ``MEDFUSION_BACKEND=auto|onnxruntime|compile|torch`` (or the ``backend`` argument) chooses;
 ``auto`` (the default unless the caller names another, as the sesf method names torch) takes
-ONNX Runtime on CPU when it is installed *and* it runs the first call's input (a 384² probe
-when :meth:`InferenceRunner.prepare` is called before any input, or when the input has another
-source count than two or the module's fixed channel count) faster than plain torch on this
-machine (timed once per loaded network: which one wins depends on the network, the input size
-and the load; other source counts follow that choice untimed), and plain torch otherwise (on
-CUDA too: the CPU wheel of ONNX Runtime has no GPU provider). A backend is checked against plain
+ONNX Runtime on CPU when it is installed *and* it runs a call faster than plain torch on this
+machine, timed on the first call of each :func:`call_class` (the call's size in powers of 4 and
+the network's own path: the bundle's network runs compiled CPU loops on large calls or once numba
+is loaded), on that call's input (its first two sources where it has more; a 384² pair when
+:meth:`InferenceRunner.prepare` is called without an input), once per network and class in the
+process; plain torch otherwise (on CUDA too: the CPU wheel of ONNX Runtime has no GPU provider).
+A backend is checked against plain
 torch on two probe inputs (max abs difference ``TOLERANCE``; ONNX Runtime once, before its export
 is cached); one that fails to build, to run or to match falls back to plain torch with a log
 message, so inference never fails for the backend's sake.
@@ -403,18 +404,19 @@ def _best_times(runs: list[Callable[[torch.Tensor], torch.Tensor]], probe: torch
 def _pays(candidate: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module,
           device: torch.device, channels: int = TIMING_SHAPE[1],
           example: torch.Tensor | None = None) -> bool:
-    """True when ``candidate`` runs ``example`` (the first real input, when it has ``channels``
-    channels), else a 384² pair, faster than plain torch here and now.
+    """True when ``candidate`` runs ``example`` (the call being decided; a call with another
+    source count than ``channels`` is timed on its first ``channels`` sources), else a 384²
+    pair, faster than plain torch here and now.
 
     Which backend is faster depends on the network, the machine and the input (on this project's
-    2-core CPU ONNX Runtime was 3-5x faster than torch while other processes competed for the
+    2-core CPUs ONNX Runtime was 3-5x faster than torch while other processes competed for the
     cores and about 2x slower on an idle machine; the bundle's network runs compiled CPU loops
-    in torch only on calls large enough to pay for loading numba, so a 384² probe would time a
-    volume's first call on another path than its slices take), so ``auto`` measures instead of
-    guessing, on what the caller runs: a few tens of milliseconds, once per loaded network.
+    in torch only on calls large enough to pay for loading numba, or once numba is loaded), so
+    ``auto`` measures instead of guessing, on what the caller runs: a few tens of milliseconds,
+    once per loaded network and :func:`call_class`.
     """
-    if example is not None and example.dim() == 4 and example.shape[1] == channels:
-        probe = example.detach().to(device)
+    if example is not None and example.dim() == 4 and example.shape[1] >= channels:
+        probe = example.detach()[:, :channels].to(device)
     else:
         shape = (TIMING_SHAPE[0], channels, *TIMING_SHAPE[2:])
         probe = torch.rand(*shape, generator=torch.Generator().manual_seed(0)).to(device)
@@ -424,16 +426,35 @@ def _pays(candidate: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Mo
     return fast < plain
 
 
-# what ``auto`` chose per network and device in this process: one network, one backend (so two
-# method objects of the same bundle fuse bit-identically)
+def call_class(module: torch.nn.Module, inputs: torch.Tensor) -> tuple[int, object]:
+    """Which calls ``auto`` decides apart: the call's pixels (batch x height x width) in powers
+    of 4 (64² is 6, 128² 7, 256² 8, one to three 512² slices 9, four to fifteen 10), and
+    the module's own path for it where the module declares one (``inference_path(inputs)``: the
+    bundle's network says whether its compiled CPU loops run).
+
+    Why: the faster backend depends on both. A process whose first call was a small image (or one
+    512² pair, before numba was loaded) chose ONNX Runtime for good, and its later volume batches,
+    where torch runs compiled loops, then took 3x torch's time (session 34: 5.8-6.2 against 1.8
+    ms per 512² pair on this project's CPU)."""
+    pixels = inputs.numel() // max(1, int(inputs.shape[1])) if inputs.dim() >= 2 else inputs.numel()
+    size = (max(1, pixels).bit_length() - 1) // 2
+    path = getattr(module, "inference_path", None)
+    return size, (path(inputs) if callable(path) else None)
+
+
+# what ``auto`` chose per network, device and call class in this process: one network, one
+# backend for each class of call (so two method objects of the same bundle fuse the same input
+# bit-identically)
 _AUTO_CHOICES: dict[str, str] = {}
 
 
 class InferenceRunner:
-    """Callable running ``module`` through a backend; ``backend`` names the one in use.
+    """Callable running ``module`` through a backend; ``backend`` names the one that ran (or was
+    chosen for) the latest call.
 
-    The backend is prepared on the first call (export or cache look-up, session, check against
-    plain torch), so building a method stays cheap; :meth:`prepare` does it at once.
+    The backend is prepared on the first call of each :func:`call_class` (export or cache
+    look-up, session, check against plain torch; ``auto`` also times it against torch there), so
+    building a method stays cheap; :meth:`prepare` does it at once for one class.
     ``channels``: the module's fixed number of input channels (e.g. 1 for an encoder of single
     images); None for a fusion network that takes any number of sources (probed with 2 and 3).
     ``default``: the backend when neither ``backend`` nor ``MEDFUSION_BACKEND`` names one.
@@ -448,7 +469,9 @@ class InferenceRunner:
         self.cache = cache
         self.channels = channels
         self.backend: str | None = None
-        self._run: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._built: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # checked backends
+        self._broken: set[str] = set()  # backends that failed to build, match or run
+        self._chosen: dict[tuple[int, object], str] = {}  # call class -> backend
         self._lock = threading.Lock()
 
     def _channels(self) -> int:
@@ -462,18 +485,19 @@ class InferenceRunner:
     def _probes(self) -> tuple[tuple[int, ...], ...]:
         return PROBE_SHAPES if self.channels is None else probe_shapes(self.channels)
 
-    def _candidates(self) -> list[str]:
+    def _candidates(self, key: str) -> list[str]:
         if self.requested != "auto":
-            return [self.requested] if self.requested == "torch" else [self.requested, "torch"]
-        chosen = _AUTO_CHOICES.get(self._choice_key())
-        if chosen is not None:  # the same network keeps one backend for the whole process
-            return [chosen] if chosen == "torch" else [chosen, "torch"]
-        if self.device.type == "cpu" and onnxruntime_available():
-            return ["onnxruntime", "torch"]
-        return ["torch"]
+            names = [self.requested] if self.requested == "torch" else [self.requested, "torch"]
+        elif key in _AUTO_CHOICES:  # the same network and class keep one backend per process
+            names = [_AUTO_CHOICES[key], "torch"]
+        elif self.device.type == "cpu" and onnxruntime_available():
+            names = ["onnxruntime", "torch"]
+        else:
+            names = ["torch"]
+        return [name for name in dict.fromkeys(names) if name not in self._broken]
 
-    def _choice_key(self) -> str:
-        return f"{model_key(self.module)}:{self.device}"
+    def _choice_key(self, kind: tuple[int, object]) -> str:
+        return f"{model_key(self.module)}:{self.device}:{kind}"
 
     def _build(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         if name == "onnxruntime":
@@ -488,37 +512,59 @@ class InferenceRunner:
                               input_multiple(self.module))
         return self.module
 
+    def _checked(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Backend ``name``, built and checked against torch once per runner."""
+        if name not in self._built:
+            run = self._build(name)
+            if name not in ("onnxruntime", "torch"):  # cached ONNX models were checked on export
+                difference = _matches(run, self.module, self.device, self._probes())
+                if difference > TOLERANCE:
+                    raise RuntimeError(f"outputs differ from torch by {difference:.2g}")
+            self._built[name] = run
+        return self._built[name]
+
+    def _probe(self) -> torch.Tensor:
+        shape = (TIMING_SHAPE[0], self._channels(), *TIMING_SHAPE[2:])
+        return torch.rand(*shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+
     def prepare(self, example: torch.Tensor | None = None) -> str:
-        """Choose and check the backend now; return its name. ``auto`` times the candidates on
-        ``example`` (the first call's input) if given, else on a 384² pair."""
+        """Choose and check the backend for calls like ``example`` (of its :func:`call_class`;
+        without one, like a 384² pair) now; return its name. ``auto`` times the candidates on
+        ``example`` the first time a class comes in this process."""
         with self._lock:
-            if self._run is not None:
-                return self.backend  # type: ignore[return-value]
-            for name in self._candidates():
-                if name == "torch":
-                    self._run, self.backend = self.module, "torch"
-                    break
-                try:
-                    run = self._build(name)
-                    if name != "onnxruntime":  # cached ONNX models were checked on export
-                        difference = _matches(run, self.module, self.device, self._probes())
-                        if difference > TOLERANCE:
-                            raise RuntimeError(f"outputs differ from torch by {difference:.2g}")
-                    if (self.requested == "auto" and self._choice_key() not in _AUTO_CHOICES
-                            and not _pays(run, self.module, self.device, self._channels(),
-                                          example)):
-                        raise RuntimeError("slower than torch on this machine")
-                except Exception as error:  # never fail inference for the backend's sake
-                    logger.log(self._fallback_level(),
-                               "inference backend %s unavailable (%s: %s); using torch",
-                               name, type(error).__name__, _first_line(error))
-                    continue
-                self._run, self.backend = run, name
+            return self._prepare(example if example is not None else self._probe())
+
+    def _prepare(self, example: torch.Tensor) -> str:
+        with torch.inference_mode():  # the grad mode the methods call in (it decides the path)
+            kind = call_class(self.module, example)
+        if kind in self._chosen:
+            self.backend = self._chosen[kind]
+            return self.backend
+        key = self._choice_key(kind) if self.requested == "auto" else ""
+        chosen = "torch"
+        for name in self._candidates(key):
+            if name == "torch":
                 break
-            if self.requested == "auto":
-                _AUTO_CHOICES[self._choice_key()] = self.backend  # type: ignore[assignment]
-            logger.debug("inference backend: %s", self.backend)
-            return self.backend  # type: ignore[return-value]
+            try:
+                run = self._checked(name)
+                if self.requested == "auto" and key not in _AUTO_CHOICES and not _pays(
+                        run, self.module, self.device, self._channels(), example):
+                    logger.debug("inference backend %s slower than torch on %s calls",
+                                 name, kind)
+                    continue
+            except Exception as error:  # never fail inference for the backend's sake
+                self._broken.add(name)
+                logger.log(self._fallback_level(),
+                           "inference backend %s unavailable (%s: %s); using torch",
+                           name, type(error).__name__, _first_line(error))
+                continue
+            chosen = name
+            break
+        if self.requested == "auto":
+            _AUTO_CHOICES[key] = chosen
+        self._chosen[kind] = self.backend = chosen
+        logger.debug("inference backend for %s calls: %s", kind, chosen)
+        return chosen
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -527,16 +573,18 @@ class InferenceRunner:
         return self._call(inputs)
 
     def _call(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self._run is None:
-            self.prepare(inputs)
-        if self.backend == "torch":
+        name = self.prepare(inputs)
+        if name == "torch":
             return self.module(inputs)
         try:
-            return self._run(inputs)  # type: ignore[misc]
+            return self._built[name](inputs)
         except Exception as error:  # e.g. Inductor failing to recompile for a new shape
             logger.warning("inference backend %s failed (%s: %s); using torch from now on",
-                           self.backend, type(error).__name__, _first_line(error))
-            self._run, self.backend = self.module, "torch"
+                           name, type(error).__name__, _first_line(error))
+            with self._lock:
+                self._broken.add(name)
+                self._chosen = {kind: "torch" for kind in self._chosen}
+                self.backend = "torch"
             return self.module(inputs)
 
     def __repr__(self) -> str:

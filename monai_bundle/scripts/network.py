@@ -243,6 +243,13 @@ class FusionNet(nn.Module):
         coarse = mean if fine == self.base_pool else F.avg_pool2d(mean, self.base_pool // fine)
         return mean, square, coarse
 
+    def inference_path(self, x: torch.Tensor) -> str:
+        """Which code a call on ``x`` runs here and now, in the caller's grad mode: "compiled"
+        (the CPU loops of :mod:`scripts.cpu_kernels`) or "torch". An inference backend that
+        times itself against this module (MedFusion's ``auto``) decides each path apart: the
+        compiled loops can be several times faster than the torch code of the same call."""
+        return "compiled" if self._compiled_cpu_path(x) else "torch"
+
     def _compiled_cpu_path(self, x: torch.Tensor) -> bool:
         """Whether this call runs the full-resolution passes as compiled CPU loops
         (:mod:`scripts.cpu_kernels`): float32 inference on the CPU with gradients off
