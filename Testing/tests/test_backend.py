@@ -96,7 +96,8 @@ def test_onnxruntime_matches_torch_on_a_real_pair_and_caches_the_export(
 def test_a_backend_failing_at_run_time_falls_back_to_torch(network, atlas_batch, cache):
     runner = backend.accelerate(network, "cpu", backend="onnxruntime")
     assert runner.prepare() == "onnxruntime"
-    runner._built["onnxruntime"].runs[2].run.session = None  # the session is gone: running it raises
+    # the session is gone: running it raises
+    runner._built["onnxruntime"].runs[2].run.session = None
     with torch.inference_mode():  # as the methods call it
         fused = runner(atlas_batch)
     assert runner.backend == "torch"
@@ -133,7 +134,8 @@ def test_auto_takes_onnxruntime_only_where_it_pays(network, cache, monkeypatch):
     if backend.onnxruntime_available():
         session = backend.accelerate(network, "cpu", backend="onnxruntime")
         session.prepare()
-        assert isinstance(backend._pays(session._built["onnxruntime"], network, torch.device("cpu")), bool)
+        onnx = session._built["onnxruntime"]
+        assert isinstance(backend._pays(onnx, network, torch.device("cpu")), bool)
     for pays, expected in ((True, "onnxruntime"), (False, "torch")):
         monkeypatch.setattr(backend, "_pays", lambda *args, pays=pays: pays)
         monkeypatch.setattr(backend, "_AUTO_CHOICES", {})
@@ -333,7 +335,8 @@ def test_each_source_count_gets_its_own_export_or_torch(cache):
     assert float((runner(two) - _plain(module, two)).abs().max()) <= backend.TOLERANCE
     assert torch.equal(runner(three), _plain(module, three))
     assert runner.backend == "onnxruntime"
-    assert runner._built["onnxruntime"].runs[3] is module  # torch for three sources, ONNX Runtime for two
+    # torch for three sources, ONNX Runtime for two
+    assert runner._built["onnxruntime"].runs[3] is module
     assert [p.name.split("-")[2] for p in cache.glob(f"*{backend.model_key(module)}*")] == ["k2"]
 
 
