@@ -128,12 +128,14 @@ def main() -> None:
         if name == "onnxruntime" and not backend.onnxruntime_available():
             continue
         runner = backend.accelerate(module, "cpu", backend=name)
-        used = runner.prepare()
+        used = runner.prepare(batch)
         with torch.inference_mode():
             rows.append((f"network, backend {used}", *best_of(lambda r=runner: r(batch),
                                                             args.repeat)))
     default = get_method("cnn", device="cpu")
-    label = f"default cnn method ({default.network.prepare()}, i = {default.block_exponent})"
+    with torch.inference_mode():  # the backend for calls like the timed ones (their class)
+        label = (f"default cnn method ({default.network.prepare(batch)}, "
+                 f"i = {default.block_exponent})")
     rows.append((label, *best_of(lambda: default(batch), args.repeat)))
     module.compiled_cpu_kernels = False  # the network's torch code for every pass
     with torch.inference_mode():

@@ -153,7 +153,7 @@ def test_auto_times_the_backends_on_the_first_calls_input(network, cache, monkey
     """``auto`` decides on what the caller runs: the bundle's network takes compiled CPU loops
     only on calls large enough to pay for loading numba, so a fixed small probe could time
     another path than a volume's slices take. Without an input (``prepare()``) it times the 384²
-    two-source probe; a call with another source count is timed on its first two sources."""
+    two-source probe."""
     monkeypatch.delenv(backend.BACKEND_ENV, raising=False)
     timed = []
 
@@ -163,7 +163,7 @@ def test_auto_times_the_backends_on_the_first_calls_input(network, cache, monkey
 
     monkeypatch.setattr(backend, "_best_times", record)
     for first_input, expected in ((torch.rand(2, 2, 80, 96), (2, 2, 80, 96)),
-                                  (torch.rand(1, 3, 64, 64), (1, 2, 64, 64)),
+                                  (torch.rand(1, 3, 64, 64), (1, 3, 64, 64)),
                                   (None, backend.TIMING_SHAPE)):
         monkeypatch.setattr(backend, "_AUTO_CHOICES", {})
         runner = backend.accelerate(network, "cpu")
@@ -212,16 +212,46 @@ def test_auto_decides_each_call_class_apart(network, cache, monkeypatch):
     assert again.backend == "torch" and len(timed) == 2
 
 
-def test_the_bundle_network_declares_its_path(network):
-    """call_class sees the compiled CPU loops: a large float32 call without gradients runs
-    them (where numba is importable), a call with gradients runs the torch code."""
+def test_the_bundle_network_declares_its_path(network, monkeypatch):
+    """call_class sees the path the network then takes: a large float32 call without gradients
+    runs the compiled CPU loops where they load, a call with gradients the torch code."""
+    kernels = sys.modules[type(network).__module__]._cpu_kernels()
     large = torch.rand(2, 2, 512, 512)
+    taken = []
+    compiled = network._forward_compiled
+    monkeypatch.setattr(network, "_forward_compiled",
+                        lambda x: taken.append("compiled") or compiled(x))
     with torch.inference_mode():
-        inference = network.inference_path(large)
+        kind = backend.call_class(network, large)
+        network(large)
+    assert kind == (9, 2, "compiled" if kernels is not None else "torch")
+    assert taken == (["compiled"] if kernels is not None else [])
     assert network.inference_path(large) == "torch"  # gradients on: the differentiable code
-    expected = "compiled" if importlib.util.find_spec("numba") else "torch"
-    assert inference == expected
-    assert backend.call_class(network, large)[1] == network.inference_path(large)
+
+
+@needs_ort
+def test_a_failed_timing_decides_nothing(network, cache, monkeypatch):
+    """Where timing the call fails (the input's fault), torch serves that call and the class
+    stays open: ONNX Runtime is neither dropped nor replaced by an untimed "torch" choice."""
+    monkeypatch.delenv(backend.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(backend, "_AUTO_CHOICES", {})
+    outcomes = iter([RuntimeError("bad input"), [1.0, 2.0]])
+
+    def timing(runs, probe):
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(backend, "_best_times", timing)
+    runner = backend.accelerate(network, "cpu")
+    small = torch.rand(1, 2, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(runner(small), network(small))
+        assert runner.backend == "torch" and not backend._AUTO_CHOICES
+        runner(small)  # timed again: ONNX Runtime "wins" now
+    assert runner.backend == "onnxruntime"
+    assert list(backend._AUTO_CHOICES.values()) == ["onnxruntime"]
 
 
 def test_environment_forces_a_backend_and_rejects_unknown_names(network, monkeypatch):

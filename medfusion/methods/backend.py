@@ -23,10 +23,10 @@ dynamic) and returns an :class:`InferenceRunner`, a callable with the module's s
 ``MEDFUSION_BACKEND=auto|onnxruntime|compile|torch`` (or the ``backend`` argument) chooses;
 ``auto`` (the default unless the caller names another, as the sesf method names torch) takes
 ONNX Runtime on CPU when it is installed *and* it runs a call faster than plain torch on this
-machine, timed on the first call of each :func:`call_class` (the call's size in powers of 4 and
-the network's own path: the bundle's network runs compiled CPU loops on large calls or once numba
-is loaded), on that call's input (its first two sources where it has more; a 384² pair when
-:meth:`InferenceRunner.prepare` is called without an input), once per network and class in the
+machine, timed on the first call of each :func:`call_class` (the call's size in powers of 4,
+its number of sources, and the network's own path: the bundle's network runs compiled CPU loops
+on large calls or once numba is loaded) on that call's input (a 384² pair when
+:meth:`InferenceRunner.prepare` is called without one), once per network and class in the
 process; plain torch otherwise (on CUDA too: the CPU wheel of ONNX Runtime has no GPU provider).
 A backend is checked against plain
 torch on two probe inputs (max abs difference ``TOLERANCE``; ONNX Runtime once, before its export
@@ -404,9 +404,8 @@ def _best_times(runs: list[Callable[[torch.Tensor], torch.Tensor]], probe: torch
 def _pays(candidate: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module,
           device: torch.device, channels: int = TIMING_SHAPE[1],
           example: torch.Tensor | None = None) -> bool:
-    """True when ``candidate`` runs ``example`` (the call being decided; a call with another
-    source count than ``channels`` is timed on its first ``channels`` sources), else a 384²
-    pair, faster than plain torch here and now.
+    """True when ``candidate`` runs ``example`` (the call being decided), else a 384² pair of
+    ``channels`` sources, faster than plain torch here and now.
 
     Which backend is faster depends on the network, the machine and the input (on this project's
     2-core CPUs ONNX Runtime was 3-5x faster than torch while other processes competed for the
@@ -415,8 +414,8 @@ def _pays(candidate: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Mo
     ``auto`` measures instead of guessing, on what the caller runs: a few tens of milliseconds,
     once per loaded network and :func:`call_class`.
     """
-    if example is not None and example.dim() == 4 and example.shape[1] >= channels:
-        probe = example.detach()[:, :channels].to(device)
+    if example is not None and example.dim() == 4:
+        probe = example.detach().to(device)
     else:
         shape = (TIMING_SHAPE[0], channels, *TIMING_SHAPE[2:])
         probe = torch.rand(*shape, generator=torch.Generator().manual_seed(0)).to(device)
@@ -426,26 +425,35 @@ def _pays(candidate: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Mo
     return fast < plain
 
 
-def call_class(module: torch.nn.Module, inputs: torch.Tensor) -> tuple[int, object]:
+def call_class(module: torch.nn.Module, inputs: torch.Tensor) -> tuple[int, int, object]:
     """Which calls ``auto`` decides apart: the call's pixels (batch x height x width) in powers
-    of 4 (64² is 6, 128² 7, 256² 8, one to three 512² slices 9, four to fifteen 10), and
-    the module's own path for it where the module declares one (``inference_path(inputs)``: the
-    bundle's network says whether its compiled CPU loops run).
+    of 4 (64² is 6, 128² 7, 256² 8, one to three 512² slices 9, four to fifteen 10), its number
+    of sources (each has its own export, and three or more take another path through the
+    network), and the module's own path for it where the module declares one
+    (``inference_path(inputs)``: the bundle's network says whether its compiled CPU loops run;
+    asked in the caller's grad mode, which is ``inference_mode`` for the runner's calls).
 
-    Why: the faster backend depends on both. A process whose first call was a small image (or one
-    512² pair, before numba was loaded) chose ONNX Runtime for good, and its later volume batches,
-    where torch runs compiled loops, then took 3x torch's time (session 34: 5.8-6.2 against 1.8
-    ms per 512² pair on this project's CPU)."""
-    pixels = inputs.numel() // max(1, int(inputs.shape[1])) if inputs.dim() >= 2 else inputs.numel()
+    Why: the faster backend depends on all three. A process whose first call was a small image
+    chose ONNX Runtime for good until session 34, and its later volume batches, where torch runs
+    compiled loops, then took ~4x torch's time (6.0 against 1.5 ms per 512² pair on this
+    project's Intel VM: ``Testing/benchmarks/bench_backend_choice.py``)."""
+    sources = int(inputs.shape[1]) if inputs.dim() >= 2 else 1
+    pixels = inputs.numel() // max(1, sources)
     size = (max(1, pixels).bit_length() - 1) // 2
     path = getattr(module, "inference_path", None)
-    return size, (path(inputs) if callable(path) else None)
+    try:
+        kind = path(inputs) if callable(path) else None
+        hash(kind)
+    except Exception:  # a module's own hook must not fail inference: one class for its paths
+        kind = None
+    return size, sources, kind
 
 
 # what ``auto`` chose per network, device and call class in this process: one network, one
 # backend for each class of call (so two method objects of the same bundle fuse the same input
-# bit-identically)
+# bit-identically); written under _AUTO_LOCK, only for choices that were timed
 _AUTO_CHOICES: dict[str, str] = {}
+_AUTO_LOCK = threading.Lock()
 
 
 class InferenceRunner:
@@ -454,7 +462,9 @@ class InferenceRunner:
 
     The backend is prepared on the first call of each :func:`call_class` (export or cache
     look-up, session, check against plain torch; ``auto`` also times it against torch there), so
-    building a method stays cheap; :meth:`prepare` does it at once for one class.
+    building a method stays cheap; :meth:`prepare` does it at once for one class. A backend that
+    fails to build or to match torch is not tried again by this runner; one that fails at run
+    time is dropped for every class.
     ``channels``: the module's fixed number of input channels (e.g. 1 for an encoder of single
     images); None for a fusion network that takes any number of sources (probed with 2 and 3).
     ``default``: the backend when neither ``backend`` nor ``MEDFUSION_BACKEND`` names one.
@@ -471,7 +481,7 @@ class InferenceRunner:
         self.backend: str | None = None
         self._built: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # checked backends
         self._broken: set[str] = set()  # backends that failed to build, match or run
-        self._chosen: dict[tuple[int, object], str] = {}  # call class -> backend
+        self._chosen: dict[object, str] = {}  # call class -> backend
         self._lock = threading.Lock()
 
     def _channels(self) -> int:
@@ -485,18 +495,24 @@ class InferenceRunner:
     def _probes(self) -> tuple[tuple[int, ...], ...]:
         return PROBE_SHAPES if self.channels is None else probe_shapes(self.channels)
 
-    def _candidates(self, key: str) -> list[str]:
+    def _kind(self, inputs: torch.Tensor) -> object:
+        """The call class of ``inputs``: :func:`call_class` for ``auto``; one class for a
+        backend that was asked for (nothing to decide, so nothing to load for the decision)."""
         if self.requested != "auto":
-            names = [self.requested] if self.requested == "torch" else [self.requested, "torch"]
-        elif key in _AUTO_CHOICES:  # the same network and class keep one backend per process
-            names = [_AUTO_CHOICES[key], "torch"]
+            return ()
+        with torch.inference_mode():  # the grad mode the methods call in (it decides the path)
+            return call_class(self.module, inputs)
+
+    def _candidates(self) -> list[str]:
+        if self.requested != "auto":
+            names = [self.requested, "torch"]
         elif self.device.type == "cpu" and onnxruntime_available():
             names = ["onnxruntime", "torch"]
         else:
             names = ["torch"]
         return [name for name in dict.fromkeys(names) if name not in self._broken]
 
-    def _choice_key(self, kind: tuple[int, object]) -> str:
+    def _choice_key(self, kind: object) -> str:
         return f"{model_key(self.module)}:{self.device}:{kind}"
 
     def _build(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -512,16 +528,24 @@ class InferenceRunner:
                               input_multiple(self.module))
         return self.module
 
-    def _checked(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Backend ``name``, built and checked against torch once per runner."""
-        if name not in self._built:
+    def _checked(self, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Backend ``name``, built and checked against torch once per runner; None (logged,
+        and not tried again) where it fails to build, to run the probes or to match."""
+        if name in self._built:
+            return self._built[name]
+        try:
             run = self._build(name)
             if name not in ("onnxruntime", "torch"):  # cached ONNX models were checked on export
                 difference = _matches(run, self.module, self.device, self._probes())
                 if difference > TOLERANCE:
                     raise RuntimeError(f"outputs differ from torch by {difference:.2g}")
-            self._built[name] = run
-        return self._built[name]
+        except Exception as error:  # never fail inference for the backend's sake
+            self._broken.add(name)
+            logger.log(self._fallback_level(), "inference backend %s unavailable (%s: %s); "
+                       "using torch", name, type(error).__name__, _first_line(error))
+            return None
+        self._built[name] = run
+        return run
 
     def _probe(self) -> torch.Tensor:
         shape = (TIMING_SHAPE[0], self._channels(), *TIMING_SHAPE[2:])
@@ -531,40 +555,55 @@ class InferenceRunner:
         """Choose and check the backend for calls like ``example`` (of its :func:`call_class`;
         without one, like a 384² pair) now; return its name. ``auto`` times the candidates on
         ``example`` the first time a class comes in this process."""
-        with self._lock:
-            return self._prepare(example if example is not None else self._probe())
+        example = example if example is not None else self._probe()
+        kind = self._kind(example)
+        chosen = self._chosen.get(kind)  # decided: no lock (a dict read is atomic)
+        if chosen is None:
+            with self._lock:
+                chosen = self._chosen.get(kind) or self._decide(kind, example)
+        self.backend = chosen
+        return chosen
 
-    def _prepare(self, example: torch.Tensor) -> str:
-        with torch.inference_mode():  # the grad mode the methods call in (it decides the path)
-            kind = call_class(self.module, example)
-        if kind in self._chosen:
-            self.backend = self._chosen[kind]
-            return self.backend
-        key = self._choice_key(kind) if self.requested == "auto" else ""
-        chosen = "torch"
-        for name in self._candidates(key):
-            if name == "torch":
-                break
-            try:
-                run = self._checked(name)
-                if self.requested == "auto" and key not in _AUTO_CHOICES and not _pays(
-                        run, self.module, self.device, self._channels(), example):
-                    logger.debug("inference backend %s slower than torch on %s calls",
-                                 name, kind)
-                    continue
-            except Exception as error:  # never fail inference for the backend's sake
-                self._broken.add(name)
-                logger.log(self._fallback_level(),
-                           "inference backend %s unavailable (%s: %s); using torch",
-                           name, type(error).__name__, _first_line(error))
-                continue
-            chosen = name
-            break
-        if self.requested == "auto":
-            _AUTO_CHOICES[key] = chosen
-        self._chosen[kind] = self.backend = chosen
+    def _decide(self, kind: object, example: torch.Tensor) -> str:
+        """The backend for calls of class ``kind`` (under the runner's lock)."""
+        if self.requested != "auto":
+            chosen = next((name for name in self._candidates()
+                           if name == "torch" or self._checked(name) is not None), "torch")
+        else:
+            with _AUTO_LOCK:  # one decision per network and class, whichever runner asks
+                key = self._choice_key(kind)
+                chosen = _AUTO_CHOICES.get(key)
+                if chosen is None or chosen in self._broken:
+                    chosen = self._timed_choice(kind, example)
+                    if chosen is None:
+                        return "torch"  # this call only: the class stays undecided
+                    _AUTO_CHOICES.setdefault(key, chosen)
+                elif chosen != "torch" and self._checked(chosen) is None:
+                    chosen = "torch"  # this runner cannot build what the others chose
+        self._chosen[kind] = chosen
         logger.debug("inference backend for %s calls: %s", kind, chosen)
         return chosen
+
+    def _timed_choice(self, kind: object, example: torch.Tensor) -> str | None:
+        """The first candidate that builds and runs ``example`` faster than torch, else
+        "torch"; None where the timing itself failed (the input's fault, e.g. an empty
+        slice: torch serves it, and the class is decided again by the next call)."""
+        for name in self._candidates():
+            if name == "torch":
+                return "torch"
+            run = self._checked(name)
+            if run is None:
+                continue
+            try:
+                faster = _pays(run, self.module, self.device, self._channels(), example)
+            except Exception as error:
+                logger.debug("timing %s on %s calls failed (%s: %s)", name, kind,
+                             type(error).__name__, _first_line(error))
+                return None
+            if faster:
+                return name
+            logger.debug("inference backend %s slower than torch on %s calls", name, kind)
+        return "torch"
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -583,7 +622,8 @@ class InferenceRunner:
                            name, type(error).__name__, _first_line(error))
             with self._lock:
                 self._broken.add(name)
-                self._chosen = {kind: "torch" for kind in self._chosen}
+                self._chosen = {kind: ("torch" if chosen == name else chosen)
+                                for kind, chosen in self._chosen.items()}
                 self.backend = "torch"
             return self.module(inputs)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from importlib.util import find_spec
 
 import torch
 import torch.nn.functional as F
@@ -244,18 +245,21 @@ class FusionNet(nn.Module):
         return mean, square, coarse
 
     def inference_path(self, x: torch.Tensor) -> str:
-        """Which code a call on ``x`` runs here and now, in the caller's grad mode: "compiled"
-        (the CPU loops of :mod:`scripts.cpu_kernels`) or "torch". An inference backend that
-        times itself against this module (MedFusion's ``auto``) decides each path apart: the
-        compiled loops can be several times faster than the torch code of the same call."""
-        return "compiled" if self._compiled_cpu_path(x) else "torch"
+        """Which code a call on ``x`` in the current grad mode runs: "compiled" (the CPU loops
+        of :mod:`scripts.cpu_kernels`) or "torch"; it loads nothing (numba counts as usable
+        until an import of it failed). An inference backend that times itself against this
+        module (MedFusion's ``auto``, which asks under ``inference_mode`` as it calls) decides
+        each path apart: the compiled loops can be several times faster than the torch code."""
+        return "compiled" if self._compiled_cpu_path(x, load=False) else "torch"
 
-    def _compiled_cpu_path(self, x: torch.Tensor) -> bool:
+    def _compiled_cpu_path(self, x: torch.Tensor, load: bool = True) -> bool:
         """Whether this call runs the full-resolution passes as compiled CPU loops
         (:mod:`scripts.cpu_kernels`): float32 inference on the CPU with gradients off
         (``torch.no_grad`` or ``inference_mode``, as the methods call it), no autocast, not
         traced, exported or compiled, numba importable, ``compiled_cpu_kernels`` left on, and
-        either numba already loaded or a call of at least :data:`COMPILED_MIN_SOURCE_PIXELS`."""
+        either numba already loaded or a call of at least :data:`COMPILED_MIN_SOURCE_PIXELS`
+        (``load``: import the loops now if they are needed, else only say whether they would
+        serve)."""
         if not self.compiled_cpu_kernels or x.device.type != "cpu" or x.dtype != torch.float32:
             return False
         if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
@@ -264,6 +268,8 @@ class FusionNet(nn.Module):
             return False
         if x.numel() < COMPILED_MIN_SOURCE_PIXELS and "numba" not in sys.modules:
             return False  # a small job: numba's start would cost more than its loops save
+        if not load:  # (``load=False``: say so without importing them)
+            return _KERNELS[0] is not None if _KERNELS else find_spec("numba") is not None
         return _cpu_kernels() is not None
 
 
