@@ -4,7 +4,6 @@ weights' hash, and a backend that cannot serve a network falls back to torch."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
