@@ -178,7 +178,7 @@ def test_auto_times_the_backends_on_the_first_calls_input(network, cache, monkey
 @needs_ort
 def test_auto_decides_each_call_class_apart(network, cache, monkeypatch):
     """A small first call, or one pair before numba is loaded, must not fix the backend of the
-    process: ``auto`` times each :func:`call_class` (size in powers of 4, the network's own path)
+    process: ``auto`` times each :func:`call_class` (size in powers of 4, sources, the path)
     apart, once per process. Here ONNX Runtime "wins" on small calls and "loses" on large ones
     (the timing is replaced; each class's real timing is a bool, checked above)."""
     monkeypatch.delenv(backend.BACKEND_ENV, raising=False)

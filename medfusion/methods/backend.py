@@ -401,6 +401,12 @@ def _best_times(runs: list[Callable[[torch.Tensor], torch.Tensor]], probe: torch
     return best
 
 
+def _timing_probe(channels: int, device: torch.device) -> torch.Tensor:
+    """The input ``auto`` times when it is given none: a seeded 384² pair (or ``channels``)."""
+    shape = (TIMING_SHAPE[0], channels, *TIMING_SHAPE[2:])
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+
 def _pays(candidate: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module,
           device: torch.device, channels: int = TIMING_SHAPE[1],
           example: torch.Tensor | None = None) -> bool:
@@ -417,8 +423,7 @@ def _pays(candidate: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Mo
     if example is not None and example.dim() == 4:
         probe = example.detach().to(device)
     else:
-        shape = (TIMING_SHAPE[0], channels, *TIMING_SHAPE[2:])
-        probe = torch.rand(*shape, generator=torch.Generator().manual_seed(0)).to(device)
+        probe = _timing_probe(channels, device)
     fast, plain = _best_times([candidate, module], probe)
     logger.debug("backend timing on %s: candidate %.4f s, torch %.4f s", tuple(probe.shape),
                  fast, plain)
@@ -547,15 +552,12 @@ class InferenceRunner:
         self._built[name] = run
         return run
 
-    def _probe(self) -> torch.Tensor:
-        shape = (TIMING_SHAPE[0], self._channels(), *TIMING_SHAPE[2:])
-        return torch.rand(*shape, generator=torch.Generator().manual_seed(0)).to(self.device)
-
     def prepare(self, example: torch.Tensor | None = None) -> str:
         """Choose and check the backend for calls like ``example`` (of its :func:`call_class`;
         without one, like a 384² pair) now; return its name. ``auto`` times the candidates on
         ``example`` the first time a class comes in this process."""
-        example = example if example is not None else self._probe()
+        if example is None:
+            example = _timing_probe(self._channels(), self.device)
         kind = self._kind(example)
         chosen = self._chosen.get(kind)  # decided: no lock (a dict read is atomic)
         if chosen is None:
