@@ -38,13 +38,28 @@ Every CNN checkpoint trained so far lies on that curve (0.790 / 0.251 to 0.763 /
 56 pairs): its fused image is a convex per-pixel selection of the sources; the oracle's is not
 (it adds a smooth part of the SPECT to the whole MRI).
 
+``--map-oracle a:b[,...]`` asks the same of the bundle network's own form: its composition
+(``combine_sources``: a convex selection of the sources plus the detail gains) with the maps
+optimised per image for that objective (300 steps, from the network's maps with the logits × 0.1
+and the gains at sigmoid 0.5), on the block grid (``--map-grid block``: the best a block CNN at
+the shipped i could output for that image) or per pixel. Session 35 (SPECT-MRI, ``--step 6`` =
+10 pairs, ``--exponents 0.3 --cnn``; max 0.6610 / 0.7629 / 0.4303, gff 0.7841 / 0.9907 /
+0.2026, the CNN 0.7910 / 1.0456 / 0.2431): block 1:1 0.7778 / 1.0473 / 0.3870, block 2:1
+0.7488 / 1.0033 / 0.4668, pixel 1:2 0.7947 / 1.0123 / 0.3724 (~4 min per objective alone, 1
+thread); ``--map-exponent 2``: 1:1 0.7931 / 1.0152 / 0.3430, 2:1 0.7708 / 0.9463 / 0.4117;
+``--map-exponent 1``: 1:1 0.7966 / 0.9717 / 0.3716, 2:1 0.7754 / 0.8828 / 0.4327. At max's
+share the block form's Q^{AB/F} is 0.76-0.78, under gff's: even the best maps found per image
+(a local optimum) miss one of the two SPECT-MRI bars at every grid tried.
+
     python Testing/benchmarks/bench_edge_front.py [--step 1] [--exponents 0,0.3,0.5,0.7,1]
         [--pairs SPECT-MRI,PET-MRI] [--cnn] [--oracle 1:0,1:2]
+        [--map-oracle 1:1,2:1 --map-grid block [--map-exponent 2]]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections import defaultdict
@@ -58,6 +73,7 @@ sys.path.insert(0, str(REPO / "monai_bundle"))
 
 from scripts.datalist import build_groups  # noqa: E402
 from scripts.losses import FusionLoss  # noqa: E402
+from scripts.network import FusionNet, combine_sources, upsample_bilinear  # noqa: E402
 from scripts.targets import edge_selection_fusion  # noqa: E402
 from scripts.transforms import LoadFusionGroupd  # noqa: E402
 
@@ -96,6 +112,61 @@ def oracle(sources: np.ndarray, share_weight: float, fidelity_weight: float,
     return fused.detach()[0, 0].numpy()
 
 
+def map_oracle(net: FusionNet, sources: np.ndarray, share_weight: float,
+               fidelity_weight: float, grid: str = "pixel", iterations: int = 300,
+               logit_scale: float = 0.1) -> np.ndarray:
+    """The network's own composition (:func:`scripts.network.combine_sources`: a convex
+    selection plus the detail gains) with its maps optimised for one image, for the same
+    objective as :func:`oracle`. The maps start from the network's, the selection logits scaled
+    by ``logit_scale`` and the gains reset to sigmoid 0.5: the trained logits lie tens apart,
+    where the softmax has no gradient. ``grid`` "pixel" frees every pixel's logit and gain,
+    "block" only the block grid's (then upsampled as in ``forward``): what a block CNN could
+    output for this image at best (no bound: it is not a trained network)."""
+    x = torch.from_numpy(sources[None].astype(np.float32))
+    label = torch.cat([x, torch.zeros_like(x[:, :2])], dim=1)
+    loss = FusionLoss(l1=0.0, ssim=0.0, source_ssim=0.0, gradient=0.0, intensity=0.0, edge=1.0,
+                      weaker_edge=share_weight, vif=fidelity_weight)
+    block, k, (h, w) = 1 << net.block_exponent, x.shape[1], x.shape[-2:]
+    padded = net._padded(x)
+    with torch.no_grad():
+        stats, coarse = net._block_stats(padded, block)
+        maps = net._block_maps(stats, 1, k).reshape(1, k, 2, *stats.shape[-2:])
+        maps = torch.stack([maps[:, :, 0] * logit_scale, torch.zeros_like(maps[:, :, 1])], 2)
+        maps = maps.reshape(1, 2 * k, *stats.shape[-2:])
+        base = upsample_bilinear(coarse, net.base_pool)
+        if grid == "pixel":
+            maps = upsample_bilinear(maps, block)
+    maps.requires_grad_(True)
+    optimiser = torch.optim.Adam([maps], lr=0.1 if grid == "pixel" else 0.05)
+
+    def compose() -> torch.Tensor:
+        full = maps if grid == "pixel" else upsample_bilinear(maps, block)
+        full = full.reshape(1, k, 2, *padded.shape[-2:])
+        fused = combine_sources(padded, base, full[:, :, 0], full[:, :, 1], net.max_prior)
+        return fused.clamp(0.0, 1.0)[..., :h, :w]
+
+    for _ in range(iterations):
+        optimiser.zero_grad()
+        loss(compose(), label).backward()
+        optimiser.step()
+    with torch.no_grad():
+        return compose()[0, 0].numpy()
+
+
+def bundle_network(block_exponent: int | None = None) -> FusionNet:
+    """The shipped network (``models/model.pt``, inference.json's arguments; its block exponent
+    unless one is given), torch code only."""
+    config = json.loads((REPO / "monai_bundle" / "configs" / "inference.json").read_text())
+    arguments = {key: value for key, value in config["network_def"].items()
+                 if not key.startswith("_") and not str(value).startswith("@")}
+    exponent = config["block_exponent"] if block_exponent is None else block_exponent
+    net = FusionNet(block_exponent=int(exponent), **arguments)
+    weights = torch.load(REPO / "monai_bundle" / "models" / "model.pt", weights_only=True)
+    net.load_state_dict(weights.get("model", weights))
+    net.compiled_cpu_kernels = False
+    return net.requires_grad_(False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     data = os.environ.get("MEDFUSION_DATA", str(REPO.parent / "shared" / "data"))
@@ -107,12 +178,23 @@ def main() -> None:
     parser.add_argument("--cnn", action="store_true", help="also score the bundle's CNN")
     parser.add_argument("--oracle", default="", metavar="A:B,...",
                         help="also pixel-optimised images for Q^AB/F + A*share + B*VIF/K")
+    parser.add_argument("--map-oracle", default="", metavar="A:B,...",
+                        help="also the network's composition with its maps optimised per "
+                             "image for the same objective (see map_oracle)")
+    parser.add_argument("--map-grid", default="pixel", choices=["pixel", "block"])
+    parser.add_argument("--map-exponent", type=int, default=None,
+                        help="block exponent i of the map oracle's network (default: shipped)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     exponents = [float(a) for a in args.exponents.split(",")]
     objectives = [tuple(float(v) for v in item.split(":"))
                   for item in args.oracle.split(",") if item]
+    map_objectives = [tuple(float(v) for v in item.split(":"))
+                      for item in args.map_oracle.split(",") if item]
+    net = bundle_network(args.map_exponent) if map_objectives else None
+    grid = args.map_grid if net is None or args.map_grid == "pixel" else \
+        f"block i={net.block_exponent}"
     methods = {name: get_method(name) for name in ["max", "gff", "laplacian"]
                + (["cnn"] if args.cnn else [])}
     load = LoadFusionGroupd()
@@ -134,8 +216,13 @@ def main() -> None:
             for a, b in objectives:
                 fused = oracle(sources, a, b)
                 results[(pair, f"oracle {a:g}:{b:g}")].append(scores(fused, sources))
+            for a, b in map_objectives:
+                fused = map_oracle(net, sources, a, b, args.map_grid)
+                results[(pair, f"maps {grid} {a:g}:{b:g}")].append(
+                    scores(fused, sources))
         names = [*methods, *(f"edge selection a={a:g}" for a in exponents),
-                 *(f"oracle {a:g}:{b:g}" for a, b in objectives)]
+                 *(f"oracle {a:g}:{b:g}" for a, b in objectives),
+                 *(f"maps {grid} {a:g}:{b:g}" for a, b in map_objectives)]
         per_source = " ".join(f"Q^{m}/F" for m in modalities[pair])
         print(f"\n{pair} ({len(groups)} groups, split {args.split})")
         print(f"{'fusion':24s} QAB/F    VIF      min_S Q^S/F  {per_source}")
