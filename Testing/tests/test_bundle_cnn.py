@@ -12,7 +12,7 @@ from PIL import Image
 
 from medfusion import color
 from medfusion.errors import InputError, ModelError
-from medfusion.methods import cnn, get_method, tiling
+from medfusion.methods import backend, cnn, get_method, tiling
 
 BUNDLE = Path(__file__).resolve().parents[2] / "monai_bundle"
 
@@ -77,8 +77,11 @@ def test_block_exponent_is_an_option_and_checked(pet_mri: torch.Tensor) -> None:
 
 
 def test_memory_tile_runs_ordinary_slices_whole_and_strips_are_exact(
-    pet_mri: torch.Tensor,
+    pet_mri: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # one backend for both methods: under ``auto`` a strip and a whole slice are call classes
+    # of their own, each timed apart, and may run on different backends (within 1e-4, below)
+    monkeypatch.setenv(backend.BACKEND_ENV, "torch")
     method = get_method("cnn")
     assert method.tile(2, 512, 512)[1] == 512  # a 512^2 pair runs whole by default
     # several slices per network call: as many as the budget holds on a GPU, on a CPU no more
@@ -90,6 +93,10 @@ def test_memory_tile_runs_ordinary_slices_whole_and_strips_are_exact(
     assert slices == 1 and rows < 256  # 2 MB cannot hold a 256^2 pair: row strips
     batch = torch.cat([pet_mri, pet_mri.flip(-1)])
     assert torch.allclose(small(batch), method(batch), atol=1e-5)
+    monkeypatch.delenv(backend.BACKEND_ENV)
+    chosen = get_method("cnn", memory_budget_mb=2)(batch), get_method("cnn")(batch)
+    # each chosen backend matches the module within TOLERANCE (checked when it is chosen)
+    assert torch.allclose(*chosen, atol=2 * backend.TOLERANCE)
     with pytest.raises(InputError, match="memory budget"):
         get_method("cnn", memory_budget_mb=0)
 
