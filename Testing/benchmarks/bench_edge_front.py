@@ -63,7 +63,6 @@ either objective; finer control than the block grid is what the bars need.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import defaultdict
@@ -171,17 +170,10 @@ def map_oracle(net: FusionNet, sources: np.ndarray, share_weight: float,
 
 
 def bundle_network(block_exponent: int | None = None) -> FusionNet:
-    """The shipped network (``models/model.pt``, inference.json's arguments; its block exponent
-    unless one is given), torch code only."""
-    config = json.loads((REPO / "monai_bundle" / "configs" / "inference.json").read_text())
-    arguments = {key: value for key, value in config["network_def"].items()
-                 if not key.startswith("_") and not str(value).startswith("@")}
-    exponent = config["block_exponent"] if block_exponent is None else block_exponent
-    net = FusionNet(block_exponent=int(exponent), **arguments)
-    weights = torch.load(REPO / "monai_bundle" / "models" / "model.pt", weights_only=True)
-    net.load_state_dict(weights.get("model", weights))
-    net.compiled_cpu_kernels = False
-    return net.requires_grad_(False)
+    """The bundle's network as the ``cnn`` method loads it (its block exponent unless one is
+    given), with no gradients for its weights (only the maps are optimised)."""
+    options = {} if block_exponent is None else {"block_exponent": block_exponent}
+    return get_method("cnn", **options).module.requires_grad_(False)
 
 
 def main() -> None:
