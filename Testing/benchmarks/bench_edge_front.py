@@ -53,11 +53,18 @@ share the block form's Q^{AB/F} is 0.76-0.78, under gff's: even the best maps fo
 two-band``: block i = 3 1:1 0.7728 / 1.0689 / 0.3957, 2:1 0.7310 / 0.9693 / 0.4986 (the same
 curve); per pixel 1:1 0.7851 / 0.9540 / 0.4544 (Q^{AB/F} and share above their bars, VIF
 under gff's), 1:2 0.7825 / 1.1205 / 0.3902 (only VIF above): close to all three, none met by
-either objective; finer control than the block grid is what the bars need.
+either objective; finer control than the block grid is what the bars need. Session 36 (same
+10 pairs): per pixel two-band 1:1.5 0.7855 / 1.0379 / 0.4203 (Q^{AB/F} and VIF above, the share
+0.01 under max's); on the block grid (i = 3) control finer than the block at its cost does not
+move the curve: ``--map-guided intensity`` two-band 1:1 0.7772 / 1.0637 / 0.4063, ``--map-guided
+gradient`` 1:1 0.7792 / 1.0567 / 0.4046, 1:1.5 0.7776 / 1.1053 / 0.3822; ``--map-form
+three-band`` (a free gain on each source's smooth band too) 1:1 0.7786 / 1.1189 / 0.3968, 1:1.5
+0.7795 / 1.1666 / 0.3691 (VIF up, share not).
 
     python Testing/benchmarks/bench_edge_front.py [--step 1] [--exponents 0,0.3,0.5,0.7,1]
         [--pairs SPECT-MRI,PET-MRI] [--cnn] [--oracle 1:0,1:2]
-        [--map-oracle 1:1,2:1 --map-grid block [--map-exponent 2]]
+        [--map-oracle 1:1,2:1 --map-grid block [--map-exponent 2]
+         [--map-form convex|two-band|three-band] [--map-guided intensity|gradient]]
 """
 
 from __future__ import annotations
@@ -75,7 +82,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "monai_bundle"))
 
 from scripts.datalist import build_groups  # noqa: E402
-from scripts.losses import FusionLoss  # noqa: E402
+from scripts.losses import FusionLoss, sobel  # noqa: E402
 from scripts.network import FusionNet, combine_sources, upsample_bilinear  # noqa: E402
 from scripts.targets import edge_selection_fusion  # noqa: E402
 from scripts.transforms import LoadFusionGroupd  # noqa: E402
@@ -117,7 +124,8 @@ def oracle(sources: np.ndarray, share_weight: float, fidelity_weight: float,
 
 def map_oracle(net: FusionNet, sources: np.ndarray, share_weight: float,
                fidelity_weight: float, grid: str = "pixel", form: str = "convex",
-               iterations: int = 300, logit_scale: float = 0.1) -> np.ndarray:
+               iterations: int = 300, logit_scale: float = 0.1,
+               guided: str = "") -> np.ndarray:
     """The network's own composition (:func:`scripts.network.combine_sources`: a convex
     selection plus the detail gains) with its maps optimised for one image, for the same
     objective as :func:`oracle`. The maps start from the network's, the selection logits scaled
@@ -129,34 +137,54 @@ def map_oracle(net: FusionNet, sources: np.ndarray, share_weight: float,
     ``form`` "two-band" tries a form that is no convex selection instead: the same selection
     ``sum_k w_k x_k`` plus each source's detail ``x_k - base_k`` and coarser band ``base_k -
     low_k`` (``low``: bilinear 16x16 block means) with free real gains (from 0), three maps per
-    source on the same grid."""
+    source on the same grid; "three-band" adds a fourth, a free gain on each source's ``low``
+    itself (so a smooth part of one source can be added to the whole other).
+
+    ``guided`` "intensity" or "gradient" makes every map, within a block, affine in the pixel's
+    own source's intensity (or Sobel gradient magnitude) and in the sources' mean of it (three
+    coefficients per map and block, as in a guided filter's local linear model): control finer
+    than the block grid at the block grid's cost."""
     x = torch.from_numpy(sources[None].astype(np.float32))
     label = torch.cat([x, torch.zeros_like(x[:, :2])], dim=1)
     loss = FusionLoss(l1=0.0, ssim=0.0, source_ssim=0.0, gradient=0.0, intensity=0.0, edge=1.0,
                       weaker_edge=share_weight, vif=fidelity_weight)
     block, k, (h, w) = 1 << net.block_exponent, x.shape[1], x.shape[-2:]
     padded = net._padded(x)
-    channels = 3 if form == "two-band" else 2
+    channels = {"convex": 2, "two-band": 3, "three-band": 4}[form]
+    terms = 3 if guided else 1  # a map, or a map affine in x_k and the sources' mean
     with torch.no_grad():
         stats, coarse = net._block_stats(padded, block)
         logits = net._block_maps(stats, 1, k).reshape(1, k, 2, *stats.shape[-2:])[:, :, :1]
         gains = torch.zeros_like(logits).expand(-1, -1, channels - 1, -1, -1)
-        maps = torch.cat([logits * logit_scale, gains], 2).reshape(1, channels * k,
-                                                                   *stats.shape[-2:])
+        maps = torch.cat([logits * logit_scale, gains], 2)
+        if guided:
+            maps = torch.stack([maps, torch.zeros_like(maps), torch.zeros_like(maps)], 3)
+        maps = maps.reshape(1, channels * terms * k, *stats.shape[-2:])
         base = upsample_bilinear(coarse, net.base_pool)
         low = upsample_bilinear(torch.nn.functional.avg_pool2d(padded, 16), 16)
         if grid == "pixel":
             maps = upsample_bilinear(maps, block)
+        guide = padded
+        if guided == "gradient":
+            gx, gy = sobel(padded.reshape(-1, 1, *padded.shape[-2:]))
+            guide = torch.sqrt(gx * gx + gy * gy).reshape(padded.shape)
     maps.requires_grad_(True)
     optimiser = torch.optim.Adam([maps], lr=0.1 if grid == "pixel" else 0.05)
 
     def compose() -> torch.Tensor:
         full = maps if grid == "pixel" else upsample_bilinear(maps, block)
+        if guided:
+            full = full.reshape(1, k, channels, terms, *padded.shape[-2:])
+            own = guide[:, :, None]
+            mean = guide.mean(dim=1, keepdim=True)[:, :, None]
+            full = full[:, :, :, 0] + full[:, :, :, 1] * own + full[:, :, :, 2] * mean
         full = full.reshape(1, k, channels, *padded.shape[-2:])
-        if form == "two-band":
+        if form in ("two-band", "three-band"):
             weights = torch.softmax(full[:, :, 0] + net.max_prior * padded, dim=1)
             fused = (weights * padded + full[:, :, 1] * (padded - base)
                      + full[:, :, 2] * (base - low)).sum(dim=1, keepdim=True)
+            if form == "three-band":  # and the smooth band itself, any source's, added
+                fused = fused + (full[:, :, 3] * low).sum(dim=1, keepdim=True)
         else:
             fused = combine_sources(padded, base, full[:, :, 0], full[:, :, 1], net.max_prior)
         return fused.clamp(0.0, 1.0)[..., :h, :w]
@@ -191,8 +219,12 @@ def main() -> None:
                         help="also the network's composition with its maps optimised per "
                              "image for the same objective (see map_oracle)")
     parser.add_argument("--map-grid", default="pixel", choices=["pixel", "block"])
-    parser.add_argument("--map-form", default="convex", choices=["convex", "two-band"],
+    parser.add_argument("--map-form", default="convex",
+                        choices=["convex", "two-band", "three-band"],
                         help="the network's composition, or a non-convex candidate (map_oracle)")
+    parser.add_argument("--map-guided", default="", choices=["", "intensity", "gradient"],
+                        help="each block's maps affine in the pixel's own and the sources' "
+                             "mean intensity or Sobel gradient magnitude")
     parser.add_argument("--map-exponent", type=int, default=None,
                         help="block exponent i of the map oracle's network (default: shipped)")
     args = parser.parse_args()
@@ -207,6 +239,7 @@ def main() -> None:
     grid = args.map_grid if net is None or args.map_grid == "pixel" else \
         f"block i={net.block_exponent}"
     grid += "" if args.map_form == "convex" else f" {args.map_form}"
+    grid += f" guided by {args.map_guided}" if args.map_guided else ""
     methods = {name: get_method(name) for name in ["max", "gff", "laplacian"]
                + (["cnn"] if args.cnn else [])}
     load = LoadFusionGroupd()
@@ -229,7 +262,8 @@ def main() -> None:
                 fused = oracle(sources, a, b)
                 results[(pair, f"oracle {a:g}:{b:g}")].append(scores(fused, sources))
             for a, b in map_objectives:
-                fused = map_oracle(net, sources, a, b, args.map_grid, args.map_form)
+                fused = map_oracle(net, sources, a, b, args.map_grid, args.map_form,
+                                   guided=args.map_guided)
                 results[(pair, f"maps {grid} {a:g}:{b:g}")].append(
                     scores(fused, sources))
         names = [*methods, *(f"edge selection a={a:g}" for a in exponents),
