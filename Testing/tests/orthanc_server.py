@@ -108,7 +108,9 @@ class OrthancServer:
             "StableAge": 1,
             "SaveJobs": False,
             "ConcurrentJobs": 1,
-            "DicomScpTimeout": 10,
+            # an idle association is aborted after this; at 10 s a fresh-clone CI run saw an
+            # A-ABORT 10.2 s into a 16-instance C-STORE (a stalled machine, nothing to test)
+            "DicomScpTimeout": 60,
             "HttpTimeout": 30,
             "OverwriteInstances": False,
             **self.extra_config,
