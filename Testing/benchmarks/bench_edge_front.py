@@ -122,6 +122,28 @@ def oracle(sources: np.ndarray, share_weight: float, fidelity_weight: float,
     return fused.detach()[0, 0].numpy()
 
 
+def smooth_band(images: torch.Tensor) -> torch.Tensor:
+    """``low``: the bilinear upsampling of 16x16 block means of ``(B, K, H, W)`` images (H and
+    W multiples of 16), the coarsest band of the two-band forms."""
+    return upsample_bilinear(torch.nn.functional.avg_pool2d(images, 16), 16)
+
+
+def edge_strength(images: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Sobel gradient magnitude ``sqrt(gx^2 + gy^2 + eps)`` of each ``(B, K, H, W)`` plane."""
+    gx, gy = sobel(images.reshape(-1, 1, *images.shape[-2:]))
+    return torch.sqrt(gx * gx + gy * gy + eps).reshape(images.shape)
+
+
+def two_band_fusion(x: torch.Tensor, base: torch.Tensor, low: torch.Tensor,
+                    logit: torch.Tensor, detail_gain: torch.Tensor, band_gain: torch.Tensor,
+                    max_prior: torch.Tensor) -> torch.Tensor:
+    """The two-band form, unclamped ``(B, 1, H, W)``: ``sum_k softmax_k(logit_k + beta x_k)
+    x_k + detail_gain_k (x_k - base_k) + band_gain_k (base_k - low_k)``."""
+    weights = torch.softmax(logit + max_prior * x, dim=1)
+    fused = weights * x + detail_gain * (x - base) + band_gain * (base - low)
+    return fused.sum(dim=1, keepdim=True)
+
+
 def map_oracle(net: FusionNet, sources: np.ndarray, share_weight: float,
                fidelity_weight: float, grid: str = "pixel", form: str = "convex",
                iterations: int = 300, logit_scale: float = 0.1,
@@ -151,7 +173,7 @@ def map_oracle(net: FusionNet, sources: np.ndarray, share_weight: float,
     block, k, (h, w) = 1 << net.block_exponent, x.shape[1], x.shape[-2:]
     padded = net._padded(x)
     channels = {"convex": 2, "two-band": 3, "three-band": 4}[form]
-    terms = 3 if guided else 1  # a map, or a map affine in x_k and the sources' mean
+    terms = 3 if guided else 1  # a map, or a map affine in the guide and the sources' mean
     with torch.no_grad():
         stats, coarse = net._block_stats(padded, block)
         logits = net._block_maps(stats, 1, k).reshape(1, k, 2, *stats.shape[-2:])[:, :, :1]
@@ -161,13 +183,10 @@ def map_oracle(net: FusionNet, sources: np.ndarray, share_weight: float,
             maps = torch.stack([maps, torch.zeros_like(maps), torch.zeros_like(maps)], 3)
         maps = maps.reshape(1, channels * terms * k, *stats.shape[-2:])
         base = upsample_bilinear(coarse, net.base_pool)
-        low = upsample_bilinear(torch.nn.functional.avg_pool2d(padded, 16), 16)
+        low = smooth_band(padded)
         if grid == "pixel":
             maps = upsample_bilinear(maps, block)
-        guide = padded
-        if guided == "gradient":
-            gx, gy = sobel(padded.reshape(-1, 1, *padded.shape[-2:]))
-            guide = torch.sqrt(gx * gx + gy * gy).reshape(padded.shape)
+        guide = edge_strength(padded) if guided == "gradient" else padded
     maps.requires_grad_(True)
     optimiser = torch.optim.Adam([maps], lr=0.1 if grid == "pixel" else 0.05)
 
@@ -180,9 +199,8 @@ def map_oracle(net: FusionNet, sources: np.ndarray, share_weight: float,
             full = full[:, :, :, 0] + full[:, :, :, 1] * own + full[:, :, :, 2] * mean
         full = full.reshape(1, k, channels, *padded.shape[-2:])
         if form in ("two-band", "three-band"):
-            weights = torch.softmax(full[:, :, 0] + net.max_prior * padded, dim=1)
-            fused = (weights * padded + full[:, :, 1] * (padded - base)
-                     + full[:, :, 2] * (base - low)).sum(dim=1, keepdim=True)
+            fused = two_band_fusion(padded, base, low, full[:, :, 0], full[:, :, 1],
+                                    full[:, :, 2], net.max_prior)
             if form == "three-band":  # and the smooth band itself, any source's, added
                 fused = fused + (full[:, :, 3] * low).sum(dim=1, keepdim=True)
         else:

@@ -47,14 +47,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_edge_front import REPO, bundle_network, scores  # noqa: E402
+from bench_edge_front import (  # noqa: E402
+    REPO,
+    bundle_network,
+    edge_strength,
+    scores,
+    smooth_band,
+    two_band_fusion,
+)
 from scripts.datalist import build_groups  # noqa: E402
-from scripts.losses import FusionLoss, sobel  # noqa: E402
+from scripts.losses import FusionLoss  # noqa: E402
 from scripts.network import FusionNet, upsample_bilinear  # noqa: E402
 from scripts.transforms import LoadFusionGroupd  # noqa: E402
 
@@ -70,7 +76,7 @@ def layers(net: FusionNet, x: torch.Tensor, logit_scale: float) -> Layers:
         maps = net._block_maps(stats, x.shape[0], x.shape[1])
         logit = upsample_bilinear(maps[:, 0::2].contiguous(), block) * logit_scale
         base = upsample_bilinear(coarse, net.base_pool)
-        low = upsample_bilinear(F.avg_pool2d(padded, 16), 16)
+        low = smooth_band(padded)
     return padded, logit, base, low
 
 
@@ -99,17 +105,16 @@ class PixelHead(nn.Module):
         own = [x, detail, band, selection]
         shared = [x.mean(1), detail.mean(1), band.mean(1), x.amax(1), detail.abs().amax(1)]
         if self.normalised_edges:  # each source's edge strength over its image mean
-            gx, gy = sobel(x.reshape(b * k, 1, h, w))
-            strength = torch.sqrt(gx * gx + gy * gy + 1e-12).reshape(b, k, h, w)
+            strength = edge_strength(x, eps=1e-12)
             relative = strength / strength.mean(dim=(2, 3), keepdim=True).clamp_min(1e-6)
             own.append(relative)
             shared.append(relative.amax(1))
         shared_maps = torch.stack(shared, 1)[:, None].expand(-1, k, -1, -1, -1)
         features = torch.cat([torch.stack(own, 2), shared_maps], 2)
         out = self.body(features.reshape(b * k, self.inputs, h, w)).reshape(b, k, 3, h, w)
-        weights = torch.softmax(logit + out[:, :, 0] + self.max_prior * x, dim=1)
-        fused = weights * x + out[:, :, 1] * detail + out[:, :, 2] * band
-        return fused.sum(1, keepdim=True).clamp(0.0, 1.0)
+        fused = two_band_fusion(x, base, low, logit + out[:, :, 0], out[:, :, 1],
+                                out[:, :, 2], self.max_prior)
+        return fused.clamp(0.0, 1.0)
 
 
 def random_crops(prepared: list[Layers], count: int, size: int) -> Layers:

@@ -109,7 +109,8 @@ class OrthancServer:
             "SaveJobs": False,
             "ConcurrentJobs": 1,
             # an idle association is aborted after this; at 10 s a fresh-clone CI run saw an
-            # A-ABORT 10.2 s into a 16-instance C-STORE (a stalled machine, nothing to test)
+            # A-ABORT 10.2 s after a study's C-GET, 5 of 16 instances into its C-STORE (most
+            # likely a stalled machine; no test relies on this timeout)
             "DicomScpTimeout": 60,
             "HttpTimeout": 30,
             "OverwriteInstances": False,
