@@ -134,6 +134,19 @@ def edge_strength(images: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     return torch.sqrt(gx * gx + gy * gy + eps).reshape(images.shape)
 
 
+def network_layers(net: FusionNet, x: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the network's composition works on, for ``(B, K, H, W)`` sources: the padded
+    sources, the selection logits on the block grid ``(B, K, h, w)``, the base layer and the
+    16x16 smooth band (both padded size)."""
+    with torch.no_grad():
+        padded = net._padded(x)
+        stats, coarse = net._block_stats(padded, 1 << net.block_exponent)
+        maps = net._block_maps(stats, x.shape[0], x.shape[1])
+        base = upsample_bilinear(coarse, net.base_pool)
+        return padded, maps[:, 0::2], base, smooth_band(padded)
+
+
 def two_band_fusion(x: torch.Tensor, base: torch.Tensor, low: torch.Tensor,
                     logit: torch.Tensor, detail_gain: torch.Tensor, band_gain: torch.Tensor,
                     max_prior: torch.Tensor) -> torch.Tensor:
@@ -171,19 +184,16 @@ def map_oracle(net: FusionNet, sources: np.ndarray, share_weight: float,
     loss = FusionLoss(l1=0.0, ssim=0.0, source_ssim=0.0, gradient=0.0, intensity=0.0, edge=1.0,
                       weaker_edge=share_weight, vif=fidelity_weight)
     block, k, (h, w) = 1 << net.block_exponent, x.shape[1], x.shape[-2:]
-    padded = net._padded(x)
+    padded, block_logits, base, low = network_layers(net, x)
     channels = {"convex": 2, "two-band": 3, "three-band": 4}[form]
     terms = 3 if guided else 1  # a map, or a map affine in the guide and the sources' mean
     with torch.no_grad():
-        stats, coarse = net._block_stats(padded, block)
-        logits = net._block_maps(stats, 1, k).reshape(1, k, 2, *stats.shape[-2:])[:, :, :1]
+        logits = block_logits[:, :, None]
         gains = torch.zeros_like(logits).expand(-1, -1, channels - 1, -1, -1)
         maps = torch.cat([logits * logit_scale, gains], 2)
         if guided:
             maps = torch.stack([maps, torch.zeros_like(maps), torch.zeros_like(maps)], 3)
-        maps = maps.reshape(1, channels * terms * k, *stats.shape[-2:])
-        base = upsample_bilinear(coarse, net.base_pool)
-        low = smooth_band(padded)
+        maps = maps.reshape(1, channels * terms * k, *block_logits.shape[-2:])
         if grid == "pixel":
             maps = upsample_bilinear(maps, block)
         guide = edge_strength(padded) if guided == "gradient" else padded

@@ -28,15 +28,16 @@ alike (A = 1.5, logits × 0.1: 0.7455 / 0.9067 / 0.3591 on training pairs): no o
 learned per-pixel rule lies on a trade-off curve like every checkpoint's (at ``max``'s share
 Q^{AB/F} ≈ 0.70-0.73, VIF ≈ 0.85-0.91), well under the per-image oracle (per pixel two-band
 1:1.5: 0.7855 / 1.0379 / 0.4203; block grid i = 3 two-band 2:1: 0.7310 / 0.9693 / 0.4986).
-``--normalised-edges`` (each source's Sobel magnitude over its image's mean, own and max over the
-sources, as two more inputs) moves the curve: A = 1.5 from the hard selection 0.7111 / 0.7705 /
-0.5311, logits × 0.1 0.6990 / 0.7426 / 0.5677 (against 0.623 / 0.658 / 0.556 without it at A =
-4). Session 37, with it from the hard selection: A = 1: 0.7813 / 0.9633 / 0.3616; A = 0.75:
-0.7485 / 0.8458 / 0.2737 (its first run went to NaN at a near-blank crop: the script now skips
-non-finite steps and says how many, here 1). No weight reaches all three bars.
+``--normalised-edges`` (each source's Sobel magnitude over its mean over the input: a training
+crop, or a whole validation image; own and max over the sources, as two more inputs) moves the
+curve: A = 1.5 from the hard selection 0.7111 / 0.7705 / 0.5311, logits × 0.1 0.6990 / 0.7426
+/ 0.5677 (against 0.623 / 0.658 / 0.556 without it at A = 4). Session 37, with it from the
+hard selection: A = 1: 0.7813 / 0.9633 / 0.3616; A = 0.75: 0.7485 / 0.8458 / 0.2737 (its first
+run went to NaN at a near-blank crop: the script now skips non-finite steps and says how many,
+here 1). No weight reaches all three bars.
 
     python Testing/benchmarks/bench_pixel_head.py [--share 1.5] [--vif 1.5] [--width 16]
-        [--steps 1500] [--logit-scale 0.1]
+        [--steps 1500] [--logit-scale 0.1] [--normalised-edges]
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ from bench_edge_front import (  # noqa: E402
     REPO,
     bundle_network,
     edge_strength,
+    network_layers,
     scores,
-    smooth_band,
     two_band_fusion,
 )
 from scripts.datalist import build_groups  # noqa: E402
@@ -72,13 +73,8 @@ Layers = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 def layers(net: FusionNet, x: torch.Tensor, logit_scale: float) -> Layers:
     """The padded sources, the shipped selection logits (× ``logit_scale``) upsampled to
     pixels, the base layer and the 16x16 smooth band, all ``(B, K, H, W)``."""
-    with torch.no_grad():
-        padded, block = net._padded(x), 1 << net.block_exponent
-        stats, coarse = net._block_stats(padded, block)
-        maps = net._block_maps(stats, x.shape[0], x.shape[1])
-        logit = upsample_bilinear(maps[:, 0::2].contiguous(), block) * logit_scale
-        base = upsample_bilinear(coarse, net.base_pool)
-        low = smooth_band(padded)
+    padded, block_logits, base, low = network_layers(net, x)
+    logit = upsample_bilinear(block_logits.contiguous(), 1 << net.block_exponent) * logit_scale
     return padded, logit, base, low
 
 
@@ -106,7 +102,7 @@ class PixelHead(nn.Module):
         selection = torch.softmax(logit + self.max_prior * x, dim=1)
         own = [x, detail, band, selection]
         shared = [x.mean(1), detail.mean(1), band.mean(1), x.amax(1), detail.abs().amax(1)]
-        if self.normalised_edges:  # each source's edge strength over its image mean
+        if self.normalised_edges:  # edge strength over its mean over this input (crop or image)
             strength = edge_strength(x, eps=1e-12)
             relative = strength / strength.mean(dim=(2, 3), keepdim=True).clamp_min(1e-6)
             own.append(relative)
@@ -156,7 +152,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--logit-scale", type=float, default=0.1)
     parser.add_argument("--normalised-edges", action="store_true",
-                        help="also feed each source's Sobel magnitude over its image mean")
+                        help="also feed each source's Sobel magnitude over its mean over the "
+                             "input (a training crop, a whole validation image)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
