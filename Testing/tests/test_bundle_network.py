@@ -8,7 +8,8 @@ import subprocess
 import sys
 import textwrap
 
-import numba  # noqa: F401 (loaded: the network's compiled CPU loops then serve calls of any size)
+import numba  # (loaded: the network's compiled CPU loops then serve calls of any size)
+import numpy as np
 import pytest
 import torch
 
@@ -190,6 +191,59 @@ def test_compiled_combination_leaves_out_dead_details_only(network, monkeypatch)
     assert (fused - selection).abs().max() > 1e-3
     live[0, 1, 0, 0] = float("nan")
     assert math.isnan(kernels._largest_gain_sigmoid(live.numpy()))
+
+
+@pytest.mark.parametrize("parts", [2, 3, 5])
+@pytest.mark.parametrize("with_detail", [False, True])
+def test_row_bands_give_the_serial_loops_result_to_the_bit(network, parts: int,
+                                                           with_detail: bool) -> None:
+    """The two full-resolution loops split into row bands run in parallel (``_compose_bands``,
+    ``_moments_bands``) write every row as the serial loop does, also where the bands split an
+    image or a batch unevenly and a band starts between two block rows."""
+    kernels = _kernels(network)
+    generator = torch.Generator().manual_seed(parts)
+    x = torch.rand(3, 2, 72, 40, generator=generator).numpy()  # 216 rows over 3 images
+    maps = (torch.randn(3, 4, 9, 5, generator=generator) * 20.0).numpy()
+    coarse = torch.rand(3, 2, 18, 10, generator=generator).numpy()
+    prior = np.float32(network.max_prior.detach())  # the loops' float32 signature
+    serial, banded = np.full((3, 1, 72, 40), -1.0, np.float32), np.full((3, 1, 72, 40), -1.0,
+                                                                        np.float32)
+    kernels._compose_rows(x, maps, coarse, prior, 8, 4, with_detail, serial, 0, 3 * 72)
+    kernels._compose_bands(x, maps, coarse, prior, 8, 4, with_detail, banded, parts)
+    assert (serial >= 0).all() and np.array_equal(serial, banded)
+    images = x.reshape(6, 72, 40)
+    means = [np.full((6, 18, 10), -1.0, np.float32) for _ in range(4)]
+    kernels._moments(images, 4, means[0], means[1], 0, 6 * 18)
+    kernels._moments_bands(images, 4, means[2], means[3], parts)
+    assert (means[0] >= 0).all() and np.array_equal(means[0], means[2])
+    assert np.array_equal(means[1], means[3])
+
+
+def test_loops_split_into_bands_only_where_they_pay(network, monkeypatch) -> None:
+    """One band per torch thread, each of at least ``MIN_ROWS_PER_BAND`` rows, with numba's
+    GNU OpenMP layer; one band (the calling thread) with one torch thread or another layer; and
+    a network call gives the same image either way."""
+    kernels = _kernels(network)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert kernels.bands(4096) == 1
+        x = torch.rand(2, 2, 256, 128, generator=torch.Generator().manual_seed(3))
+        with torch.inference_mode():
+            serial = network(x)
+        torch.set_num_threads(2)
+        if numba.config.NUMBA_NUM_THREADS < 2:
+            pytest.skip("numba runs one thread here")
+        minimum = kernels.MIN_ROWS_PER_BAND
+        assert kernels.bands(2 * minimum - 1) == 1
+        split = kernels.bands(2 * minimum)
+        assert split == (2 if kernels._LAYER == ["omp"] else 1)  # (the layer is read by now)
+        with torch.inference_mode():
+            assert torch.equal(network(x), serial)
+        monkeypatch.setattr(kernels, "_LAYER", ["workqueue"])
+        assert kernels.bands(4096) == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_network_output_needs_no_clamp(network) -> None:

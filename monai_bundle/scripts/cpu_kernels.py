@@ -19,10 +19,19 @@ upsampling, which rounds less than upsampling each logit, so with logits of 1e4 
 differ by ~3e-4) and serve inference only: the network takes them for float32 CPU inputs
 without gradients, and keeps its torch code for training, GPUs, TorchScript and ONNX export.
 
-The loops run on the calling thread, without the GIL. Split over two threads they were slower
-inside the network (4.7 against 4.4 ms per 512^2 pair, interleaved): torch's OpenMP workers
-still spin after the convolution before them. This module imports numba; the network imports
-it only when numba is installed.
+The two full-resolution loops (:func:`block_stats`' pooling, :func:`compose_two`) are split
+into row bands run in parallel, one per torch thread (:func:`bands`), where numba's threading
+layer is GNU OpenMP ("omp", numba's choice where TBB is not installed): its workers wait for
+work spinning, as torch's do, so a band starts at once (a 512^2 pair: the two loops 0.50 ->
+0.27 ms, the method 0.88-0.93x the time, this 2-core VM). Numba's other layers hand work over
+more slowly, and the same split in Python threads was slower than one thread (the method
+1.2-1.3x the time with "workqueue"; 4.7 against 4.4 ms in Python threads): there, and where
+torch runs one thread, the loops run on the calling thread alone, without the GIL. Every
+output row is computed as in the serial loop, so the result is the same to the bit. As with
+torch's own OpenMP pool, a process forked after the loops ran in parallel must not run them in
+parallel again (numba then ends it); it runs them serially with torch set to one thread, as
+torch's DataLoader workers are. This module imports numba; the network imports it only when
+numba is installed.
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 # the upsampling and combination may fuse a * b + c into one rounding (FMA: faster, and no less
 # precise); the block means may not, so that they stay torch's to the bit
 _JIT_FUSED = {**_JIT, "fastmath": {"contract"}}
+_JIT_BANDS = {"cache": True, "nogil": True, "parallel": True}  # row bands in parallel (prange)
+# fewer rows than this per band, and a loop is not split (a thread's start costs more there)
+MIN_ROWS_PER_BAND = 64
 _F32 = np.float32
 _LOG2E = _F32(1.4426950408889634)
 _LN2_HIGH = _F32(0.693359375)  # ln 2 in 9 bits: n * _LN2_HIGH is exact for |n| < 2^15
@@ -174,8 +186,10 @@ def _select_row(first: np.ndarray, second: np.ndarray, logit_above: np.ndarray,
 
 @numba.njit(**_JIT_FUSED)
 def _compose_rows(x: np.ndarray, maps: np.ndarray, coarse: np.ndarray, max_prior: float,
-                  block: int, base_pool: int, with_detail: bool, out: np.ndarray) -> None:
-    """The fused rows of ``out`` (B, 1, H, W); without the detail terms (and the base
+                  block: int, base_pool: int, with_detail: bool, out: np.ndarray, start: int,
+                  stop: int) -> None:
+    """The fused rows ``start`` to ``stop`` of ``out`` (B, 1, H, W), counted over the images
+    (row ``r`` of image ``i`` is ``i * H + r``); without the detail terms (and the base
     layer) where ``with_detail`` is False.
 
     ``maps`` (B, 4, H / block, W / block): logit and gain of source 0, then of source 1;
@@ -191,7 +205,7 @@ def _compose_rows(x: np.ndarray, maps: np.ndarray, coarse: np.ndarray, max_prior
     base_keys = np.full(2, -1, np.int64)
     map_slots = np.zeros(2, np.int64)
     base_slots = np.zeros(2, np.int64)
-    for flat in range(x.shape[0] * height):
+    for flat in range(start, stop):
         image, row = flat // height, flat % height
         first, second, maps_weight = _source_cell(row, block, map_rows)
         for which, cell in enumerate((first, second)):
@@ -222,10 +236,23 @@ def _compose_rows(x: np.ndarray, maps: np.ndarray, coarse: np.ndarray, max_prior
                      wide_base[base_slots[1]], base_weight, max_prior, out[image, 0, row])
 
 
+@numba.njit(**_JIT_BANDS)
+def _compose_bands(x: np.ndarray, maps: np.ndarray, coarse: np.ndarray, max_prior: float,
+                   block: int, base_pool: int, with_detail: bool, out: np.ndarray,
+                   parts: int) -> None:
+    """:func:`_compose_rows` of every row, in ``parts`` bands of rows run in parallel."""
+    rows = x.shape[0] * x.shape[2]
+    for part in numba.prange(parts):
+        _compose_rows(x, maps, coarse, max_prior, block, base_pool, with_detail, out,
+                      part * rows // parts, (part + 1) * rows // parts)
+
+
 @numba.njit(**_JIT)
-def _moments(x: np.ndarray, size: int, mean: np.ndarray, square: np.ndarray) -> None:
-    """The ``size x size`` block means of ``x`` and ``x^2``: ``x`` (N, H, W), ``mean`` and
-    ``square`` (N, H / size, W / size).
+def _moments(x: np.ndarray, size: int, mean: np.ndarray, square: np.ndarray, start: int,
+             stop: int) -> None:
+    """The ``size x size`` block means of ``x`` and ``x^2`` in block rows ``start`` to ``stop``
+    (counted over the images): ``x`` (N, H, W), ``mean`` and ``square`` (N, H / size,
+    W / size).
 
     Each block is summed as torch's ``avg_pool2d`` sums it (row by row, left to right, in
     float32), so the means are torch's to the bit: the network's block spread
@@ -235,7 +262,7 @@ def _moments(x: np.ndarray, size: int, mean: np.ndarray, square: np.ndarray) -> 
     total = np.empty(blocks_across, np.float32)
     total_square = np.empty(blocks_across, np.float32)
     scale = _F32(1.0 / (size * size))
-    for flat in range(mean.shape[0] * blocks_down):
+    for flat in range(start, stop):
         image, block_row = flat // blocks_down, flat % blocks_down
         total[:] = 0.0
         total_square[:] = 0.0
@@ -257,6 +284,48 @@ def _moments(x: np.ndarray, size: int, mean: np.ndarray, square: np.ndarray) -> 
         for block in range(blocks_across):
             mean[image, block_row, block] = total[block] * scale
             square[image, block_row, block] = total_square[block] * scale
+
+
+@numba.njit(**_JIT_BANDS)
+def _moments_bands(x: np.ndarray, size: int, mean: np.ndarray, square: np.ndarray,
+                   parts: int) -> None:
+    """:func:`_moments` of every block row, in ``parts`` bands run in parallel."""
+    rows = mean.shape[0] * mean.shape[1]
+    for part in numba.prange(parts):
+        _moments(x, size, mean, square, part * rows // parts, (part + 1) * rows // parts)
+
+
+_LAYER: list[str] = []  # numba's threading layer once launched
+
+
+def bands(rows: int) -> int:
+    """Into how many row bands a loop over ``rows`` output rows is split: torch's thread count
+    (what the caller allows; at most numba's), with at least :data:`MIN_ROWS_PER_BAND` rows
+    each, where numba's threading layer is GNU OpenMP; otherwise 1 (the calling thread
+    alone)."""
+    parts = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS,
+                rows // MIN_ROWS_PER_BAND)
+    if parts < 2:
+        return 1
+    if not _LAYER:
+        numba.get_num_threads()  # launches numba's threading layer, so that it can be read
+        _LAYER.append(numba.threading_layer())
+    return parts if _LAYER[0] == "omp" else 1
+
+
+def _in_bands(serial, parallel, rows: int, *args) -> None:  # noqa: ANN001 (numba functions)
+    """``serial(*args, 0, rows)`` on the calling thread, or ``parallel(*args, parts)`` on
+    ``parts`` of numba's threads (:func:`bands`)."""
+    parts = bands(rows)
+    if parts == 1:
+        serial(*args, 0, rows)
+        return
+    threads = numba.get_num_threads()
+    numba.set_num_threads(parts)  # (per calling thread: numba's count for its next loops)
+    try:
+        parallel(*args, parts)
+    finally:
+        numba.set_num_threads(threads)
 
 
 @numba.njit(**_JIT)
@@ -319,7 +388,8 @@ def block_stats(x: torch.Tensor, block: int, base_pool: int
     if fine > 1:
         mean = np.empty((b * k, h // fine, w // fine), np.float32)
         square = np.empty_like(mean)
-        _moments(images, fine, mean, square)
+        _in_bands(_moments, _moments_bands, mean.shape[0] * mean.shape[1], images, fine,
+                  mean, square)
     else:
         mean = square = images
     coarse = mean if fine == base_pool else _block_means(mean, base_pool // fine)
@@ -443,6 +513,7 @@ def compose_two(x: torch.Tensor, maps: torch.Tensor, coarse: torch.Tensor,
     fused = torch.empty((b, 1, h, w), dtype=torch.float32)
     maps = maps.contiguous()
     with_detail = not _largest_gain_sigmoid(maps.numpy()) < DEAD_GAIN_SIGMOID  # NaN: True
-    _compose_rows(x.contiguous().numpy(), maps.numpy(), coarse.contiguous().numpy(),
-                  _F32(float(max_prior.detach())), block, base_pool, with_detail, fused.numpy())
+    _in_bands(_compose_rows, _compose_bands, b * h, x.contiguous().numpy(), maps.numpy(),
+              coarse.contiguous().numpy(), _F32(float(max_prior.detach())), block, base_pool,
+              with_detail, fused.numpy())
     return fused

@@ -34,7 +34,7 @@ STATS = 2  # block mean and block variance of each source
 BASE_POOL = 4  # the base layer is the bilinear upsampling of 4x4 block means
 # source pixels per call (two 512^2 pairs) from which the compiled CPU loops are used before
 # numba is loaded: loading it (0.7 s once per process on an idle machine, up to ~2 s under load;
-# ~6 s once to compile into an empty cache) costs what the loops save on 150-500 512^2 slice
+# ~10 s once to compile into an empty cache) costs what the loops save on 150-500 512^2 slice
 # pairs (~4 ms each), so a single image pair keeps the torch code; volumes and batches reach it
 COMPILED_MIN_SOURCE_PIXELS = 1 << 20
 
