@@ -22,8 +22,8 @@ without gradients, and keeps its torch code for training, GPUs, TorchScript and 
 The two full-resolution loops (:func:`block_stats`' pooling, :func:`compose_two`) are split
 into row bands run in parallel, one per torch thread (:func:`bands`), where numba's threading
 layer is GNU OpenMP ("omp", numba's choice where TBB is not installed): its workers wait for
-work spinning, as torch's do, so a band starts at once (a 512^2 pair: the two loops 0.50 ->
-0.27 ms, the method 0.88-0.93x the time, this 2-core VM). Numba's other layers hand work over
+work spinning, as torch's do, so a band starts at once (a 512^2 pair: the two loops alone 0.50
+-> 0.31 ms, the method 0.93x the time, this 2-core VM). Numba's other layers hand work over
 more slowly, and the same split in Python threads was slower than one thread (the method
 1.2-1.3x the time with "workqueue"; 4.7 against 4.4 ms in Python threads): there, and where
 torch runs one thread, the loops run on the calling thread alone, without the GIL. Every
