@@ -267,13 +267,20 @@ def bundle_network(block_exponent: int | None = None) -> FusionNet:
     return get_method("cnn", **options).module.requires_grad_(False)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_dataset_arguments(parser: argparse.ArgumentParser, pairs: str) -> None:
+    """The groups a benchmark scores: ``--dataset_dir`` (the atlas pairs under
+    ``MEDFUSION_DATA``, default ``../shared/data``), ``--split``, ``--pairs`` (default
+    ``pairs``) and ``--step`` (every step-th group of a pair type)."""
     data = os.environ.get("MEDFUSION_DATA", str(REPO.parent / "shared" / "data"))
     parser.add_argument("--dataset_dir", default=os.path.join(data, "aanlib"))
     parser.add_argument("--split", default="validation")
-    parser.add_argument("--pairs", default="CT-MRI,PET-MRI,SPECT-MRI")
+    parser.add_argument("--pairs", default=pairs)
     parser.add_argument("--step", type=int, default=1, help="every step-th group of a pair type")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dataset_arguments(parser, "CT-MRI,PET-MRI,SPECT-MRI")
     parser.add_argument("--exponents", default="0,0.3,0.5,0.7,1")
     parser.add_argument("--cnn", action="store_true", help="also score the bundle's CNN")
     parser.add_argument("--oracle", default="", metavar="A:B,...",

@@ -31,7 +31,6 @@ sources).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -39,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "monai_bundle"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_edge_front import add_dataset_arguments  # noqa: E402 (puts the bundle on the path)
 from scripts.datalist import build_groups  # noqa: E402
 from scripts.transforms import LoadFusionGroupd  # noqa: E402
 
@@ -77,11 +76,7 @@ def sobel_weight(image8: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    data = os.environ.get("MEDFUSION_DATA", str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--dataset_dir", default=os.path.join(data, "aanlib"))
-    parser.add_argument("--split", default="validation")
-    parser.add_argument("--pairs", default="SPECT-MRI,PET-MRI")
-    parser.add_argument("--step", type=int, default=1, help="every step-th group of a pair type")
+    add_dataset_arguments(parser, "SPECT-MRI,PET-MRI")
     parser.add_argument("--methods", default="max,average,laplacian,gff,cnn,sesf")
     args = parser.parse_args()
     methods = {name: get_method(name) for name in args.methods.split(",")}
