@@ -221,8 +221,8 @@ def test_row_bands_give_the_serial_loops_result_to_the_bit(network, parts: int,
 
 def test_loops_split_into_bands_only_where_they_pay(network, monkeypatch) -> None:
     """One band per torch thread, each of at least ``MIN_ROWS_PER_BAND`` rows, with numba's
-    GNU OpenMP layer; one band (the calling thread) with one torch thread or another layer; and
-    a network call gives the same image either way."""
+    GNU OpenMP layer; one band (the calling thread) with one torch thread, another layer or
+    none that loads; and a network call gives the same image either way."""
     kernels = _kernels(network)
     threads = torch.get_num_threads()
     try:
@@ -242,6 +242,12 @@ def test_loops_split_into_bands_only_where_they_pay(network, monkeypatch) -> Non
             assert torch.equal(network(x), serial)
         monkeypatch.setattr(kernels, "_LAYER", ["workqueue"])
         assert kernels.bands(4096) == 1
+
+        def no_layer() -> str:
+            raise ValueError("No threading layer could be loaded.")
+        monkeypatch.setattr(kernels, "_LAYER", [])
+        monkeypatch.setattr(numba, "threading_layer", no_layer)
+        assert kernels.bands(4096) == 1 and kernels._LAYER == [""]  # serial, no error
     finally:
         torch.set_num_threads(threads)
 

@@ -308,8 +308,11 @@ def bands(rows: int) -> int:
     if parts < 2:
         return 1
     if not _LAYER:
-        numba.get_num_threads()  # launches numba's threading layer, so that it can be read
-        _LAYER.append(numba.threading_layer())
+        try:
+            numba.get_num_threads()  # launches numba's threading layer, so that it can be read
+            _LAYER.append(numba.threading_layer())
+        except (ValueError, RuntimeError, OSError):  # no layer loads here: the calling thread
+            _LAYER.append("")
     return parts if _LAYER[0] == "omp" else 1
 
 
