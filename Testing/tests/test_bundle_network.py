@@ -345,6 +345,37 @@ def test_before_numba_is_loaded_only_large_calls_take_the_compiled_loops() -> No
     assert result.stdout.split("\n")[:3] == ["False False", "True True", "True"], result.stdout
 
 
+def test_a_child_forked_after_parallel_loops_fuses_with_one_torch_thread() -> None:
+    """After the loops ran in row bands (two torch threads), a forked child that sets torch to
+    one thread, as torch's OpenMP pool requires of it (DataLoader workers do), fuses the same
+    image on the calling thread alone, and the parent goes on in bands."""
+    script = textwrap.dedent("""
+        import os, sys, numba, torch
+        from medfusion.methods import get_method
+        torch.set_num_threads(2)
+        net = get_method("cnn").module
+        kernels = sys.modules[type(net).__module__]._cpu_kernels()
+        x = torch.rand(1, 2, 256, 256, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            parent = net(x)
+        print(kernels.bands(256), flush=True)
+        pid = os.fork()
+        if pid == 0:
+            torch.set_num_threads(1)
+            with torch.inference_mode():
+                same = torch.equal(net(x), parent) and kernels.bands(256) == 1
+            os._exit(0 if same else 3)
+        _, status = os.waitpid(pid, 0)
+        with torch.inference_mode():
+            print(os.waitstatus_to_exitcode(status), torch.equal(net(x), parent))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, check=True)
+    lines = result.stdout.split("\n")
+    assert lines[1] == "0 True", result.stdout + result.stderr
+    assert lines[0] in ("1", "2")  # 2 where numba's GNU OpenMP layer splits the loops
+
+
 def test_compiled_loops_refuse_shapes_that_do_not_fit(network) -> None:
     """The loops index without bounds checks: their entry points refuse mismatched shapes."""
     kernels = _kernels(network)
