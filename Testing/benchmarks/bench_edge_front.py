@@ -65,7 +65,8 @@ three-band`` (a free gain on each source's smooth band too) 1:1 0.7786 / 1.1189 
 ``medfusion.report.figures.image_panel``) and ``--per-image CSV`` every group's scores, so the
 images are looked at and an operating point can be chosen per image; ``--half-resolution``
 scores every fusion again on 2x2 block means of it and its sources. Session 38 (same 10 pairs,
-``--step 6 --exponents 0.3 --cnn --map-form two-band``, ~6 min per objective): per pixel 1:1.25
+``--pairs SPECT-MRI --step 6 --exponents 0.3 --cnn --map-oracle 1:1.25 --map-form two-band
+--half-resolution``, ~6 min per objective): per pixel 1:1.25
 0.7855 / 0.9992 / 0.4368, all three SPECT-MRI bars met on these pairs, but the pictures show
 concentric rings and hatching over the MRI (``docs/images/spect_mri_map_oracle_40016.png``):
 gradients that agree with the SPECT's on some pixels and with the MRI's on the next. At half
@@ -358,15 +359,16 @@ def main() -> None:
                     net, sources, a, b, args.map_grid, args.map_form, guided=args.map_guided,
                     half_weight=args.map_half_weight)
             name_of_group = Path(group["sources"][0]).stem
+            order = "/".join(modalities[pair])  # whose Q^{S/F} are QSF_1, QSF_2, ...
             for name, fused in fusions.items():
                 score = scores(fused, sources)
                 results[(pair, name)].append(score)
-                rows.append({"pair_type": pair, "group": name_of_group, "fusion": name,
-                             **dict(zip(SCORE_NAMES, score, strict=False))})
+                rows.append({"pair_type": pair, "group": name_of_group, "sources": order,
+                             "fusion": name, **dict(zip(SCORE_NAMES, score, strict=False))})
                 if args.half_resolution:
                     half = scores(half_resolution(fused), half_resolution(sources))
                     results[(pair, f"{name} (half res.)")].append(half)
-                    rows.append({"pair_type": pair, "group": name_of_group,
+                    rows.append({"pair_type": pair, "group": name_of_group, "sources": order,
                                  "fusion": f"{name} (half res.)",
                                  **dict(zip(SCORE_NAMES, half, strict=False))})
             if args.save_png is not None:
@@ -386,7 +388,7 @@ def main() -> None:
             shares = " ".join(f"{v:.4f}" for v in mean[3:])
             print(f"{name:{width}s} {mean[0]:.4f}   {mean[1]:.4f}   {mean[2]:.4f}       {shares}")
     if args.per_image is not None:
-        columns = ["pair_type", "group", "fusion", *SCORE_NAMES]
+        columns = ["pair_type", "group", "sources", "fusion", *SCORE_NAMES]
         with args.per_image.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, columns, restval="")
             writer.writeheader()

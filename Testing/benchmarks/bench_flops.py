@@ -12,6 +12,9 @@
 - the network's compiled path in its parts, each timed alone: the block statistics and the
   composition loops (no FLOPs) and the block CNN (all of them), with the floor the two loops
   put under the ratio;
+- ``--compare-serial-loops``: the default method with its two full-resolution loops in row
+  bands (``cpu_kernels.bands``, as shipped) against the same loops on the calling thread
+  alone, interleaved (``--rounds`` rounds, best of ``--repeat`` each): the median ratio;
 - ``--batches 1,2,4,8,16``: the network (plain torch) on a stack of 16 such slice pairs in calls
   of that many slices, per slice: what sets ``medfusion.methods.cnn.CPU_PIXELS_PER_CALL`` (the
   cache tile; calls of many large slices run out of this CPU's caches).
@@ -24,7 +27,7 @@ the method's (this VM's limit read 200-380 GFLOP/s from one run to the next) mov
 the median of the rounds' ratios holds where a ratio of two separate runs does not.
 
     nice python Testing/benchmarks/bench_flops.py [--threads 2] [--repeat 5] [--size 512]
-        [--rounds 9] [--batches 1,2,4,8,16] [--no-malloc-tuning]
+        [--rounds 9] [--batches 1,2,4,8,16] [--compare-serial-loops] [--no-malloc-tuning]
 
 The allocator is tuned as the command line tunes it (``medfusion.allocator``) unless
 ``--no-malloc-tuning``: without it, every large temporary of the network costs fresh pages.
@@ -90,6 +93,9 @@ def main() -> None:
                         help="interleaved rounds (limit, default method) for the ratio")
     parser.add_argument("--batches", default="",
                         help="comma-separated slices per network call to compare (e.g. 1,2,8)")
+    parser.add_argument("--compare-serial-loops", action="store_true",
+                        help="time the default method with its loops in row bands against "
+                             "the loops on one thread, interleaved")
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="leave glibc's allocator as it is (the CLI tunes it)")
     args = parser.parse_args()
@@ -154,6 +160,8 @@ def main() -> None:
     print(f"x limit: median {statistics.median(ratios):.2f} "
           f"(range {ratios[0]:.2f}-{ratios[-1]:.2f})")
     parts_table(module, batch, args.repeat, flops, ideal)
+    if args.compare_serial_loops:
+        serial_loops_table(module, lambda: default(batch), args.rounds, args.repeat)
     if args.batches:
         per_call_table(module, args.size, [int(n) for n in args.batches.split(",")],
                        args.repeat, ideal)
@@ -194,6 +202,32 @@ def parts_table(module: torch.nn.Module, batch: torch.Tensor, repeat: int, flops
     floor = parts[0][1] + parts[2][1]
     print(f"statistics + composition alone: {floor * 1e3:.2f} ms = {floor / ideal:.2f}x the "
           "ideal time (the ratio's floor with an infinitely fast block CNN)")
+
+
+def serial_loops_table(module: torch.nn.Module, method: Callable[[], object], rounds: int,
+                       repeat: int) -> None:
+    """The method with the network's loops in row bands (as shipped) over its time with them on
+    the calling thread alone (``bands`` patched to 1), back to back in each round."""
+    import sys
+
+    kernels = sys.modules[type(module).__module__]._cpu_kernels()
+    if kernels is None:
+        return
+    shipped = kernels.bands
+    ratios = []
+    with torch.inference_mode():
+        try:
+            for _ in range(rounds):
+                kernels.bands = lambda rows: 1
+                serial = best_of(method, repeat)[0]
+                kernels.bands = shipped
+                ratios.append(best_of(method, repeat)[0] / serial)
+        finally:
+            kernels.bands = shipped
+    ratios.sort()
+    print(f"\n# row bands against serial loops ({rounds} rounds, best of {repeat} each; "
+          f"{shipped(512)} bands for 512 rows here): time ratio median "
+          f"{statistics.median(ratios):.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f})")
 
 
 def per_call_table(module: torch.nn.Module, size: int, batches: list[int], repeat: int,

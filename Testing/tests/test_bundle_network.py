@@ -220,17 +220,15 @@ def test_row_bands_give_the_serial_loops_result_to_the_bit(network, parts: int,
 
 
 def test_loops_split_into_bands_only_where_they_pay(network, monkeypatch) -> None:
-    """One band per torch thread, each of at least ``MIN_ROWS_PER_BAND`` rows, with numba's
-    GNU OpenMP layer; one band (the calling thread) with one torch thread, another layer or
-    none that loads; and a network call gives the same image either way."""
+    """One band per torch thread (at most numba's count), each of at least
+    ``MIN_ROWS_PER_BAND`` rows, with numba's OpenMP layer; one band (the calling thread) with
+    one torch thread, numba set to one thread, another layer or none that loads; and a network
+    call gives the serial loops' image."""
     kernels = _kernels(network)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         assert kernels.bands(4096) == 1
-        x = torch.rand(2, 2, 256, 128, generator=torch.Generator().manual_seed(3))
-        with torch.inference_mode():
-            serial = network(x)
         torch.set_num_threads(2)
         if numba.config.NUMBA_NUM_THREADS < 2:
             pytest.skip("numba runs one thread here")
@@ -238,8 +236,18 @@ def test_loops_split_into_bands_only_where_they_pay(network, monkeypatch) -> Non
         assert kernels.bands(2 * minimum - 1) == 1
         split = kernels.bands(2 * minimum)
         assert split == (2 if kernels._LAYER == ["omp"] else 1)  # (the layer is read by now)
+        x = torch.rand(2, 2, 256, 128, generator=torch.Generator().manual_seed(3))
         with torch.inference_mode():
-            assert torch.equal(network(x), serial)
+            banded = network(x)
+            with monkeypatch.context() as serial_only:
+                serial_only.setattr(kernels, "bands", lambda rows: 1)
+                assert torch.equal(network(x), banded)
+        numba_threads = numba.get_num_threads()
+        numba.set_num_threads(1)  # the caller's own numba setting is kept
+        try:
+            assert kernels.bands(4096) == 1
+        finally:
+            numba.set_num_threads(numba_threads)
         monkeypatch.setattr(kernels, "_LAYER", ["workqueue"])
         assert kernels.bands(4096) == 1
 
@@ -372,8 +380,9 @@ def test_a_child_forked_after_parallel_loops_fuses_with_one_torch_thread() -> No
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=300, check=True)
     lines = result.stdout.split("\n")
+    if lines[0] != "2":
+        pytest.skip("the loops do not split here (numba's layer is not OpenMP, or one thread)")
     assert lines[1] == "0 True", result.stdout + result.stderr
-    assert lines[0] in ("1", "2")  # 2 where numba's GNU OpenMP layer splits the loops
 
 
 def test_compiled_loops_refuse_shapes_that_do_not_fit(network) -> None:

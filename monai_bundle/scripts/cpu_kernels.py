@@ -19,19 +19,19 @@ upsampling, which rounds less than upsampling each logit, so with logits of 1e4 
 differ by ~3e-4) and serve inference only: the network takes them for float32 CPU inputs
 without gradients, and keeps its torch code for training, GPUs, TorchScript and ONNX export.
 
-The two full-resolution loops (:func:`block_stats`' pooling, :func:`compose_two`) are split
-into row bands run in parallel, one per torch thread (:func:`bands`), where numba's threading
-layer is GNU OpenMP ("omp", numba's choice where TBB is not installed): its workers wait for
-work spinning, as torch's do, so a band starts at once (a 512^2 pair: the two loops alone 0.50
--> 0.31 ms, the method 0.93x the time, this 2-core VM). Numba's other layers hand work over
-more slowly, and the same split in Python threads was slower than one thread (the method
-1.2-1.3x the time with "workqueue"; 4.7 against 4.4 ms in Python threads): there, and where
-torch runs one thread, the loops run on the calling thread alone, without the GIL. Every
+The two full-resolution loops (:func:`block_stats`' pooling, :func:`compose_two`) are split into
+row bands run in parallel, one per torch thread (:func:`bands`), where numba's threading layer
+is OpenMP ("omp", numba's choice where TBB is not installed; GNU OpenMP on Linux): its workers
+wait for work spinning, as torch's do, so a band starts at once (a 512^2 pair: the two loops
+alone 0.50 -> 0.31 ms, the method 0.93x the time, this 2-core VM). Numba's other layers hand
+work over more slowly, and the same split in Python threads was slower than one thread (the
+method 1.2-1.3x the time with "workqueue"; 4.7 against 4.4 ms in Python threads): there, and
+where torch runs one thread, the loops run on the calling thread alone, without the GIL. Every
 output row is computed as in the serial loop, so the result is the same to the bit. As with
 torch's own OpenMP pool, a process forked after the loops ran in parallel must not run them in
-parallel again (numba then ends it); it runs them serially with torch set to one thread, as
-torch's DataLoader workers are. This module imports numba; the network imports it only when
-numba is installed.
+parallel again (numba then ends it): it must set torch to one thread first, as torch's
+DataLoader workers do, and the loops then run serially. This module imports numba; the network
+imports it only when numba is installed.
 """
 
 from __future__ import annotations
@@ -300,11 +300,10 @@ _LAYER: list[str] = []  # numba's threading layer once launched
 
 def bands(rows: int) -> int:
     """Into how many row bands a loop over ``rows`` output rows is split: torch's thread count
-    (what the caller allows; at most numba's), with at least :data:`MIN_ROWS_PER_BAND` rows
-    each, where numba's threading layer is GNU OpenMP; otherwise 1 (the calling thread
-    alone)."""
-    parts = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS,
-                rows // MIN_ROWS_PER_BAND)
+    (what the caller allows), at most numba's (``numba.set_num_threads`` of the calling thread
+    counts), with at least :data:`MIN_ROWS_PER_BAND` rows each, where numba's threading layer
+    is OpenMP ("omp"); otherwise 1 (the calling thread alone)."""
+    parts = min(torch.get_num_threads(), rows // MIN_ROWS_PER_BAND)
     if parts < 2:
         return 1
     if not _LAYER:
@@ -313,7 +312,10 @@ def bands(rows: int) -> int:
             _LAYER.append(numba.threading_layer())
         except (ValueError, RuntimeError, OSError):  # no layer loads here: the calling thread
             _LAYER.append("")
-    return parts if _LAYER[0] == "omp" else 1
+    if _LAYER[0] != "omp":
+        return 1
+    parts = min(parts, numba.get_num_threads())
+    return parts if parts > 1 else 1
 
 
 def _in_bands(serial, parallel, rows: int, *args) -> None:  # noqa: ANN001 (numba functions)
