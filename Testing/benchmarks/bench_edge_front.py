@@ -123,11 +123,12 @@ def scores(fused: np.ndarray, sources: np.ndarray) -> tuple[float, ...]:
 SCORE_NAMES = ("QABF", "VIF", "QSF_MIN", "QSF_1", "QSF_2", "QSF_3")  # as :func:`scores` returns
 
 
-def half_resolution(images: np.ndarray) -> np.ndarray:
-    """``(..., H, W)`` images as their 2x2 block means (odd last rows and columns dropped)."""
-    h, w = images.shape[-2] // 2 * 2, images.shape[-1] // 2 * 2
-    cropped = images[..., :h, :w]
-    return cropped.reshape(*cropped.shape[:-2], h // 2, 2, w // 2, 2).mean(axis=(-3, -1))
+def half_resolution(images: torch.Tensor) -> torch.Tensor:
+    """``(..., H, W)`` images as their 2x2 block means (``avg_pool2d``: odd last rows and
+    columns dropped), for the scores and for the map oracle's objective alike."""
+    planes = images.reshape(-1, 1, *images.shape[-2:])
+    half = torch.nn.functional.avg_pool2d(planes, 2)
+    return half.reshape(*images.shape[:-2], *half.shape[-2:])
 
 
 def save_panel(path: Path, sources: np.ndarray, modalities: list[str],
@@ -266,8 +267,7 @@ def map_oracle(net: FusionNet, sources: np.ndarray, share_weight: float,
         fused = compose()
         value = loss(fused, label)
         if half_weight > 0:
-            pool = torch.nn.functional.avg_pool2d
-            value = value + half_weight * loss(pool(fused, 2), pool(label, 2))
+            value = value + half_weight * loss(half_resolution(fused), half_resolution(label))
         value.backward()
         optimiser.step()
     with torch.no_grad():
@@ -366,7 +366,8 @@ def main() -> None:
                 rows.append({"pair_type": pair, "group": name_of_group, "sources": order,
                              "fusion": name, **dict(zip(SCORE_NAMES, score, strict=False))})
                 if args.half_resolution:
-                    half = scores(half_resolution(fused), half_resolution(sources))
+                    half = scores(half_resolution(torch.from_numpy(fused)).numpy(),
+                                  half_resolution(torch.from_numpy(sources)).numpy())
                     results[(pair, f"{name} (half res.)")].append(half)
                     rows.append({"pair_type": pair, "group": name_of_group, "sources": order,
                                  "fusion": f"{name} (half res.)",

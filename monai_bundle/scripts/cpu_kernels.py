@@ -314,8 +314,7 @@ def bands(rows: int) -> int:
             _LAYER.append("")
     if _LAYER[0] != "omp":
         return 1
-    parts = min(parts, numba.get_num_threads())
-    return parts if parts > 1 else 1
+    return min(parts, numba.get_num_threads())
 
 
 def _in_bands(serial, parallel, rows: int, *args) -> None:  # noqa: ANN001 (numba functions)
