@@ -9,6 +9,7 @@ input ends with a clear message.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from bundle_errors import assert_one_line_bundle_error
+from bundle_errors import assert_one_line_bundle_error, run_concurrently
 from packaging_envs import (
     PythonEnv,
     assert_cannot_import_medfusion,
@@ -147,7 +148,7 @@ def test_inference_on_a_paired_folder(bundle_env, bundle, user_data, tmp_path):
     assert written.shape == (256, 256, 3)
 
 
-@pytest.mark.parametrize("problem, message", [
+BAD_INPUTS = [
     ("missing", "file not found"),
     ("malformed", "has no 'testing' list"),
     ("one modality", "needs two or more modality folders"),
@@ -155,39 +156,66 @@ def test_inference_on_a_paired_folder(bundle_env, bundle, user_data, tmp_path):
     # an all-black PET was fused into an image that looked like a success (medfusion refuses it)
     ("constant source", "black.png is all zero: there is nothing to fuse"),
     ("constant volume", "flat.nii.gz is constant (7 everywhere): there is nothing to fuse"),
-])
-def test_bad_input_is_a_one_line_error(bundle_env, bundle, user_data, tmp_path, problem, message):
-    """What the bundle's code refuses is one line on stderr, not MONAI's 60-240-line
-    "Failed to instantiate component" traceback (``--block_exponent True`` was taken as 1)."""
-    datalist = tmp_path / "datalist.json"
+]
+
+
+def _bad_input_options(problem: str, folder: Path, user_data: Path) -> list[str]:
+    """The bundle's options (and the files in ``folder`` they name) for one bad input."""
+    datalist = folder / "datalist.json"
     pet_mri = [str(user_data / "images" / "PET-MRI" / "MRI" / "25015.png"),
                str(user_data / "images" / "PET-MRI" / "PET" / "25015.png")]
     options = ["--datalist", str(datalist)]
     if problem == "missing":
         datalist.write_text(json.dumps({"testing": [{"sources": [
-            pet_mri[0], str(tmp_path / "no_such_pet.png")]}]}))
+            pet_mri[0], str(folder / "no_such_pet.png")]}]}))
     elif problem == "malformed":
         datalist.write_text(json.dumps({"training": [["a.png", "b.png"]]}))
     elif problem == "constant source":  # in the second group: refused before the first is written
-        Image.new("RGB", (256, 256)).save(tmp_path / "black.png")
+        Image.new("RGB", (256, 256)).save(folder / "black.png")
         datalist.write_text(json.dumps({"testing": [{"sources": pet_mri}, {"sources": [
-            pet_mri[0], str(tmp_path / "black.png")], "name": "black"}]}))
+            pet_mri[0], str(folder / "black.png")], "name": "black"}]}))
     elif problem == "constant volume":
         t1 = user_data / "volumes" / "t1.nii.gz"
         flat = sitk.ReadImage(str(t1)) * 0 + 7
-        sitk.WriteImage(flat, str(tmp_path / "flat.nii.gz"))
+        sitk.WriteImage(flat, str(folder / "flat.nii.gz"))
         datalist.write_text(json.dumps({"testing": [{"sources": [
-            str(t1), str(tmp_path / "flat.nii.gz")]}]}))
+            str(t1), str(folder / "flat.nii.gz")]}]}))
     elif problem == "one modality":
-        (tmp_path / "folder" / "MRI").mkdir(parents=True)
-        shutil.copy(pet_mri[0], tmp_path / "folder" / "MRI" / "25015.png")
-        options = ["--dataset_dir", str(tmp_path / "folder")]
+        (folder / "folder" / "MRI").mkdir(parents=True)
+        shutil.copy(pet_mri[0], folder / "folder" / "MRI" / "25015.png")
+        options = ["--dataset_dir", str(folder / "folder")]
     else:
         datalist.write_text(json.dumps({"testing": [{"sources": pet_mri}]}))
         options += ["--block_exponent", "True"]
-    out = tmp_path / "fused"
-    done = run_bundle(bundle_env, bundle, "--config_file", "configs/inference.json",
-                      *options, "--output_dir", str(out))
+    return options
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(bundle_env: PythonEnv, bundle: Path, user_data: Path,
+                   tmp_path_factory: pytest.TempPathFactory
+                   ) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every case of :data:`BAD_INPUTS` run by the bundle, the runs started together
+    (``run_concurrently``): per problem, the finished run and its output folder."""
+    runs, outputs = {}, {}
+    for problem, _ in BAD_INPUTS:
+        folder = tmp_path_factory.mktemp("bad_input")
+        options = _bad_input_options(problem, folder, user_data)
+        outputs[problem] = folder / "fused"
+        runs[problem] = functools.partial(
+            run_bundle, bundle_env, bundle, "--config_file", "configs/inference.json",
+            *options, "--output_dir", str(outputs[problem]))
+    done = run_concurrently(runs)
+    return {problem: (done[problem], outputs[problem]) for problem in runs}
+
+
+@pytest.mark.parametrize("problem, message", BAD_INPUTS)
+def test_bad_input_is_a_one_line_error(
+    bad_input_runs: dict[str, tuple[subprocess.CompletedProcess, Path]], problem: str,
+    message: str
+) -> None:
+    """What the bundle's code refuses is one line on stderr, not MONAI's 60-240-line
+    "Failed to instantiate component" traceback (``--block_exponent True`` was taken as 1)."""
+    done, out = bad_input_runs[problem]
     assert_one_line_bundle_error(done, message, out)
 
 

@@ -6,6 +6,7 @@ Training runs for one epoch on a handful of small crops of real atlas pairs writ
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bundle_errors import run_concurrently
 from PIL import Image
 
 BUNDLE = Path(__file__).resolve().parents[2] / "monai_bundle"
@@ -160,25 +162,44 @@ def test_verify_net_in_out_and_torchscript_export(tmp_path: Path) -> None:
     assert 0.0 <= float(y.min()) and float(y.max()) <= 1.0
 
 
-@pytest.mark.parametrize("options, message", [
+REFUSED_DATASETS = [
     (["--pairs", "['CT-PET']"], "pair type(s) CT-PET not in"),  # was an empty run, exit 0
     (["--split", "test"], "no split 'test' for CT-MRI"),  # was a KeyError traceback
     ([], "is not an atlas splits file"),  # (a splits.json without 'pairs') KeyError traceback
-])
+]
+
+
+@pytest.fixture(scope="module")
+def refused_dataset_runs(tiny_aanlib: Path, repo_root: Path,
+                         tmp_path_factory: pytest.TempPathFactory
+                         ) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Each case of :data:`REFUSED_DATASETS` through ``monai.bundle run``, the runs started
+    together (``run_concurrently``): per message, the finished run and its output folder."""
+    runs, outputs = {}, {}
+    for options, message in REFUSED_DATASETS:
+        folder = tmp_path_factory.mktemp("refused")
+        dataset = tiny_aanlib
+        if not options:
+            dataset = folder / "atlas"
+            dataset.mkdir()
+            (dataset / "splits.json").write_text(json.dumps({"groups": {}}))
+        outputs[message] = folder / "fused"
+        runs[message] = functools.partial(
+            subprocess.run,
+            [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+             "monai_bundle/configs/inference.json", "--dataset_dir", str(dataset), *options,
+             "--output_dir", str(outputs[message])],
+            cwd=repo_root, capture_output=True, text=True, timeout=300)
+    done = run_concurrently(runs)
+    return {message: (done[message], outputs[message]) for message in runs}
+
+
+@pytest.mark.parametrize("options, message", REFUSED_DATASETS)
 def test_cli_run_refuses_unknown_pairs_and_splits_in_one_line(
-    tiny_aanlib: Path, tmp_path: Path, repo_root: Path, options: list[str], message: str
+    refused_dataset_runs: dict[str, tuple[subprocess.CompletedProcess, Path]],
+    options: list[str], message: str
 ) -> None:
-    dataset = tiny_aanlib
-    if not options:
-        dataset = tmp_path / "atlas"
-        dataset.mkdir()
-        (dataset / "splits.json").write_text(json.dumps({"groups": {}}))
-    out = tmp_path / "fused"
-    done = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-         "monai_bundle/configs/inference.json", "--dataset_dir", str(dataset), *options,
-         "--output_dir", str(out)],
-        cwd=repo_root, capture_output=True, text=True, timeout=300)
+    done, out = refused_dataset_runs[message]
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]

@@ -160,25 +160,20 @@ def _naive_fmi_pair(s_sub: np.ndarray, f_sub: np.ndarray) -> float:
             return 0.5 * (x + y - abs(x - y))
         return 0.5 * (x + y - 1 + abs(x + y - 1))
 
+    # the l x l grid of (fused CDF p, source CDF q) pairs, as fmi.m's matrices
+    grid = bound(fc[:, None], sc[None, :])
     if (c >= 0 and (c == 0 or s_sd == 0 or f_sd == 0)) or (c < 0 and (s_sd == 0 or f_sd == 0)):
         phi = 0.0
     else:
-        cov = sum(bound(fc[p], sc[q]) - fc[p] * sc[q] for p in range(length)
-                  for q in range(length))
+        cov = float((grid - fc[:, None] * sc[None, :]).sum())
         phi = c / (cov / (f_sd * s_sd))
-    joint = 0.0
-    for p in range(length):
-        for q in range(length):
-            up = bound(fc[p], sc[q])
-            if p > 0:
-                up -= bound(fc[p - 1], sc[q])
-            if q > 0:
-                up -= bound(fc[p], sc[q - 1])
-            if p > 0 and q > 0:
-                up += bound(fc[p - 1], sc[q - 1])
-            jp = phi * up + (1 - phi) * fp[p] * sp[q]
-            if jp != 0:
-                joint += -jp * math.log2(abs(jp))
+    # the joint PDF's upper part: the grid's second difference, bound(p - 1, .) = 0 at p = 0
+    padded = np.zeros((length + 1, length + 1))
+    padded[1:, 1:] = grid
+    up = padded[1:, 1:] - padded[:-1, 1:] - padded[1:, :-1] + padded[:-1, :-1]
+    jp = phi * up + (1 - phi) * fp[:, None] * sp[None, :]
+    jp = jp[jp != 0]
+    joint = float(-(jp * np.log2(np.abs(jp))).sum())
     h_s = -sum(v * math.log2(v) for v in sp if v != 0)
     h_f = -sum(v * math.log2(v) for v in fp if v != 0)
     mi = h_s + h_f - joint

@@ -4,6 +4,7 @@ map, the block exponent, row strips, 3 sources, tiny slices, the CLI's decision 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from bundle_errors import assert_one_line_bundle_error
+from bundle_errors import assert_one_line_bundle_error, run_concurrently
 from packaging_envs import copy_bundle_alone
 from PIL import Image
 
@@ -153,7 +154,7 @@ def test_bundle_alone_fuses_as_the_core_does(lone_bundle: Path, aanlib: Path,
     assert set(np.unique(np.asarray(Image.open(out / "three_decision.png")))) <= {1, 2, 3}
 
 
-@pytest.mark.parametrize("problem, message", [
+BAD_INPUTS = [
     ("no dataset_dir", "no splits.json in dataset_dir"),
     ("one source", "'sources' needs a reference and at least one other file"),
     ("flag as block exponent", "block_exponent must be an integer 0..6, got True"),
@@ -167,18 +168,17 @@ def test_bundle_alone_fuses_as_the_core_does(lone_bundle: Path, aanlib: Path,
     ("name of a decision map", "good_decision.png would be both a fused image"),
     # an all-black second source was fused into an image that looked like a success
     ("second group constant", "odd.png is all zero: there is nothing to fuse"),
-])
-def test_bundle_alone_bad_input_is_one_line_nothing_written(
-    lone_bundle: Path, aanlib: Path, tmp_path: Path, problem: str, message: str
-) -> None:
-    """Refused input under ``monai.bundle run`` is one line (the CNN bundle's except hook, one
-    shared file), not a 60-line traceback; a later group's bad source leaves no earlier output."""
+]
+
+
+def _bad_input_options(problem: str, folder: Path, aanlib: Path) -> list[str]:
+    """The bundle's options (and the files in ``folder`` they name) for one bad input."""
     pair = list(map(str, _pair_paths(aanlib)))
-    datalist = tmp_path / "datalist.json"
+    datalist = folder / "datalist.json"
     options = ["--datalist", str(datalist)]
     groups = [{"sources": pair, "name": "good.png"}]
     if problem == "no dataset_dir":
-        options = ["--dataset_dir", str(tmp_path / "missing")]
+        options = ["--dataset_dir", str(folder / "missing")]
     elif problem == "one source":
         groups = [{"sources": pair[:1]}]
     elif problem == "flag as block exponent":
@@ -192,7 +192,7 @@ def test_bundle_alone_bad_input_is_one_line_nothing_written(
         options = ["--dataset_dir", str(aanlib),
                    *(["--pairs", "['CT-PET']"] if "pair" in problem else ["--split", "test"])]
     else:
-        odd = tmp_path / "odd.png"
+        odd = folder / "odd.png"
         with Image.open(pair[1]) as image:
             if "constant" in problem:
                 image = Image.new(image.mode, image.size)
@@ -200,9 +200,34 @@ def test_bundle_alone_bad_input_is_one_line_nothing_written(
              else image if "constant" in problem else image.convert("P")).save(odd)
         groups.append({"sources": [pair[0], str(odd)], "name": "bad.png"})
     datalist.write_text(json.dumps({"testing": groups}))
-    out = tmp_path / "fused"
-    done = _run_alone(lone_bundle, "--config_file", "configs/inference.json", *options,
-                      "--output_dir", str(out))
+    return options
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(lone_bundle: Path, aanlib: Path, tmp_path_factory: pytest.TempPathFactory
+                   ) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every case of :data:`BAD_INPUTS` run by the bundle alone, the runs started together
+    (``run_concurrently``): per problem, the finished run and its output folder."""
+    runs, outputs = {}, {}
+    for problem, _ in BAD_INPUTS:
+        folder = tmp_path_factory.mktemp("bad_input")
+        options = _bad_input_options(problem, folder, aanlib)
+        outputs[problem] = folder / "fused"
+        runs[problem] = functools.partial(
+            _run_alone, lone_bundle, "--config_file", "configs/inference.json", *options,
+            "--output_dir", str(outputs[problem]))
+    done = run_concurrently(runs)
+    return {problem: (done[problem], outputs[problem]) for problem in runs}
+
+
+@pytest.mark.parametrize("problem, message", BAD_INPUTS)
+def test_bundle_alone_bad_input_is_one_line_nothing_written(
+    bad_input_runs: dict[str, tuple[subprocess.CompletedProcess, Path]], problem: str,
+    message: str
+) -> None:
+    """Refused input under ``monai.bundle run`` is one line (the CNN bundle's except hook, one
+    shared file), not a 60-line traceback; a later group's bad source leaves no earlier output."""
+    done, out = bad_input_runs[problem]
     assert_one_line_bundle_error(done, message, out)
 
 
