@@ -3,9 +3,10 @@ the bad-input runs started together."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,3 +38,21 @@ def run_concurrently(runs: Mapping[Hashable, Callable[[], subprocess.CompletedPr
     with ThreadPoolExecutor(min(workers, max(1, len(runs)))) as pool:
         futures = {key: pool.submit(run) for key, run in runs.items()}
         return {key: future.result() for key, future in futures.items()}
+
+
+def run_bad_inputs(cases: Iterable[Hashable], new_folder: Callable[[], Path],
+                   options_for: Callable[[Hashable, Path], list[str]],
+                   run: Callable[..., subprocess.CompletedProcess]
+                   ) -> dict[Hashable, tuple[subprocess.CompletedProcess, Path]]:
+    """Per case: a folder of its own (``new_folder``), the options that set the case up there
+    (``options_for(case, folder)``), and ``run(*options, "--output_dir", folder / "fused")``;
+    the runs started together (:func:`run_concurrently`). Returns each finished run and the
+    output folder it was given."""
+    runs, outputs = {}, {}
+    for case in cases:
+        folder = new_folder()
+        options = options_for(case, folder)
+        outputs[case] = folder / "fused"
+        runs[case] = functools.partial(run, *options, "--output_dir", str(outputs[case]))
+    done = run_concurrently(runs)
+    return {case: (done[case], outputs[case]) for case in runs}

@@ -6,7 +6,6 @@ Training runs for one epoch on a handful of small crops of real atlas pairs writ
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundle_errors import run_concurrently
+from bundle_errors import run_bad_inputs
 from PIL import Image
 
 BUNDLE = Path(__file__).resolve().parents[2] / "monai_bundle"
@@ -174,24 +173,24 @@ def refused_dataset_runs(tiny_aanlib: Path, repo_root: Path,
                          tmp_path_factory: pytest.TempPathFactory
                          ) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
     """Each case of :data:`REFUSED_DATASETS` through ``monai.bundle run``, the runs started
-    together (``run_concurrently``): per message, the finished run and its output folder."""
-    runs, outputs = {}, {}
-    for options, message in REFUSED_DATASETS:
-        folder = tmp_path_factory.mktemp("refused")
+    together (``run_bad_inputs``): per message, the finished run and its output folder."""
+    options = {message: case for case, message in REFUSED_DATASETS}
+
+    def dataset_options(message: str, folder: Path) -> list[str]:
         dataset = tiny_aanlib
-        if not options:
+        if not options[message]:
             dataset = folder / "atlas"
             dataset.mkdir()
             (dataset / "splits.json").write_text(json.dumps({"groups": {}}))
-        outputs[message] = folder / "fused"
-        runs[message] = functools.partial(
-            subprocess.run,
-            [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-             "monai_bundle/configs/inference.json", "--dataset_dir", str(dataset), *options,
-             "--output_dir", str(outputs[message])],
-            cwd=repo_root, capture_output=True, text=True, timeout=300)
-    done = run_concurrently(runs)
-    return {message: (done[message], outputs[message]) for message in runs}
+        return ["--dataset_dir", str(dataset), *options[message]]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                               "monai_bundle/configs/inference.json", *args],
+                              cwd=repo_root, capture_output=True, text=True, timeout=300)
+
+    return run_bad_inputs(list(options), lambda: tmp_path_factory.mktemp("refused"),
+                          dataset_options, run)
 
 
 @pytest.mark.parametrize("options, message", REFUSED_DATASETS)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from bundle_errors import assert_one_line_bundle_error, run_concurrently
+from bundle_errors import assert_one_line_bundle_error, run_bad_inputs
 from packaging_envs import copy_bundle_alone
 from PIL import Image
 
@@ -207,17 +207,11 @@ def _bad_input_options(problem: str, folder: Path, aanlib: Path) -> list[str]:
 def bad_input_runs(lone_bundle: Path, aanlib: Path, tmp_path_factory: pytest.TempPathFactory
                    ) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
     """Every case of :data:`BAD_INPUTS` run by the bundle alone, the runs started together
-    (``run_concurrently``): per problem, the finished run and its output folder."""
-    runs, outputs = {}, {}
-    for problem, _ in BAD_INPUTS:
-        folder = tmp_path_factory.mktemp("bad_input")
-        options = _bad_input_options(problem, folder, aanlib)
-        outputs[problem] = folder / "fused"
-        runs[problem] = functools.partial(
-            _run_alone, lone_bundle, "--config_file", "configs/inference.json", *options,
-            "--output_dir", str(outputs[problem]))
-    done = run_concurrently(runs)
-    return {problem: (done[problem], outputs[problem]) for problem in runs}
+    (``run_bad_inputs``): per problem, the finished run and its output folder."""
+    return run_bad_inputs(
+        [problem for problem, _ in BAD_INPUTS], lambda: tmp_path_factory.mktemp("bad_input"),
+        lambda problem, folder: _bad_input_options(problem, folder, aanlib),
+        functools.partial(_run_alone, lone_bundle, "--config_file", "configs/inference.json"))
 
 
 @pytest.mark.parametrize("problem, message", BAD_INPUTS)
