@@ -77,14 +77,21 @@ SPECT's structure. ``--map-half-weight 1`` (the objective on 2x2 block means too
 0.7744 / 0.9762 / 0.4539, at half resolution 0.7547 / 0.8883 / 0.4255; 1:1 0.7722 / 0.9187 /
 0.4723, half 0.7561 / 0.8468 / 0.4409: the share now holds at half resolution, Q^{AB/F} and VIF
 at full resolution fall under gff's, and the pictures show the rings and hatching at a coarser
-scale. ``--map-smoothness S`` (session 39, same pairs and options, per pixel two-band): S times
-the maps' total variation added to the objective. 1:1.25 at S = 0.1 0.7881 / 1.0047 / 0.4436,
-S = 1 0.7903 / 0.9954 / 0.4407 (all three bars met), S = 3 0.7893 / 0.9930 / 0.4276, S = 10
-0.7867 / 0.9964 / 0.4014; S = 5 at 1.25:1.25 0.7839 / 0.9643 / 0.4420, S = 10 at 1.5:1.5 0.7796
-/ 0.9699 / 0.4358. Looked at (40016's pons, zoomed): the rings fade as S grows, are still seen
-at S = 3 and 5 and are gone at S = 10, where the share is under max's; with the share weighted
-up at S = 10 it is met, and Q^{AB/F} and VIF fall under gff's. So the smoothness that removes
-the pattern also removes the share above max's.
+scale. ``--map-smoothness S`` (session 39; ``--pairs SPECT-MRI --step 6 --exponents 0.3 --cnn
+--map-form two-band --half-resolution --map-smoothness S``, per pixel): S times the maps' total
+variation added to the objective. 1:1.25 at S = 0.1 0.7881 / 1.0047 / 0.4436 and S = 1 0.7903 /
+0.9954 / 0.4407 (both meet all three bars; at half resolution their share is 0.3308 / 0.3414),
+S = 3 0.7893 / 0.9930 / 0.4276 (the share already under max's), S = 10 0.7867 / 0.9964 / 0.4014;
+S = 5 at 1.25:1.25 0.7839 / 0.9643 / 0.4420, S = 10 at 1.5:1.5 0.7796 / 0.9699 / 0.4358.
+Looked at (40016's pons, zoomed; ``docs/images/spect_mri_map_smoothness_40016.png``, put
+together from one map oracle per S): the rings fade as S grows, are still seen at S = 1, 3 and
+5 and are gone at S = 10, where the share is under max's; with both weights raised at S = 10
+the share is met and Q^{AB/F} and VIF fall under gff's. So the smoothness that removes the
+pattern also removes the share above max's. On the block grid (``--map-grid block
+--map-exponent I``, two-band, no smoothness): i = 1 1:1.25 0.7968 / 1.0402 / 0.3988, 1.5:1.25
+0.7863 / 0.9672 / 0.4529, 2:1.25 0.7727 / 0.9174 / 0.4901, 1.25:1.5 0.7936 / 1.0332 / 0.4100,
+1.5:2 0.7885 / 1.0574 / 0.4068; i = 2 1:1.25 0.7890 / 1.0620 / 0.3737, 1.5:1.25 0.7774 /
+0.9946 / 0.4254, 2:1.25 0.7596 / 0.9349 / 0.4712 (i = 1 at 1:1.25 shows the rings too).
 
     python Testing/benchmarks/bench_edge_front.py [--step 1] [--exponents 0,0.3,0.5,0.7,1]
         [--pairs SPECT-MRI,PET-MRI] [--cnn] [--oracle 1:0,1:2]
@@ -233,8 +240,9 @@ def map_oracle(net: FusionNet, sources: np.ndarray, share_weight: float,
     ``half_weight`` W > 0 adds W times the same objective on 2x2 block means of the fusion and
     the sources: maps that keep a source's edges at both scales, not by a pixel-scale
     pattern. ``smoothness`` S > 0 adds S times the maps' total variation (the mean absolute
-    difference between neighbouring pixels of every full-resolution map): rings and hatching
-    (maps that alternate from pixel to pixel) cost, one sharp change of source little."""
+    difference between neighbouring pixels of every full-resolution map; with ``guided``, of
+    the affine coefficients' maps): rings and hatching (maps that alternate from pixel to
+    pixel) cost, one sharp change of source little."""
     x = torch.from_numpy(sources[None].astype(np.float32))
     label = torch.cat([x, torch.zeros_like(x[:, :2])], dim=1)
     loss = FusionLoss(l1=0.0, ssim=0.0, source_ssim=0.0, gradient=0.0, intensity=0.0, edge=1.0,

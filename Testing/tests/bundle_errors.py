@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-def assert_one_line_bundle_error(done: subprocess.CompletedProcess, message: str,
+def assert_one_line_bundle_error(done: Outcome, message: str,
                                  output: Path) -> None:
     """A non-zero exit, no traceback (in the log on stdout either), exactly one
     ``medfusion bundle: error: ...`` line that contains ``message``, and nothing written under
     ``output``."""
+    done = finished(done)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "Traceback" not in done.stdout, done.stdout[-3000:]
@@ -25,32 +27,47 @@ def assert_one_line_bundle_error(done: subprocess.CompletedProcess, message: str
     assert not output.exists() or not any(output.iterdir())
 
 
+Outcome = subprocess.CompletedProcess | BaseException
+
+
 def run_concurrently(runs: Mapping[Hashable, Callable[[], subprocess.CompletedProcess]]
-                     ) -> dict[Hashable, subprocess.CompletedProcess]:
-    """Each of ``runs`` called, as many at once as this machine has CPUs (at least two), and
-    its finished process by key. Why: each bad-input run is a fresh process that spends its
-    ~4-6 s importing MONAI and torch on one core; one after the other they left the other core
-    idle (a test suite of 2-core CI runs cases one at a time)."""
+                     ) -> dict[Hashable, Outcome]:
+    """Each of ``runs`` called, as many at once as this machine has CPUs (at least two): by key,
+    its finished process, or the exception it raised (a timeout, say), which
+    :func:`finished` raises again in that case's own test. Why: each bad-input run is a fresh
+    process that spends its ~4-6 s importing MONAI and torch on one core, and pytest runs the
+    tests one after the other, so run one by one they left the other core idle."""
     try:
         workers = max(2, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         workers = max(2, os.cpu_count() or 1)
     with ThreadPoolExecutor(min(workers, max(1, len(runs)))) as pool:
         futures = {key: pool.submit(run) for key, run in runs.items()}
-        return {key: future.result() for key, future in futures.items()}
+        return {key: future.exception() or future.result() for key, future in futures.items()}
 
 
-def run_bad_inputs(cases: Iterable[Hashable], new_folder: Callable[[], Path],
+def finished(outcome: Outcome) -> subprocess.CompletedProcess:
+    """The finished process of a :func:`run_concurrently` outcome; its exception raised."""
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def run_bad_inputs(cases: Iterable[Hashable], new_folder: Callable[[str], Path],
                    options_for: Callable[[Hashable, Path], list[str]],
                    run: Callable[..., subprocess.CompletedProcess]
-                   ) -> dict[Hashable, tuple[subprocess.CompletedProcess, Path]]:
-    """Per case: a folder of its own (``new_folder``), the options that set the case up there
+                   ) -> dict[Hashable, tuple[Outcome, Path]]:
+    """Per case: a folder of its own (``new_folder(name)``, the name made from the case, e.g.
+    ``tmp_path_factory.mktemp``), the options that set the case up there
     (``options_for(case, folder)``), and ``run(*options, "--output_dir", folder / "fused")``;
-    the runs started together (:func:`run_concurrently`). Returns each finished run and the
+    the runs started together (:func:`run_concurrently`). Returns each run's outcome and the
     output folder it was given."""
+    cases = list(cases)
+    if len(set(cases)) != len(cases):  # a repeated case would hand its test another's run
+        raise ValueError(f"bad-input cases repeat: {cases}")
     runs, outputs = {}, {}
     for case in cases:
-        folder = new_folder()
+        folder = new_folder(re.sub(r"\W+", "_", str(case)).strip("_")[:40] or "case")
         options = options_for(case, folder)
         outputs[case] = folder / "fused"
         runs[case] = functools.partial(run, *options, "--output_dir", str(outputs[case]))

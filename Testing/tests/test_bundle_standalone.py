@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from bundle_errors import assert_one_line_bundle_error, run_bad_inputs
+from bundle_errors import Outcome, assert_one_line_bundle_error, run_bad_inputs
 from packaging_envs import (
     PythonEnv,
     assert_cannot_import_medfusion,
@@ -193,11 +193,11 @@ def _bad_input_options(problem: str, folder: Path, user_data: Path) -> list[str]
 @pytest.fixture(scope="module")
 def bad_input_runs(bundle_env: PythonEnv, bundle: Path, user_data: Path,
                    tmp_path_factory: pytest.TempPathFactory
-                   ) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+                   ) -> dict[str, tuple[Outcome, Path]]:
     """Every case of :data:`BAD_INPUTS` run by the bundle, the runs started together
     (``run_bad_inputs``): per problem, the finished run and its output folder."""
     return run_bad_inputs(
-        [problem for problem, _ in BAD_INPUTS], lambda: tmp_path_factory.mktemp("bad_input"),
+        [problem for problem, _ in BAD_INPUTS], tmp_path_factory.mktemp,
         lambda problem, folder: _bad_input_options(problem, folder, user_data),
         functools.partial(run_bundle, bundle_env, bundle, "--config_file",
                           "configs/inference.json"))
@@ -205,7 +205,7 @@ def bad_input_runs(bundle_env: PythonEnv, bundle: Path, user_data: Path,
 
 @pytest.mark.parametrize("problem, message", BAD_INPUTS)
 def test_bad_input_is_a_one_line_error(
-    bad_input_runs: dict[str, tuple[subprocess.CompletedProcess, Path]], problem: str,
+    bad_input_runs: dict[str, tuple[Outcome, Path]], problem: str,
     message: str
 ) -> None:
     """What the bundle's code refuses is one line on stderr, not MONAI's 60-240-line

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundle_errors import run_bad_inputs
+from bundle_errors import Outcome, finished, run_bad_inputs
 from PIL import Image
 
 BUNDLE = Path(__file__).resolve().parents[2] / "monai_bundle"
@@ -171,7 +171,7 @@ REFUSED_DATASETS = [
 @pytest.fixture(scope="module")
 def refused_dataset_runs(tiny_aanlib: Path, repo_root: Path,
                          tmp_path_factory: pytest.TempPathFactory
-                         ) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+                         ) -> dict[str, tuple[Outcome, Path]]:
     """Each case of :data:`REFUSED_DATASETS` through ``monai.bundle run``, the runs started
     together (``run_bad_inputs``): per message, the finished run and its output folder."""
     options = {message: case for case, message in REFUSED_DATASETS}
@@ -189,16 +189,16 @@ def refused_dataset_runs(tiny_aanlib: Path, repo_root: Path,
                                "monai_bundle/configs/inference.json", *args],
                               cwd=repo_root, capture_output=True, text=True, timeout=300)
 
-    return run_bad_inputs(list(options), lambda: tmp_path_factory.mktemp("refused"),
-                          dataset_options, run)
+    return run_bad_inputs(list(options), tmp_path_factory.mktemp, dataset_options, run)
 
 
 @pytest.mark.parametrize("options, message", REFUSED_DATASETS)
 def test_cli_run_refuses_unknown_pairs_and_splits_in_one_line(
-    refused_dataset_runs: dict[str, tuple[subprocess.CompletedProcess, Path]],
+    refused_dataset_runs: dict[str, tuple[Outcome, Path]],
     options: list[str], message: str
 ) -> None:
-    done, out = refused_dataset_runs[message]
+    outcome, out = refused_dataset_runs[message]
+    done = finished(outcome)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]

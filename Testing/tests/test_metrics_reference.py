@@ -2,7 +2,8 @@
 fast vectorised ones in ``medfusion.metrics`` give the same numbers.
 
 Each ``naive_*`` function is a loop-by-loop transcription of the public reference MATLAB code
-named in its docstring (read through the search tool; no code copied), deliberately written
+named in its docstring (read through the search tool; no code copied; FMI's l x l grid of one
+window pair as numpy arrays, as fmi.m's matrices, the same formula), deliberately written
 without the tricks of the fast versions (no separable filters, no shared statistics, no
 closed forms), so an agreement is evidence rather than a tautology. The benchmark
 (``Testing/benchmarks/bench_metrics.py``) times them beside the fast versions.

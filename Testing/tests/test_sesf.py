@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from bundle_errors import assert_one_line_bundle_error, run_bad_inputs
+from bundle_errors import Outcome, assert_one_line_bundle_error, run_bad_inputs
 from packaging_envs import copy_bundle_alone
 from PIL import Image
 
@@ -205,18 +205,18 @@ def _bad_input_options(problem: str, folder: Path, aanlib: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def bad_input_runs(lone_bundle: Path, aanlib: Path, tmp_path_factory: pytest.TempPathFactory
-                   ) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+                   ) -> dict[str, tuple[Outcome, Path]]:
     """Every case of :data:`BAD_INPUTS` run by the bundle alone, the runs started together
     (``run_bad_inputs``): per problem, the finished run and its output folder."""
     return run_bad_inputs(
-        [problem for problem, _ in BAD_INPUTS], lambda: tmp_path_factory.mktemp("bad_input"),
+        [problem for problem, _ in BAD_INPUTS], tmp_path_factory.mktemp,
         lambda problem, folder: _bad_input_options(problem, folder, aanlib),
         functools.partial(_run_alone, lone_bundle, "--config_file", "configs/inference.json"))
 
 
 @pytest.mark.parametrize("problem, message", BAD_INPUTS)
 def test_bundle_alone_bad_input_is_one_line_nothing_written(
-    bad_input_runs: dict[str, tuple[subprocess.CompletedProcess, Path]], problem: str,
+    bad_input_runs: dict[str, tuple[Outcome, Path]], problem: str,
     message: str
 ) -> None:
     """Refused input under ``monai.bundle run`` is one line (the CNN bundle's except hook, one
