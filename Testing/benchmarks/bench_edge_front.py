@@ -240,8 +240,8 @@ def map_oracle(net: FusionNet, sources: np.ndarray, share_weight: float,
     ``half_weight`` W > 0 adds W times the same objective on 2x2 block means of the fusion and
     the sources: maps that keep a source's edges at both scales, not by a pixel-scale
     pattern. ``smoothness`` S > 0 adds S times the maps' total variation (the mean absolute
-    difference between neighbouring pixels of every full-resolution map; with ``guided``, of
-    the affine coefficients' maps): rings and hatching (maps that alternate from pixel to
+    difference between neighbouring pixels of every full-resolution map the fusion is composed
+    with, after ``guided``'s affine model): rings and hatching (maps that alternate from pixel to
     pixel) cost, one sharp change of source little."""
     x = torch.from_numpy(sources[None].astype(np.float32))
     label = torch.cat([x, torch.zeros_like(x[:, :2])], dim=1)
@@ -264,7 +264,8 @@ def map_oracle(net: FusionNet, sources: np.ndarray, share_weight: float,
     maps.requires_grad_(True)
     optimiser = torch.optim.Adam([maps], lr=0.1 if grid == "pixel" else 0.05)
 
-    def compose() -> torch.Tensor:
+    def compose() -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused image and the full-resolution maps it was composed with."""
         full = maps if grid == "pixel" else upsample_bilinear(maps, block)
         if guided:
             full = full.reshape(1, k, channels, terms, *padded.shape[-2:])
@@ -279,21 +280,20 @@ def map_oracle(net: FusionNet, sources: np.ndarray, share_weight: float,
                 fused = fused + (full[:, :, 3] * low).sum(dim=1, keepdim=True)
         else:
             fused = combine_sources(padded, base, full[:, :, 0], full[:, :, 1], net.max_prior)
-        return fused.clamp(0.0, 1.0)[..., :h, :w]
+        return fused.clamp(0.0, 1.0)[..., :h, :w], full
 
     for _ in range(iterations):
         optimiser.zero_grad()
-        fused = compose()
+        fused, full = compose()
         value = loss(fused, label)
         if smoothness > 0:
-            value = value + smoothness * total_variation(
-                maps if grid == "pixel" else upsample_bilinear(maps, block))
+            value = value + smoothness * total_variation(full)
         if half_weight > 0:
             value = value + half_weight * loss(half_resolution(fused), half_resolution(label))
         value.backward()
         optimiser.step()
     with torch.no_grad():
-        return compose()[0, 0].numpy()
+        return compose()[0][0, 0].numpy()
 
 
 def total_variation(maps: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,9 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+# a run_concurrently outcome: the finished process, or the exception its run raised
+Outcome = subprocess.CompletedProcess | BaseException
+
 
 def assert_one_line_bundle_error(done: Outcome, message: str,
                                  output: Path) -> None:
@@ -25,9 +28,6 @@ def assert_one_line_bundle_error(done: Outcome, message: str,
     assert len(errors) == 1 and errors[0].startswith("medfusion bundle: error: "), done.stderr
     assert message in errors[0]
     assert not output.exists() or not any(output.iterdir())
-
-
-Outcome = subprocess.CompletedProcess | BaseException
 
 
 def run_concurrently(runs: Mapping[Hashable, Callable[[], subprocess.CompletedProcess]]
