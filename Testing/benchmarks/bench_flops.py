@@ -15,6 +15,9 @@
 - ``--compare-serial-loops``: the default method with its two full-resolution loops in row
   bands (``cpu_kernels.bands``, as shipped) against the same loops on the calling thread
   alone, interleaved (``--rounds`` rounds, best of ``--repeat`` each): the median ratio;
+- ``--compare-fused-layers``: the default method with the block CNN's layers as oneDNN calls
+  with fused activations and the head as one stacked product (``cpu_kernels.ONEDNN_LAYERS``,
+  as shipped) against torch's layers and per-source products, interleaved: the median ratio;
 - ``--batches 1,2,4,8,16``: the network (plain torch) on a stack of 16 such slice pairs in calls
   of that many slices, per slice: what sets ``medfusion.methods.cnn.CPU_PIXELS_PER_CALL`` (the
   cache tile; calls of many large slices run out of this CPU's caches).
@@ -27,7 +30,8 @@ the method's (this VM's limit read 200-380 GFLOP/s from one run to the next) mov
 the median of the rounds' ratios holds where a ratio of two separate runs does not.
 
     nice python Testing/benchmarks/bench_flops.py [--threads 2] [--repeat 5] [--size 512]
-        [--rounds 9] [--batches 1,2,4,8,16] [--compare-serial-loops] [--no-malloc-tuning]
+        [--rounds 9] [--batches 1,2,4,8,16] [--compare-serial-loops] [--compare-fused-layers]
+        [--no-malloc-tuning]
 
 The allocator is tuned as the command line tunes it (``medfusion.allocator``) unless
 ``--no-malloc-tuning``: without it, every large temporary of the network costs fresh pages.
@@ -77,10 +81,24 @@ def interleaved_ratios(method: Callable[[], object], flops: int, rounds: int, re
 
 
 def network_flops(module: torch.nn.Module, batch: torch.Tensor) -> int:
+    """The network's FLOPs on ``batch``: its convolutions and matrix products as torch runs them
+    on the compiled path with torch's layers (the counter does not see oneDNN's fused calls;
+    the stacked head's extra products, 1.5x the 1x1 layer's and 2x the last layer's at two
+    sources, are the implementation's, not the network's, and are not counted)."""
+    import sys
+
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        module(batch)
+    kernels = sys.modules[type(module).__module__]._cpu_kernels()
+    fused = getattr(kernels, "ONEDNN_LAYERS", False)
+    try:
+        if kernels is not None:
+            kernels.ONEDNN_LAYERS = False
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            module(batch)
+    finally:
+        if kernels is not None:
+            kernels.ONEDNN_LAYERS = fused
     return int(counter.get_total_flops())
 
 
@@ -96,6 +114,9 @@ def main() -> None:
     parser.add_argument("--compare-serial-loops", action="store_true",
                         help="time the default method with its loops in row bands against "
                              "the loops on one thread, interleaved")
+    parser.add_argument("--compare-fused-layers", action="store_true",
+                        help="time the default method with the block CNN's fused oneDNN "
+                             "layers against torch's layers, interleaved")
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="leave glibc's allocator as it is (the CLI tunes it)")
     args = parser.parse_args()
@@ -162,6 +183,8 @@ def main() -> None:
     parts_table(module, batch, args.repeat, flops, ideal)
     if args.compare_serial_loops:
         serial_loops_table(module, lambda: default(batch), args.rounds, args.repeat)
+    if args.compare_fused_layers:
+        fused_layers_table(module, lambda: default(batch), args.rounds, args.repeat)
     if args.batches:
         per_call_table(module, args.size, [int(n) for n in args.batches.split(",")],
                        args.repeat, ideal)
@@ -185,7 +208,8 @@ def parts_table(module: torch.nn.Module, batch: torch.Tensor, repeat: int, flops
         parts = [
             ("block statistics (compiled loop)",
              best_of(lambda: kernels.block_stats(batch, block, pool), repeat)[0], 0),
-            ("block CNN (torch, last layer compiled)",
+            ("block CNN (oneDNN, last layer compiled)" if kernels.ONEDNN_LAYERS
+             else "block CNN (torch, last layer compiled)",
              best_of(lambda: module._compiled_block_maps(kernels, stats, b, k), repeat)[0],
              flops),
             ("composition (compiled loop)", best_of(lambda: kernels.compose_two(
@@ -204,6 +228,23 @@ def parts_table(module: torch.nn.Module, batch: torch.Tensor, repeat: int, flops
           "ideal time (the ratio's floor with an infinitely fast block CNN)")
 
 
+def interleaved_time_ratios(method: Callable[[], object], switch: Callable[[bool], None],
+                            rounds: int, repeat: int) -> list[float]:
+    """Sorted ratios, one per round, of ``method``'s best time with ``switch(True)`` over its best
+    time with ``switch(False)``, timed back to back in each round; the switch is left on."""
+    ratios = []
+    with torch.inference_mode():
+        try:
+            for _ in range(rounds):
+                switch(False)
+                without = best_of(method, repeat)[0]
+                switch(True)
+                ratios.append(best_of(method, repeat)[0] / without)
+        finally:
+            switch(True)
+    return sorted(ratios)
+
+
 def serial_loops_table(module: torch.nn.Module, method: Callable[[], object], rounds: int,
                        repeat: int) -> None:
     """The method with the network's loops in row bands (as shipped) over its time with them on
@@ -214,20 +255,36 @@ def serial_loops_table(module: torch.nn.Module, method: Callable[[], object], ro
     if kernels is None:
         return
     shipped = kernels.bands
-    ratios = []
-    with torch.inference_mode():
-        try:
-            for _ in range(rounds):
-                kernels.bands = lambda rows: 1
-                serial = best_of(method, repeat)[0]
-                kernels.bands = shipped
-                ratios.append(best_of(method, repeat)[0] / serial)
-        finally:
-            kernels.bands = shipped
-    ratios.sort()
+
+    def switch(on: bool) -> None:
+        kernels.bands = shipped if on else (lambda rows: 1)
+
+    ratios = interleaved_time_ratios(method, switch, rounds, repeat)
     print(f"\n# row bands against serial loops ({rounds} rounds, best of {repeat} each; "
           f"{shipped(512)} bands for 512 rows here): time ratio median "
           f"{statistics.median(ratios):.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f})")
+
+
+def fused_layers_table(module: torch.nn.Module, method: Callable[[], object], rounds: int,
+                       repeat: int) -> None:
+    """The method with the block CNN's layers as oneDNN calls with fused activations and its
+    head as one stacked product (``cpu_kernels.ONEDNN_LAYERS``, as shipped where torch has
+    them) over its time with torch's layers and the per-source products, back to back in each
+    round."""
+    import sys
+
+    kernels = sys.modules[type(module).__module__]._cpu_kernels()
+    if kernels is None or not kernels.ONEDNN_LAYERS:
+        print("\n# fused oneDNN layers: not available in this torch")
+        return
+
+    def switch(on: bool) -> None:
+        kernels.ONEDNN_LAYERS = on
+
+    ratios = interleaved_time_ratios(method, switch, rounds, repeat)
+    print(f"\n# fused oneDNN layers against torch's layers ({rounds} rounds, best of {repeat} "
+          f"each): time ratio median {statistics.median(ratios):.3f} "
+          f"(range {ratios[0]:.3f}-{ratios[-1]:.3f})")
 
 
 def per_call_table(module: torch.nn.Module, size: int, batches: list[int], repeat: int,

@@ -89,15 +89,22 @@ def _both_paths(network, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return compiled, net(x)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["onednn-layers", "torch-layers"])
 @pytest.mark.parametrize("exponent", range(7))
 @pytest.mark.parametrize("shape", [(1, 2, 96, 128), (3, 2, 37, 53), (2, 3, 40, 72)])
-def test_compiled_cpu_path_gives_the_torch_codes_image(network, exponent: int, shape) -> None:
+def test_compiled_cpu_path_gives_the_torch_codes_image(network, exponent: int, shape,
+                                                       fused: bool, monkeypatch) -> None:
     """Inference on the CPU runs the full-resolution passes as compiled loops
     (scripts/cpu_kernels.py); at every block exponent, on sizes that need padding, for batches
     and for three sources (compiled statistics, torch combination) the fused image is the torch
     code's within float32 rounding (the head's last layer sums its taps in another order than
     oneDNN, on selection logits in the hundreds: up to ~4e-5 on these inputs; 1e-4 is the
-    backends' tolerance)."""
+    backends' tolerance); with the block CNN's layers as oneDNN calls and the stacked head
+    (as shipped where torch has them) and with torch's layers."""
+    kernels = _kernels(network)
+    if fused and not kernels.ONEDNN_LAYERS:
+        pytest.skip("this torch has no oneDNN layers with fused activations")
+    monkeypatch.setattr(kernels, "ONEDNN_LAYERS", fused)
     net = copy.deepcopy(network)
     sys.modules[type(net).__module__].set_block_exponent(net, exponent)
     x = torch.rand(shape, generator=torch.Generator().manual_seed(exponent))
@@ -119,6 +126,85 @@ def test_compiled_conv3x3_is_torchs(network, shape) -> None:
     expected = torch.nn.functional.conv2d(features.permute(0, 3, 1, 2), weight, bias, padding=1)
     assert out.shape == expected.shape and out.is_contiguous()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_grouped_conv3x3_is_torchs(network, groups: int) -> None:
+    """The tap planes of a grouped 3x3 convolution (block-diagonal tap matrix: each group's
+    outputs read its own inputs only) are torch's grouped ``conv2d``."""
+    generator = torch.Generator().manual_seed(groups)
+    features = torch.randn(2, 9, 11, 8 * groups, generator=generator)
+    weight = torch.randn(2 * groups, 8, 3, 3, generator=generator)
+    bias = torch.randn(2 * groups, generator=generator)
+    out = _kernels(network).conv3x3(features, weight, bias, groups=groups)
+    expected = torch.nn.functional.conv2d(features.permute(0, 3, 1, 2), weight, bias, padding=1,
+                                          groups=groups)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["onednn-layers", "torch-layers"])
+def test_fused_layers_are_torchs_layers(network, fused: bool, monkeypatch) -> None:
+    """The compiled path's convolution and 1x1 layer with their activation in one call (oneDNN
+    where torch has it, with the encoder's weight reordered once or as it is; torch's layers
+    otherwise), and its product by a transposed matrix, against torch's modules."""
+    kernels = _kernels(network)
+    if fused and not kernels.ONEDNN_LAYERS:
+        pytest.skip("this torch has no oneDNN layers with fused activations")
+    monkeypatch.setattr(kernels, "ONEDNN_LAYERS", fused)
+    generator = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for conv in network.encoder[0], network.encoder[2]:
+            x = torch.rand(3, conv.in_channels, 21, 34, generator=generator)
+            x = x.contiguous(memory_format=torch.channels_last)
+            expected = torch.nn.functional.leaky_relu(conv(x), 0.1)
+            for weight in None, kernels.onednn_weight(conv):
+                torch.testing.assert_close(kernels.conv_leaky(x, conv, 0.1, weight), expected,
+                                           atol=1e-5, rtol=1e-5)
+        x, weight = torch.randn(37, 72, generator=generator), torch.randn(48, 72,
+                                                                          generator=generator)
+        bias = torch.randn(48, generator=generator)
+        torch.testing.assert_close(kernels.linear_leaky(x, weight, bias, 0.1),
+                                   torch.nn.functional.leaky_relu(x @ weight.t() + bias, 0.1),
+                                   atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(kernels.times_transposed(weight, x), weight @ x.t(),
+                                   atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="zero-padded"):
+        kernels.conv_leaky(x, torch.nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), 0.1)
+
+
+@pytest.mark.parametrize("sources", [2, 3, 4, 5])
+def test_stacked_head_gives_the_per_source_block_maps(network, sources: int) -> None:
+    """The block CNN on the compiled path with oneDNN layers and the head as one stacked product
+    (up to STACKED_HEAD_MAX_SOURCES sources; more take the per-source products) gives the block
+    maps of torch's layers and per-source products, also after the weights change in place (its
+    cached weights follow their versions)."""
+    kernels = _kernels(network)
+    if not kernels.ONEDNN_LAYERS:
+        pytest.skip("this torch has no oneDNN layers with fused activations")
+    net = copy.deepcopy(network)
+    x = torch.rand(2, sources, 64, 96, generator=torch.Generator().manual_seed(sources))
+    block = 1 << net.block_exponent
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            stats, _ = kernels.block_stats(x, block, net.base_pool)
+            fused = net._compiled_block_maps(kernels, stats, 2, sources)
+            kernels.ONEDNN_LAYERS = False
+            try:
+                plain = net._compiled_block_maps(kernels, stats, 2, sources)
+            finally:
+                kernels.ONEDNN_LAYERS = True
+        return fused, plain
+
+    fused, plain = both()
+    assert fused.shape == (2, 2 * sources, 64 // block, 96 // block)
+    torch.testing.assert_close(fused, plain, atol=2e-4, rtol=1e-5)
+    with torch.no_grad():
+        for layer in net.encoder[2], net.head[0], net.head[2]:
+            layer.weight.mul_(-0.5)
+    changed, plain_changed = both()
+    torch.testing.assert_close(changed, plain_changed, atol=2e-4, rtol=1e-5)
+    assert (changed - fused).abs().max() > 1e-2  # the new weights were used
 
 
 @pytest.mark.parametrize("exponent", range(7))

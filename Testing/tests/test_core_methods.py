@@ -125,6 +125,31 @@ def test_gff_keeps_more_edges_than_averaging_on_a_ct_mri_pair(aanlib: Path) -> N
     assert score("gff") > score("average") + 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_range_check_on_float32_bits_judges_as_the_float_values(dtype: torch.dtype) -> None:
+    """check_sources reads a float32 batch's bits first (an int32 minimum and maximum): each
+    value at and around the edges of [0, 1] within the tolerance, and NaN and infinities of
+    both signs, is accepted or refused exactly as its float value says, in float32 and float64
+    alike (float64 never takes the bit path)."""
+    from medfusion.methods.sources import RANGE_TOLERANCE, check_sources
+
+    top = np.float32(1.0 + RANGE_TOLERANCE)
+    edges = [0.0, -0.0, 1.0, 1e-45, -1e-45, -RANGE_TOLERANCE, -2 * RANGE_TOLERANCE, float(top),
+             float(np.nextafter(top, np.float32(2))), float(np.nextafter(top, np.float32(0))),
+             1.5, float("nan"), -float("nan"), float("inf"), -float("inf")]
+    for value in edges:
+        batch = torch.full((1, 2, 3, 5), 0.5, dtype=dtype)
+        batch[0, 1, 2, 4] = value
+        stored = float(batch[0, 1, 2, 4])
+        allowed = -RANGE_TOLERANCE <= stored <= 1.0 + RANGE_TOLERANCE
+        if allowed:
+            check_sources(batch, "the check")
+            check_sources(batch.transpose(2, 3), "the check")  # strided views too
+        else:
+            with pytest.raises(ModelError, match="expects finite sources in"):
+                check_sources(batch, "the check")
+
+
 @pytest.mark.parametrize("name", ["average", "max", "laplacian", "gff", "cnn", "sesf"])
 def test_every_method_refuses_a_batch_it_would_fuse_wrongly(name: str) -> None:
     """From Python, a batch that is not (B, K >= 2, H, W) float sources in [0, 1] is an error

@@ -3,7 +3,7 @@
 Why: a method called from Python with the wrong batch used to return something anyway (a
 (K, H, W) tensor averaged over the wrong axis, one NaN spreading over most of a CNN's output,
 0-255 values saturated to a white image). The engine always hands over what this asks for;
-the check costs one pass over the batch (its minimum and maximum).
+the check costs one pass over the batch (its minimum and maximum; for float32, of its bits).
 """
 
 from __future__ import annotations
@@ -11,12 +11,29 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from medfusion.errors import ModelError
 
 MIN_SOURCES = 2
 RANGE_TOLERANCE = 1e-4  # values this far outside [0, 1] are rounding, not another scale
+
+
+def _largest_allowed_float32_bits() -> int:
+    """The bits, read as an int32, of the largest float32 within ``1 + RANGE_TOLERANCE``."""
+    bound = np.float32(1.0 + RANGE_TOLERANCE)
+    if float(bound) > 1.0 + RANGE_TOLERANCE:
+        bound = np.nextafter(bound, np.float32(0.0))
+    return int(np.array(bound, np.float32).view(np.int32))
+
+
+# float32 batches are checked on their bits first: a float32 without its sign bit orders as its
+# bits read as an int32 (+inf and NaN above every finite number), and an integer minimum and
+# maximum take half the time of torch's float aminmax (19 against 40 us for a 512^2 pair on this
+# project's 2-core VM: ~2.5 % of the cnn method); batches with a sign bit set (negatives, -0.0)
+# or beyond the bound are judged on their float values as before
+_FLOAT32_ALLOWED_BITS = _largest_allowed_float32_bits()
 
 
 def check_sources(batch: Any, method: str) -> None:
@@ -38,6 +55,10 @@ def check_sources(batch: Any, method: str) -> None:
             f"{method} expects floating-point sources in [0, 1], got {batch.dtype} (scale "
             "integer images by their range first, e.g. uint8 / 255)"
         )
+    if batch.dtype == torch.float32:
+        low_bits, high_bits = (int(v) for v in torch.aminmax(batch.view(torch.int32)))
+        if low_bits >= 0 and high_bits <= _FLOAT32_ALLOWED_BITS:
+            return
     low, high = (float(v) for v in torch.aminmax(batch))  # NaN in, NaN out: caught below
     if not (low >= -RANGE_TOLERANCE and high <= 1.0 + RANGE_TOLERANCE):
         finite = math.isfinite(low) and math.isfinite(high)

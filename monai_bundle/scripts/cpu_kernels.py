@@ -10,7 +10,9 @@ where training left every detail gain dead, as in the shipped weights, the selec
 the detail terms would move no pixel beyond float32 rounding); and
 :func:`conv3x3`, the block CNN's last layer (2 output channels, where oneDNN was slow) as one
 matrix product and a compiled sum of shifted tap planes, and :func:`bound_logits` (six small
-torch operations on the block grid in one loop).
+torch operations on the block grid in one loop). The block CNN's other layers run as oneDNN
+calls with their activations fused (:func:`conv_leaky`, :func:`linear_leaky`; torch's layers
+where :data:`ONEDNN_LAYERS` is off).
 They compute what the network's torch code computes (``FusionNet._block_stats``,
 ``upsample_bilinear``, ``_combine_two_sources``, the head's last layer: the block means to the
 bit, the fused image within 3.2e-5 for the shipped weights on atlas pairs, 1e-4 tested on random
@@ -430,23 +432,108 @@ def _sum_taps(planes: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
                     line[column] += tap[column + dx - 1]
 
 
-def conv3x3(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """A 3x3 convolution (stride 1, zero padding 1, no dilation) of channels-last ``features``
-    (N, h, w, C_in) with ``weight`` (C_out, C_in, 3, 3): ``(N, C_out, h, w)``, contiguous.
+def tap_matrix(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """The ``(C_out * 9, C_in)`` matrix of a 3x3 convolution's ``weight`` (C_out, C_in / groups,
+    3, 3) for :func:`conv3x3_taps`: row ``9 o + 3 dy + dx`` holds output ``o``'s tap ``(dy,
+    dx)``; with ``groups``, block-diagonal (each group's outputs read its own inputs only)."""
+    outputs, per_group = weight.shape[0], weight.shape[1]
+    taps = weight.detach().permute(0, 2, 3, 1).reshape(outputs * 9, per_group)
+    if groups == 1:
+        return taps.contiguous()
+    return torch.block_diag(*taps.reshape(groups, outputs * 9 // groups, per_group))
 
-    One matrix product makes the ``C_out * 9`` tap planes ``W_tap @ features^T``, a compiled
+
+def conv3x3(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+            groups: int = 1) -> torch.Tensor:
+    """A 3x3 convolution (stride 1, zero padding 1, no dilation) of channels-last ``features``
+    (N, h, w, C_in) with ``weight`` (C_out, C_in / groups, 3, 3): ``(N, C_out, h, w)``,
+    contiguous (:func:`conv3x3_taps` of :func:`tap_matrix`)."""
+    return conv3x3_taps(features, tap_matrix(weight, groups), bias)
+
+
+def conv3x3_taps(features: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`conv3x3` with its :func:`tap_matrix` made beforehand.
+
+    One matrix product makes the ``C_out * 9`` tap planes ``taps @ features^T``, a compiled
     loop adds them up shifted. Why: for the block CNN's last layer (24 -> 2 channels on 64x64
-    maps) oneDNN took ~150 us, as long as for 16 output channels; this takes ~80 us, the same
-    numbers to float32 rounding (the sums run in another order).
+    maps) oneDNN's convolution took ~150 us, as long as for 16 output channels; this takes
+    ~80 us, the same numbers to float32 rounding (the sums run in another order).
     """
     images, height, width, channels = features.shape
-    outputs = weight.shape[0]
-    taps = weight.permute(0, 2, 3, 1).reshape(outputs * 9, channels)  # [(o, dy, dx), c]
-    planes = torch.mm(taps, features.reshape(-1, channels).t())
+    outputs = taps.shape[0] // 9
+    planes = times_transposed(taps, features.reshape(-1, channels))
     out = torch.empty((images, outputs, height, width), dtype=torch.float32)
     _sum_taps(planes.reshape(outputs * 9, images, height, width).numpy(),
               bias.detach().contiguous().numpy(), out.numpy())
     return out
+
+
+def _onednn_layers_available() -> bool:
+    """Whether this torch has oneDNN's layers with fused activations (``torch.ops.mkldnn``'s
+    ``_convolution_pointwise`` and ``_linear_pointwise``: x86 and ARM builds with oneDNN)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available()) and all(
+            hasattr(torch.ops.mkldnn, name)
+            for name in ("_convolution_pointwise", "_linear_pointwise"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# the block CNN's layers as oneDNN calls with their activations fused (:func:`conv_leaky`,
+# :func:`linear_leaky`, :func:`times_transposed`); False: torch's own layers and matrix products
+# (the same numbers to float32 rounding). Why: on the block grid of a 512^2 pair each layer is
+# a few tens of microseconds, and a separate activation pass, MKL's matrix products for these
+# thin matrices (24 columns) and the head's five small products cost as much as its FLOPs: the
+# block CNN 0.75x the time (Testing/benchmarks/bench_flops.py --compare-fused-layers)
+ONEDNN_LAYERS = _onednn_layers_available()
+
+
+def onednn_weight(conv: torch.nn.Conv2d) -> torch.Tensor:
+    """``conv``'s weight reordered once into the layout oneDNN picks for it (for channels-last
+    inputs of 64^2 maps; other sizes give the same numbers), for :func:`conv_leaky`; the weight
+    as it is where torch cannot reorder it."""
+    weight = conv.weight.detach()
+    reorder = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
+    if not ONEDNN_LAYERS or reorder is None:
+        return weight
+    try:
+        return reorder(weight, list(conv.padding), list(conv.stride), list(conv.dilation),
+                       conv.groups, [2, conv.in_channels, 64, 64])
+    except (RuntimeError, TypeError):
+        return weight
+
+
+def conv_leaky(x: torch.Tensor, conv: torch.nn.Conv2d, slope: float,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``leaky_relu(conv(x), slope)`` in one oneDNN call (channels-last ``x`` in and out) for a
+    zero-padded ``conv``, with ``weight`` (:func:`onednn_weight`) in place of its own where
+    given; torch's two layers where :data:`ONEDNN_LAYERS` is off."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(f"conv_leaky takes zero-padded convolutions with numeric padding, got "
+                         f"{conv}")
+    if not ONEDNN_LAYERS:
+        return torch.nn.functional.leaky_relu_(conv(x), slope)
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, conv.weight if weight is None else weight, conv.bias, list(conv.padding),
+        list(conv.stride), list(conv.dilation), conv.groups, "leaky_relu", [float(slope)], "")
+
+
+def linear_leaky(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, slope: float
+                 ) -> torch.Tensor:
+    """``leaky_relu(x @ weight^T + bias, slope)`` for a 2-D ``x`` in one oneDNN call (torch's
+    ``addmm`` and activation where :data:`ONEDNN_LAYERS` is off)."""
+    if not ONEDNN_LAYERS:
+        return torch.nn.functional.leaky_relu_(torch.addmm(bias, x, weight.t()), slope)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "leaky_relu", [float(slope)], "")
+
+
+def times_transposed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b^T`` for 2-D float32 ``a`` and contiguous ``b`` (oneDNN's product where
+    :data:`ONEDNN_LAYERS` is on: for the last layer's tap planes, 18 x 24 by 24 x 8192, 0.65x
+    MKL's time)."""
+    if not ONEDNN_LAYERS:
+        return torch.mm(a, b.t())
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
 @numba.njit(**_JIT_FUSED)
