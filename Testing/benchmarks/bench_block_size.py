@@ -1,7 +1,7 @@
 """Speed and precision of the CNN versus the paper's block size exponent ``i`` (2^i x 2^i blocks).
 
-For each ``i``: the network's FLOPs on one 512x512 pair (``torch.utils.flop_counter``: the
-convolutions), the median seconds per 512^2 slice of the default ``cnn`` path
+For each ``i``: the network's FLOPs on one 512x512 pair (``timing.network_flops``: the
+convolutions and matrix products), the median seconds per 512^2 slice of the default ``cnn`` path
 (``get_method("cnn", block_exponent=i)``, batch of one, runs interleaved so a busy machine
 slows all alike), the FLOP/s this reaches, and the ratio to this CPU's FLOP limit, measured
 here as the throughput of a 64->64 3x3 convolution (the best case for the CPU's kernels).
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "monai_bundle"))
@@ -32,6 +31,9 @@ from scripts.transforms import LoadFusionGroupd  # noqa: E402
 
 import medfusion.metrics as fm  # noqa: E402
 from medfusion.methods import get_method  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import network_flops  # noqa: E402
 
 
 def flop_limit(repeats: int = 5) -> float:
@@ -76,9 +78,7 @@ def main() -> None:
         # the backend first (ONNX export, checks, timing): under the FLOP counter the export
         # would fail and its probe runs would be counted
         backends[i] = method.network.prepare(slice_512)  # for calls like the timed ones
-        with FlopCounterMode(display=False) as counter, torch.inference_mode():
-            method.module(slice_512)
-        flops[i] = counter.get_total_flops()
+        flops[i] = network_flops(method.module, slice_512)
     times: dict[int, list[float]] = {i: [] for i in exponents}
     for _ in range(args.repeats):  # interleaved
         for i, method in methods.items():

@@ -45,7 +45,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from timing import best_of
+from timing import best_of, network_flops
 
 LIMIT_FLOPS = 2 * 64 * 64 * 9 * 256 * 256  # the limit's convolution
 
@@ -78,28 +78,6 @@ def interleaved_ratios(method: Callable[[], object], flops: int, rounds: int, re
         wall = best_of(method, repeat)[0]
         results.append((limit, wall, wall / (flops / limit)))
     return results
-
-
-def network_flops(module: torch.nn.Module, batch: torch.Tensor) -> int:
-    """The network's FLOPs on ``batch``: its convolutions and matrix products as torch runs them
-    on the compiled path with torch's layers (the counter does not see oneDNN's fused calls;
-    the stacked head's extra products, 1.5x the 1x1 layer's and 2x the last layer's at two
-    sources, are the implementation's, not the network's, and are not counted)."""
-    import sys
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    kernels = sys.modules[type(module).__module__]._cpu_kernels()
-    fused = getattr(kernels, "ONEDNN_LAYERS", False)
-    try:
-        if kernels is not None:
-            kernels.ONEDNN_LAYERS = False
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            module(batch)
-    finally:
-        if kernels is not None:
-            kernels.ONEDNN_LAYERS = fused
-    return int(counter.get_total_flops())
 
 
 def main() -> None:

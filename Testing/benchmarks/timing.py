@@ -1,4 +1,5 @@
-"""Timing shared by the benchmarks: the least disturbed of repeated calls.
+"""Timing shared by the benchmarks: the least disturbed of repeated calls, and the FLOPs a
+network's call counts.
 
 The CPU may be shared, so a benchmark reports the minimum over ``repeat`` calls after one
 warm-up, as wall clock and as this process's CPU time (``time.process_time``: what other
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+
+import torch
 
 
 def best_of(func: Callable[[], object], repeat: int) -> tuple[float, float]:
@@ -21,3 +24,26 @@ def best_of(func: Callable[[], object], repeat: int) -> tuple[float, float]:
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return min(wall), min(cpu)
+
+
+def network_flops(module: torch.nn.Module, batch: torch.Tensor) -> int:
+    """The network's FLOPs on ``batch``: its convolutions and matrix products as torch runs them
+    on the compiled path with torch's layers (the counter does not see oneDNN's fused calls;
+    the stacked head's extra products, 1.5x the 1x1 layer's and 2x the last layer's at two
+    sources, are the implementation's, not the network's, and are not counted)."""
+    import sys
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    loader = getattr(sys.modules.get(type(module).__module__), "_cpu_kernels", None)
+    kernels = loader() if callable(loader) else None
+    fused = getattr(kernels, "ONEDNN_LAYERS", False)
+    try:
+        if kernels is not None:
+            kernels.ONEDNN_LAYERS = False
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            module(batch)
+    finally:
+        if kernels is not None:
+            kernels.ONEDNN_LAYERS = fused
+    return int(counter.get_total_flops())

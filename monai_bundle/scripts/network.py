@@ -44,6 +44,10 @@ COMPILED_MIN_SOURCE_PIXELS = 1 << 20
 # combination dominates a call (5.9 ms for a 512^2 slice of 3 sources) and the method took the
 # same time within 3 % either way at K = 3..6 (8.04 against 8.31 ms at K = 4, 2-core VM)
 STACKED_HEAD_MAX_SOURCES = 4
+# ... and block positions per call (B h w) up to which it does: on larger grids (i = 0 on a 512^2
+# pair, 2^18) its concatenated input and its products run out of the caches and the method took
+# 1.02-1.15x the time; at i = 1 on two 512^2 pairs (2^17) 0.82x, at i = 3 0.78x
+STACKED_HEAD_MAX_POSITIONS = 1 << 17
 
 
 class FusedLayers(NamedTuple):
@@ -162,12 +166,14 @@ class FusionNet(nn.Module):
     def _compiled_block_maps(self, kernels, stats: torch.Tensor, b: int, k: int  # noqa: ANN001
                              ) -> torch.Tensor:
         """:meth:`_block_maps` on the compiled path: for up to :data:`STACKED_HEAD_MAX_SOURCES`
-        sources the layers as oneDNN calls with fused activations and the head as one product
-        (:meth:`_stacked_hidden`, weights of :meth:`_fused_layers`); the head's last layer and
-        the logits' bound as compiled loops (:func:`scripts.cpu_kernels.conv3x3_taps`,
-        ``bound_logits``)."""
+        sources on block grids of up to :data:`STACKED_HEAD_MAX_POSITIONS` the layers as oneDNN
+        calls with fused activations and the head as one product (:meth:`_stacked_hidden`,
+        weights of :meth:`_fused_layers`); the head's last layer and the logits' bound as
+        compiled loops (:func:`scripts.cpu_kernels.conv3x3_taps`, ``bound_logits``)."""
         last = self.head[2]
-        if kernels.ONEDNN_LAYERS and k <= STACKED_HEAD_MAX_SOURCES:
+        positions = b * stats.shape[-2] * stats.shape[-1]
+        if (kernels.ONEDNN_LAYERS and k <= STACKED_HEAD_MAX_SOURCES
+                and positions <= STACKED_HEAD_MAX_POSITIONS):
             layers = self._fused_layers(kernels, k)
             maps = kernels.conv3x3_taps(self._stacked_hidden(kernels, stats, b, k, layers),
                                         layers.taps, layers.last_bias)
