@@ -474,6 +474,42 @@ def test_a_child_forked_after_parallel_loops_fuses_with_one_torch_thread() -> No
     assert lines[1] == "0 True", result.stdout + result.stderr
 
 
+def test_compiled_loops_load_after_another_bundle_took_the_scripts_name() -> None:
+    """A process that builds the sesf bundle after the cnn bundle (both name their code
+    ``scripts``; MedFusion's report runs them side by side) still runs the cnn's compiled loops
+    whose cached machine code numba reads only then: numba imports a loop's module by name at
+    that moment, and ``medfusion benchmark`` with both methods failed with ``No module named
+    'scripts.cpu_kernels'``. The first process fills numba's cache; in the second, the loops in
+    row bands (two threads, a 512^2 pair) first run after the sesf bundle is loaded; in the
+    third, numba and the loops are first imported then (the network used to fall back to its
+    torch code there, silently)."""
+    script = textwrap.dedent("""
+        import sys, torch
+        if sys.argv[1] != "late":
+            import numba
+        from medfusion.methods import get_method
+        torch.set_num_threads(2)
+        cnn = get_method("cnn")  # (its check runs the serial loops on a small probe)
+        network = sys.modules[type(cnn.module).__module__]
+        if sys.argv[1] != "first":
+            get_method("sesf")
+            assert "sesf_bundle" in sys.modules["scripts"].__file__
+        import numba  # ("late": only now, so the loops are first imported here)
+        x = torch.rand(1, 2, 512, 512, generator=torch.Generator().manual_seed(0))
+        fused = float(cnn(x).sum())
+        kernels = network._KERNELS[0]  # (None: the call fell back to the torch code)
+        print(kernels is not None and kernels.bands(512), fused)
+    """)
+    runs = [subprocess.run([sys.executable, "-c", script, which], capture_output=True,
+                           text=True, timeout=300) for which in ("first", "second", "late")]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    if runs[0].stdout.startswith("1 "):
+        pytest.skip("the loops do not split here (numba's layer is not OpenMP, or one thread)")
+    assert runs[0].stdout.startswith("2 "), runs[0].stdout
+    assert runs[1].stdout == runs[0].stdout and runs[2].stdout == runs[0].stdout
+
+
 def test_compiled_loops_refuse_shapes_that_do_not_fit(network) -> None:
     """The loops index without bounds checks: their entry points refuse mismatched shapes."""
     kernels = _kernels(network)

@@ -21,11 +21,13 @@ One set of weights serves every ``i`` (training draws ``i`` at random per batch)
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import operator
 import sys
 import weakref
 from importlib.util import find_spec
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -377,17 +379,49 @@ _KERNELS: list = []  # the cpu_kernels module once imported, or None where it ca
 def _cpu_kernels():  # noqa: ANN202 (a module or None)
     """:mod:`scripts.cpu_kernels`, imported on first use; None (once, logged) where numba is not
     installed or cannot load them (e.g. no writable folder for its cache): the torch code then
-    serves every call."""
+    serves every call.
+
+    Loaded from this file's folder, and kept in ``sys.modules`` under its name on every call:
+    bundles all call their code ``scripts``, and a process that loads another bundle after
+    this one (MedFusion drops the other ``scripts`` modules then; its report runs the sesf
+    bundle beside this one) must still find these loops. numba reads a loop's cached machine
+    code on its first call with new argument types and then imports the loop's module by name;
+    that import failed there (``No module named 'scripts.cpu_kernels'``)."""
     if not _KERNELS:
         try:
-            from . import cpu_kernels
+            cpu_kernels = _load_kernels()
         except Exception as error:  # ImportError, numba's RuntimeError, llvmlite's OSError
             logging.getLogger(__name__).info(
                 "compiled CPU loops unavailable (%s: %s); the network runs its torch code",
                 type(error).__name__, str(error).splitlines()[0] if str(error) else "")
             cpu_kernels = None
         _KERNELS.append(cpu_kernels)
-    return _KERNELS[0]
+    kernels = _KERNELS[0]
+    if kernels is not None and sys.modules.get(kernels.__name__) is None:
+        sys.modules[kernels.__name__] = kernels
+    return kernels
+
+
+def _load_kernels():  # noqa: ANN202 (a module)
+    """This bundle's ``cpu_kernels`` module: the one in ``sys.modules`` if it is this folder's,
+    else executed from this folder's file (whatever package holds the name ``scripts`` now)."""
+    name = f"{__package__}.cpu_kernels" if __package__ else "cpu_kernels"
+    path = Path(__file__).resolve().with_name("cpu_kernels.py")
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path:
+        return loaded
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # (numba's cache reads it back by name while it compiles)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        if sys.modules.get(name) is module:
+            del sys.modules[name]
+        raise
+    return module
 
 
 def upsample_bilinear(x: torch.Tensor, scale: int) -> torch.Tensor:
