@@ -45,7 +45,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from timing import best_of, network_flops
+from timing import best_of, cpu_kernels_of, network_flops
 
 LIMIT_FLOPS = 2 * 64 * 64 * 9 * 256 * 256  # the limit's convolution
 
@@ -173,9 +173,7 @@ def parts_table(module: torch.nn.Module, batch: torch.Tensor, repeat: int, flops
     """The network's compiled path in its three parts, each timed alone: the block statistics
     and the composition (full-resolution loops, no FLOPs counted: every FLOP is the block
     CNN's) bound the ratio from below whatever the block CNN's speed."""
-    import sys
-
-    kernels = sys.modules[type(module).__module__]._cpu_kernels()
+    kernels = cpu_kernels_of(module)
     if kernels is None or batch.shape[1] != 2:
         return
     block, pool = 1 << module.block_exponent, module.base_pool
@@ -227,9 +225,7 @@ def serial_loops_table(module: torch.nn.Module, method: Callable[[], object], ro
                        repeat: int) -> None:
     """The method with the network's loops in row bands (as shipped) over its time with them on
     the calling thread alone (``bands`` patched to 1), back to back in each round."""
-    import sys
-
-    kernels = sys.modules[type(module).__module__]._cpu_kernels()
+    kernels = cpu_kernels_of(module)
     if kernels is None:
         return
     shipped = kernels.bands
@@ -249,9 +245,7 @@ def fused_layers_table(module: torch.nn.Module, method: Callable[[], object], ro
     head as one stacked product (``cpu_kernels.ONEDNN_LAYERS``, as shipped where torch has
     them) over its time with torch's layers and the per-source products, back to back in each
     round."""
-    import sys
-
-    kernels = sys.modules[type(module).__module__]._cpu_kernels()
+    kernels = cpu_kernels_of(module)
     if kernels is None or not kernels.ONEDNN_LAYERS:
         print("\n# fused oneDNN layers: not available in this torch")
         return

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def best_of(func: Callable[[], object], repeat: int) -> tuple[float, float]:
@@ -26,17 +28,24 @@ def best_of(func: Callable[[], object], repeat: int) -> tuple[float, float]:
     return min(wall), min(cpu)
 
 
+def cpu_kernels_of(module: torch.nn.Module):  # noqa: ANN201 (a module or None)
+    """The compiled CPU loops of ``module``'s network (``scripts.cpu_kernels``), or None: read
+    through the class's own module namespace, which stays the network's after another bundle
+    took the name ``scripts`` in ``sys.modules``."""
+    forward = getattr(type(module), "forward", None)
+    loader = getattr(forward, "__globals__", {}).get("_cpu_kernels")
+    return loader() if callable(loader) else None
+
+
 def network_flops(module: torch.nn.Module, batch: torch.Tensor) -> int:
     """The network's FLOPs on ``batch``: its convolutions and matrix products as torch runs them
     on the compiled path with torch's layers (the counter does not see oneDNN's fused calls;
     the stacked head's extra products, 1.5x the 1x1 layer's and 2x the last layer's at two
     sources, are the implementation's, not the network's, and are not counted)."""
-    import sys
-
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    loader = getattr(sys.modules.get(type(module).__module__), "_cpu_kernels", None)
-    kernels = loader() if callable(loader) else None
+    kernels = cpu_kernels_of(module)
     fused = getattr(kernels, "ONEDNN_LAYERS", False)
     try:
         if kernels is not None:

@@ -176,19 +176,23 @@ def test_fused_layers_are_torchs_layers(network, fused: bool, monkeypatch) -> No
 def test_stacked_head_gives_the_per_source_block_maps(network, sources: int) -> None:
     """The block CNN on the compiled path with oneDNN layers and the head as one stacked product
     (up to STACKED_HEAD_MAX_SOURCES sources; more take the per-source products) gives the block
-    maps of torch's layers and per-source products, also after the weights change in place (its
-    cached weights follow their versions)."""
+    maps of torch's layers and per-source products, also after the weights change: in place
+    (their versions), through ``.data`` (seen at the next ``eval()``, as evaluators call it) and
+    by a cast there and back (the cache is dropped by moves)."""
     kernels = _kernels(network)
     if not kernels.ONEDNN_LAYERS:
         pytest.skip("this torch has no oneDNN layers with fused activations")
+    module = sys.modules[type(network).__module__]
     net = copy.deepcopy(network)
     x = torch.rand(2, sources, 64, 96, generator=torch.Generator().manual_seed(sources))
     block = 1 << net.block_exponent
+    stacked = sources <= module.STACKED_HEAD_MAX_SOURCES
 
     def both() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
             stats, _ = kernels.block_stats(x, block, net.base_pool)
             fused = net._compiled_block_maps(kernels, stats, 2, sources)
+            assert (sources in module._FUSED_LAYERS.get(net, {})) == stacked
             kernels.ONEDNN_LAYERS = False
             try:
                 plain = net._compiled_block_maps(kernels, stats, 2, sources)
@@ -199,12 +203,104 @@ def test_stacked_head_gives_the_per_source_block_maps(network, sources: int) -> 
     fused, plain = both()
     assert fused.shape == (2, 2 * sources, 64 // block, 96 // block)
     torch.testing.assert_close(fused, plain, atol=2e-4, rtol=1e-5)
-    with torch.no_grad():
-        for layer in net.encoder[2], net.head[0], net.head[2]:
-            layer.weight.mul_(-0.5)
-    changed, plain_changed = both()
-    torch.testing.assert_close(changed, plain_changed, atol=2e-4, rtol=1e-5)
-    assert (changed - fused).abs().max() > 1e-2  # the new weights were used
+    previous = fused
+    for change in ("in place", ".data", "cast"):
+        with torch.no_grad():
+            for layer in net.encoder[2], net.head[0], net.head[2]:
+                if change == "in place":
+                    layer.weight.mul_(-0.5)
+                elif change == ".data":
+                    layer.weight.data.mul_(-0.5)  # (no version counter sees this)
+        if change == ".data":
+            net.eval()
+        elif change == "cast":
+            net.double().float()
+            with torch.no_grad():
+                net.head[2].weight.data.mul_(-0.5)  # (and the cast alone changes no value)
+            net.eval()
+        changed, plain_changed = both()
+        torch.testing.assert_close(changed, plain_changed, atol=2e-4, rtol=1e-5, msg=change)
+        assert (changed - previous).abs().max() > 1e-2, change  # the new weights were used
+        previous = changed
+
+
+def test_stacked_head_only_on_small_block_grids(network) -> None:
+    """Calls of more than STACKED_HEAD_MAX_POSITIONS block positions (i = 0 on a 512^2 pair)
+    keep the per-source products, with the same maps as torch's layers."""
+    kernels = _kernels(network)
+    module = sys.modules[type(network).__module__]
+    net = copy.deepcopy(network)
+    x = torch.rand(1, 2, 512, 512, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        stats, _ = kernels.block_stats(x, 1, net.base_pool)
+        assert stats.shape[-2] * stats.shape[-1] > module.STACKED_HEAD_MAX_POSITIONS
+        maps = net._compiled_block_maps(kernels, stats, 1, 2)
+        assert net not in module._FUSED_LAYERS
+        reference = net._block_maps(stats, 1, 2)
+    torch.testing.assert_close(maps, reference, atol=2e-4, rtol=1e-5)
+
+
+def test_a_fused_layer_that_fails_gives_way_to_torchs_layers(network, monkeypatch) -> None:
+    """Where a oneDNN build refuses one of the fused operations at run time, the call and every
+    later one run torch's layers (the same image), instead of failing the fusion."""
+    kernels = _kernels(network)
+    if not kernels.ONEDNN_LAYERS:
+        pytest.skip("this torch has no oneDNN layers with fused activations")
+    monkeypatch.setattr(kernels, "ONEDNN_LAYERS", True)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("could not create a primitive descriptor")
+
+    net = copy.deepcopy(network)
+    x = torch.rand(1, 2, 64, 64, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        expected = net(x)
+        monkeypatch.setattr(kernels, "conv_leaky", refuse)
+        assert torch.equal(net(x), _torch_layers(net, kernels, x))
+        assert not kernels.ONEDNN_LAYERS
+    torch.testing.assert_close(net(x).detach(), expected, atol=2e-4, rtol=0)
+
+
+def _torch_layers(net, kernels, x: torch.Tensor) -> torch.Tensor:
+    """``net(x)`` on the compiled path with torch's layers."""
+    fused = kernels.ONEDNN_LAYERS
+    kernels.ONEDNN_LAYERS = False
+    try:
+        return net(x)
+    finally:
+        kernels.ONEDNN_LAYERS = fused
+
+
+def test_two_threads_loading_the_compiled_loops_at_once_both_get_them() -> None:
+    """The first compiled calls of two threads at once, in a fresh process: one loads the loops,
+    the other waits for the whole module (it used to see a half-executed one)."""
+    script = textwrap.dedent("""
+        import sys, threading, numba, torch
+        from medfusion.methods.bundle import use_bundle_scripts
+        from medfusion.resources import bundle_dir
+        use_bundle_scripts(bundle_dir())
+        from scripts.network import FusionNet
+        net = FusionNet(block_exponent=3).eval()
+        x = torch.rand(1, 2, 64, 64)
+        barrier, errors = threading.Barrier(2), []
+        def fuse():
+            barrier.wait()
+            try:
+                with torch.inference_mode():
+                    net(x)
+            except Exception as error:
+                errors.append(repr(error))
+        threads = [threading.Thread(target=fuse) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        print(errors, sys.modules[type(net).__module__]._KERNELS[0] is not None)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[] True", result.stdout
 
 
 @pytest.mark.parametrize("exponent", range(7))

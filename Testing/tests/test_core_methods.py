@@ -148,6 +148,13 @@ def test_the_range_check_on_float32_bits_judges_as_the_float_values(dtype: torch
         else:
             with pytest.raises(ModelError, match="expects finite sources in"):
                 check_sources(batch, "the check")
+    if dtype == torch.float32:  # a view with torch's negative bit has no int32 view: floats
+        values = torch.rand(1, 2, 3, 5, generator=torch.Generator().manual_seed(1))
+        negated = torch.complex(values, -values).conj().imag
+        assert negated.is_neg() and torch.equal(negated, values)
+        check_sources(negated, "the check")
+        with pytest.raises(ModelError, match="expects finite sources in"):
+            check_sources(torch.complex(values, 0.5 - values).conj().imag, "the check")
 
 
 @pytest.mark.parametrize("name", ["average", "max", "laplacian", "gff", "cnn", "sesf"])

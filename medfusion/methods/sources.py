@@ -55,7 +55,7 @@ def check_sources(batch: Any, method: str) -> None:
             f"{method} expects floating-point sources in [0, 1], got {batch.dtype} (scale "
             "integer images by their range first, e.g. uint8 / 255)"
         )
-    if batch.dtype == torch.float32:
+    if batch.dtype == torch.float32 and not batch.is_neg():  # (a negated view has no bits)
         low_bits, high_bits = (int(v) for v in torch.aminmax(batch.view(torch.int32)))
         if low_bits >= 0 and high_bits <= _FLOAT32_ALLOWED_BITS:
             return

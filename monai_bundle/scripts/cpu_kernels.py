@@ -38,6 +38,8 @@ imports it only when numba is installed.
 
 from __future__ import annotations
 
+import logging
+
 import numba
 import numpy as np
 import torch
@@ -488,13 +490,30 @@ def _onednn_layers_available() -> bool:
 ONEDNN_LAYERS = _onednn_layers_available()
 
 
+def onednn_layers() -> bool:
+    """Whether the block CNN runs as oneDNN calls now: :data:`ONEDNN_LAYERS`, and torch's
+    ``torch.backends.mkldnn.enabled`` switch on (as torch's own layers respect it)."""
+    return ONEDNN_LAYERS and torch.backends.mkldnn.enabled
+
+
+def give_up_onednn_layers(error: BaseException) -> None:
+    """Turn :data:`ONEDNN_LAYERS` off for this process (logged once): a oneDNN build refused
+    one of its fused operations; torch's layers serve from now on."""
+    global ONEDNN_LAYERS
+    if ONEDNN_LAYERS:
+        ONEDNN_LAYERS = False
+        logging.getLogger(__name__).warning(
+            "oneDNN's fused layers failed (%s: %s); the block CNN runs torch's layers",
+            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+
+
 def onednn_weight(conv: torch.nn.Conv2d) -> torch.Tensor:
     """``conv``'s weight reordered once into the layout oneDNN picks for it (for channels-last
     inputs of 64^2 maps; other sizes give the same numbers), for :func:`conv_leaky`; the weight
     as it is where torch cannot reorder it."""
     weight = conv.weight.detach()
     reorder = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
-    if not ONEDNN_LAYERS or reorder is None:
+    if not onednn_layers() or reorder is None:
         return weight
     try:
         return reorder(weight, list(conv.padding), list(conv.stride), list(conv.dilation),
@@ -511,7 +530,7 @@ def conv_leaky(x: torch.Tensor, conv: torch.nn.Conv2d, slope: float,
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"conv_leaky takes zero-padded convolutions with numeric padding, got "
                          f"{conv}")
-    if not ONEDNN_LAYERS:
+    if not onednn_layers():
         return torch.nn.functional.leaky_relu_(conv(x), slope)
     return torch.ops.mkldnn._convolution_pointwise(
         x, conv.weight if weight is None else weight, conv.bias, list(conv.padding),
@@ -522,7 +541,7 @@ def linear_leaky(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, slop
                  ) -> torch.Tensor:
     """``leaky_relu(x @ weight^T + bias, slope)`` for a 2-D ``x`` in one oneDNN call (torch's
     ``addmm`` and activation where :data:`ONEDNN_LAYERS` is off)."""
-    if not ONEDNN_LAYERS:
+    if not onednn_layers():
         return torch.nn.functional.leaky_relu_(torch.addmm(bias, x, weight.t()), slope)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "leaky_relu", [float(slope)], "")
 
@@ -531,7 +550,7 @@ def times_transposed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b^T`` for 2-D float32 ``a`` and contiguous ``b`` (oneDNN's product where
     :data:`ONEDNN_LAYERS` is on: for the last layer's tap planes, 18 x 24 by 24 x 8192, 0.65x
     MKL's time)."""
-    if not ONEDNN_LAYERS:
+    if not onednn_layers():
         return torch.mm(a, b.t())
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 

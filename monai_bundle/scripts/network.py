@@ -25,6 +25,7 @@ import importlib.util
 import logging
 import operator
 import sys
+import threading
 import weakref
 from importlib.util import find_spec
 from pathlib import Path
@@ -43,9 +44,11 @@ BASE_POOL = 4  # the base layer is the bilinear upsampling of 4x4 block means
 # pairs (~4 ms each), so a single image pair keeps the torch code; volumes and batches reach it
 COMPILED_MIN_SOURCE_PIXELS = 1 << 20
 # sources up to which the compiled path runs the head as one stacked product (_fused_layers:
-# its FLOPs grow as K^2). Two sources: the block CNN in 0.75x the time; from three on the torch
-# combination dominates a call (5.9 ms for a 512^2 slice of 3 sources) and the method took the
-# same time within 3 % either way at K = 3..6 (8.04 against 8.31 ms at K = 4, 2-core VM)
+# its FLOPs grow as K (K + 1) against the per-source products' K + 2). Two sources: the block
+# CNN in 0.75x the time. From three on the torch combination dominates a call (5.9 ms for a
+# 512^2 slice of 3 sources): the method took the same time within 3 % either way at K = 3..6
+# (8.04 against 8.31 ms at K = 4), the block CNN alone 0.83x at K = 3; 4 keeps the stacked
+# product within 3.3x the per-source FLOPs (2-core VM, session 40)
 STACKED_HEAD_MAX_SOURCES = 4
 # ... and block positions per call (B h w) up to which it does: on larger grids (i = 0 on a 512^2
 # pair, 2^18) its concatenated input and its products run out of the caches and the method took
@@ -175,12 +178,16 @@ class FusionNet(nn.Module):
         compiled loops (:func:`scripts.cpu_kernels.conv3x3_taps`, ``bound_logits``)."""
         last = self.head[2]
         positions = b * stats.shape[-2] * stats.shape[-1]
-        if (kernels.ONEDNN_LAYERS and k <= STACKED_HEAD_MAX_SOURCES
+        maps = None
+        if (kernels.onednn_layers() and k <= STACKED_HEAD_MAX_SOURCES
                 and positions <= STACKED_HEAD_MAX_POSITIONS):
-            layers = self._fused_layers(kernels, k)
-            maps = kernels.conv3x3_taps(self._stacked_hidden(kernels, stats, b, k, layers),
-                                        layers.taps, layers.last_bias)
-        else:
+            try:
+                layers = self._fused_layers(kernels, k)
+                maps = kernels.conv3x3_taps(self._stacked_hidden(kernels, stats, b, k, layers),
+                                            layers.taps, layers.last_bias)
+            except RuntimeError as error:  # a oneDNN build that refuses a fused operation
+                kernels.give_up_onednn_layers(error)
+        if maps is None:
             maps = kernels.conv3x3(self._block_hidden(stats, b, k), last.weight, last.bias)
         maps = maps.reshape(b, 2 * k, maps.shape[-2], maps.shape[-1])
         if self.logit_bound > 0:
@@ -217,13 +224,19 @@ class FusionNet(nn.Module):
         over the maximum. Why: one product of ``(K + 1) C`` by ``K C`` columns (its FLOPs grow
         as ``K (K + 1)`` against ``K + 2``: 1.5x at K = 2) took 0.6x the time of the five small
         products, sums and activation it replaces on a 512^2 pair; the encoder's weights
-        reordered once for oneDNN save a reorder per call (~10 us each)."""
+        reordered once for oneDNN save a reorder per call (~10 us each).
+
+        The cache follows each weight's identity, storage and autograd version (in-place
+        updates, ``load_state_dict``, ``.data =``), and is dropped by ``train()``/``eval()`` and
+        by moves (``to``, ``half``, ...): so writes that no version counter sees (a fused
+        optimizer's step, ``.data.mul_()``) count from the next ``eval()``, as evaluators call
+        it; :meth:`drop_fused_layers` drops it at once."""
         # (the layers through their modules' dicts: Sequential's indexing took ~2 us a call)
         encoder, head = self.encoder._modules, self.head._modules
         first, second, mixing_layer, last = encoder["0"], encoder["2"], head["0"], head["2"]
         tensors = (first.weight, first.bias, second.weight, second.bias, mixing_layer.weight,
                    mixing_layer.bias, last.weight, last.bias)
-        versions = tuple(t._version for t in tensors)
+        versions = tuple((t._version, t.data_ptr()) for t in tensors)
         cached = _FUSED_LAYERS.get(self, {}).get(k)
         if (cached is not None and cached[1] == versions
                 and all(map(operator.is_, cached[0], tensors))):
@@ -245,6 +258,19 @@ class FusionNet(nn.Module):
         # id was reused)
         _FUSED_LAYERS.setdefault(self, {})[k] = (tensors, versions, layers)
         return layers
+
+    def drop_fused_layers(self) -> None:
+        """Forget the weights :meth:`_fused_layers` made (they are made again at the next
+        compiled call)."""
+        _FUSED_LAYERS.pop(self, None)
+
+    def train(self, mode: bool = True) -> FusionNet:
+        self.drop_fused_layers()  # (a training step may write weights no version counter sees)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 (torch's)
+        self.drop_fused_layers()  # moves and casts (to, half, float, ...) replace the weights
+        return super()._apply(fn, *args, **kwargs)
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` replicate-padded at the bottom and right to :attr:`input_multiple`."""
@@ -374,6 +400,7 @@ class FusionNet(nn.Module):
 
 
 _KERNELS: list = []  # the cpu_kernels module once imported, or None where it cannot be
+_KERNELS_LOCK = threading.Lock()
 
 
 def _cpu_kernels():  # noqa: ANN202 (a module or None)
@@ -381,21 +408,24 @@ def _cpu_kernels():  # noqa: ANN202 (a module or None)
     installed or cannot load them (e.g. no writable folder for its cache): the torch code then
     serves every call.
 
-    Loaded from this file's folder, and kept in ``sys.modules`` under its name on every call:
-    bundles all call their code ``scripts``, and a process that loads another bundle after
-    this one (MedFusion drops the other ``scripts`` modules then; its report runs the sesf
-    bundle beside this one) must still find these loops. numba reads a loop's cached machine
-    code on its first call with new argument types and then imports the loop's module by name;
-    that import failed there (``No module named 'scripts.cpu_kernels'``)."""
+    Loaded from this file's folder, and put back in ``sys.modules`` under its name at every
+    call where that name is free: bundles all call their code ``scripts``, and a process that
+    loads another bundle after this one (MedFusion drops the other ``scripts`` modules then;
+    its report runs the sesf bundle beside this one) must still find these loops. numba reads a
+    loop's cached machine code on its first call with new argument types and then imports the
+    loop's module by name; that import failed there (``No module named 'scripts.cpu_kernels'``)."""
     if not _KERNELS:
-        try:
-            cpu_kernels = _load_kernels()
-        except Exception as error:  # ImportError, numba's RuntimeError, llvmlite's OSError
-            logging.getLogger(__name__).info(
-                "compiled CPU loops unavailable (%s: %s); the network runs its torch code",
-                type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-            cpu_kernels = None
-        _KERNELS.append(cpu_kernels)
+        with _KERNELS_LOCK:  # (one thread loads them; the others wait for the whole module)
+            if not _KERNELS:
+                try:
+                    cpu_kernels = _load_kernels()
+                except Exception as error:  # ImportError, numba's RuntimeError, OSError
+                    logging.getLogger(__name__).info(
+                        "compiled CPU loops unavailable (%s: %s); the network runs its torch "
+                        "code", type(error).__name__,
+                        str(error).splitlines()[0] if str(error) else "")
+                    cpu_kernels = None
+                _KERNELS.append(cpu_kernels)
     kernels = _KERNELS[0]
     if kernels is not None and sys.modules.get(kernels.__name__) is None:
         sys.modules[kernels.__name__] = kernels
