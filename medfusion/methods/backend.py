@@ -312,7 +312,8 @@ class _OnnxRuntimeNetwork:
         # no memory arena: the arena kept the largest run's full-resolution intermediates for
         # the process (auto's timing of a call of two 512^2 pairs: the 512x512x300 volume's
         # peak RSS 1427 MB against 1376 without it, target 1425; torch alone 1351), and runs
-        # took the same time without it (2.59 against 2.60 ms per 512^2 pair, interleaved)
+        # took about the same time without it (per 512^2 pair 2.59 against 2.60 ms and 2.85
+        # against 2.64 in two interleaved runs, calls of two pairs 5.35 against 5.48 ms)
         options.enable_cpu_mem_arena = False
         # no busy-waiting between runs: spinning ORT threads would steal the cores from the
         # rest of the pipeline (and from torch, when the two are compared)
