@@ -321,6 +321,34 @@ def test_the_cache_key_follows_the_code_of_a_wrapped_network(tmp_path, monkeypat
     assert keys[0] != keys[1]
 
 
+def test_the_cache_key_reads_the_code_of_the_networks_own_bundle(tmp_path, monkeypatch):
+    """Bundles all name their code ``scripts``: after another bundle's module took the name in
+    ``sys.modules`` (as MedFusion's report loads the sesf bundle beside the cnn), a network's
+    key still hashes its own class's file (it hashed the other bundle's ``network.py``)."""
+    import importlib.util
+
+    name = "medfusion_test_scripts.network"
+
+    def load(folder: Path, body: str):
+        folder.mkdir()
+        source = folder / "network.py"
+        source.write_text("import torch\n\nclass Inner(torch.nn.Module):\n"
+                          "    def __init__(self):\n        super().__init__()\n"
+                          "        self.scale = torch.nn.Parameter(torch.tensor(2.0))\n\n"
+                          f"    def forward(self, x):\n        {body}\n")
+        spec = importlib.util.spec_from_file_location(name, source)
+        code = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, code)
+        spec.loader.exec_module(code)
+        return code
+
+    network = load(tmp_path / "cnn", "return x * self.scale").Inner()
+    before = backend.model_key(network)
+    other = load(tmp_path / "sesf", "return x * self.scale + 1").Inner()
+    assert backend.model_key(network) == before
+    assert backend.model_key(other) != before
+
+
 @torch.library.custom_op("medfusion_test::host_square", mutates_args=())
 def _host_square(x: torch.Tensor) -> torch.Tensor:
     """An operator of this test only: no ONNX exporter has a translation for it."""

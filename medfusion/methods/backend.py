@@ -172,6 +172,20 @@ def _settings(module: torch.nn.Module) -> str:
     return ";".join(parts)
 
 
+def _class_source_file(cls: type) -> str | None:
+    """The file that defines ``cls``, read from one of its own functions' code. Why not
+    ``inspect.getsourcefile(cls)``: it looks the class's module up in ``sys.modules`` by name,
+    and bundles all name their code ``scripts``, so after another bundle was loaded the cnn's
+    key hashed the sesf bundle's ``scripts/network.py`` (a key that no longer followed the
+    network's own code)."""
+    for value in vars(cls).values():
+        function = getattr(value, "__func__", value)  # (static and class methods too)
+        code = getattr(function, "__code__", None)
+        if code is not None and getattr(function, "__module__", None) == cls.__module__:
+            return code.co_filename
+    return inspect.getsourcefile(cls)
+
+
 def model_key(module: torch.nn.Module) -> str:
     """Hash identifying what the module computes: weights, class, the source files of its and its
     children's classes, versions."""
@@ -187,7 +201,7 @@ def model_key(module: torch.nn.Module) -> str:
         if child_cls.__module__.startswith("torch."):
             continue
         try:
-            source = inspect.getsourcefile(child_cls)
+            source = _class_source_file(child_cls)
             if source:
                 digest.update(Path(source).read_bytes())
         except (OSError, TypeError):
