@@ -333,6 +333,8 @@ def test_the_cache_key_reads_the_code_of_the_networks_own_bundle(tmp_path, monke
         folder.mkdir()
         source = folder / "network.py"
         source.write_text("import torch\n\nclass Inner(torch.nn.Module):\n"
+                          "    @torch.no_grad()  # (a decorator from another file comes first)\n"
+                          "    def scaled(self):\n        return self.scale * 1\n\n"
                           "    def __init__(self):\n        super().__init__()\n"
                           "        self.scale = torch.nn.Parameter(torch.tensor(2.0))\n\n"
                           f"    def forward(self, x):\n        {body}\n")
@@ -343,6 +345,7 @@ def test_the_cache_key_reads_the_code_of_the_networks_own_bundle(tmp_path, monke
         return code
 
     network = load(tmp_path / "cnn", "return x * self.scale").Inner()
+    assert backend._class_source_file(type(network)) == str(tmp_path / "cnn" / "network.py")
     before = backend.model_key(network)
     other = load(tmp_path / "sesf", "return x * self.scale + 1").Inner()
     assert backend.model_key(network) == before

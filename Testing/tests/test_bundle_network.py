@@ -240,25 +240,61 @@ def test_stacked_head_only_on_small_block_grids(network) -> None:
     torch.testing.assert_close(maps, reference, atol=2e-4, rtol=1e-5)
 
 
-def test_a_fused_layer_that_fails_gives_way_to_torchs_layers(network, monkeypatch) -> None:
-    """Where a oneDNN build refuses one of the fused operations at run time, the call and every
-    later one run torch's layers (the same image), instead of failing the fusion."""
+@pytest.mark.parametrize(("refused", "sources"), [("conv_leaky", 2), ("times_transposed", 2),
+                                                  ("times_transposed", 5)])
+def test_a_fused_layer_that_fails_gives_way_to_torchs_layers(network, monkeypatch, refused: str,
+                                                             sources: int) -> None:
+    """Where a oneDNN build refuses one of its operations at run time (an encoder layer on the
+    stacked path; the tap planes' product, which the per-source path of five sources also
+    uses), the call and every later one run torch's layers (the same image) instead of
+    failing the fusion; an error that torch's layers raise too is raised, the layers kept."""
     kernels = _kernels(network)
     if not kernels.ONEDNN_LAYERS:
         pytest.skip("this torch has no oneDNN layers with fused activations")
     monkeypatch.setattr(kernels, "ONEDNN_LAYERS", True)
+    shipped = getattr(kernels, refused)
 
     def refuse(*args, **kwargs):
-        raise RuntimeError("could not create a primitive descriptor")
+        if kernels.ONEDNN_LAYERS:
+            raise RuntimeError("could not create a primitive descriptor")
+        return shipped(*args, **kwargs)
 
     net = copy.deepcopy(network)
-    x = torch.rand(1, 2, 64, 64, generator=torch.Generator().manual_seed(6))
+    x = torch.rand(1, sources, 64, 64, generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
         expected = net(x)
-        monkeypatch.setattr(kernels, "conv_leaky", refuse)
+        monkeypatch.setattr(kernels, refused, refuse)
         assert torch.equal(net(x), _torch_layers(net, kernels, x))
         assert not kernels.ONEDNN_LAYERS
-    torch.testing.assert_close(net(x).detach(), expected, atol=2e-4, rtol=0)
+        torch.testing.assert_close(net(x), expected, atol=2e-4, rtol=0)
+        kernels.ONEDNN_LAYERS = True
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("not oneDNN's doing")
+
+        monkeypatch.setattr(kernels, "conv3x3_taps", broken)  # (both paths call it)
+        with pytest.raises(RuntimeError, match="not oneDNN's doing"):
+            net(x)
+        assert kernels.ONEDNN_LAYERS
+
+
+def test_a_network_built_under_inference_mode_keeps_the_fused_layers(network) -> None:
+    """Weights made under ``inference_mode`` have no version counter: the fused layers' cache
+    reads their identity and address alone (reading the version raised, and that error turned
+    the fused layers off for the process)."""
+    kernels = _kernels(network)
+    if not kernels.ONEDNN_LAYERS:
+        pytest.skip("this torch has no oneDNN layers with fused activations")
+    module = sys.modules[type(network).__module__]
+    with torch.inference_mode():
+        net = copy.deepcopy(network)
+        for parameter in net.parameters():
+            parameter.data = parameter.data.clone()  # (inference tensors)
+        assert net.head[0].weight.is_inference()
+        x = torch.rand(1, 2, 64, 64, generator=torch.Generator().manual_seed(7))
+        fused = net(x)
+        assert 2 in module._FUSED_LAYERS.get(net, {}) and kernels.ONEDNN_LAYERS
+        torch.testing.assert_close(fused, _torch_layers(net, kernels, x), atol=2e-4, rtol=0)
 
 
 def _torch_layers(net, kernels, x: torch.Tensor) -> torch.Tensor:

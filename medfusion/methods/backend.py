@@ -173,17 +173,26 @@ def _settings(module: torch.nn.Module) -> str:
 
 
 def _class_source_file(cls: type) -> str | None:
-    """The file that defines ``cls``, read from one of its own functions' code. Why not
-    ``inspect.getsourcefile(cls)``: it looks the class's module up in ``sys.modules`` by name,
-    and bundles all name their code ``scripts``, so after another bundle was loaded the cnn's
-    key hashed the sesf bundle's ``scripts/network.py`` (a key that no longer followed the
-    network's own code)."""
+    """The file that defines ``cls``: the code of a function written in its body (decorators
+    unwrapped, properties' getters too); None for a class without one (nothing of its own to
+    hash: its children's classes are hashed on their own). Why not
+    ``inspect.getsourcefile(cls)`` alone: it looks the module up by name, and bundles all name
+    their code ``scripts``, so after another bundle was loaded the cnn's key hashed the sesf
+    bundle's ``scripts/network.py`` (a key that no longer followed the network's own code)."""
+    prefix = f"{cls.__qualname__}."
     for value in vars(cls).values():
-        function = getattr(value, "__func__", value)  # (static and class methods too)
-        code = getattr(function, "__code__", None)
-        if code is not None and getattr(function, "__module__", None) == cls.__module__:
-            return code.co_filename
-    return inspect.getsourcefile(cls)
+        for candidate in (getattr(value, "__func__", None), getattr(value, "fget", None), value):
+            if not callable(candidate):
+                continue
+            try:
+                function = inspect.unwrap(candidate)
+            except ValueError:  # a cycle of __wrapped__
+                continue
+            code = getattr(function, "__code__", None)
+            if (code is not None and not code.co_filename.startswith("<")
+                    and getattr(function, "__qualname__", "").startswith(prefix)):
+                return code.co_filename
+    return None  # (no function of its own: no code of its own to hash)
 
 
 def model_key(module: torch.nn.Module) -> str:

@@ -496,15 +496,28 @@ def onednn_layers() -> bool:
     return ONEDNN_LAYERS and torch.backends.mkldnn.enabled
 
 
-def give_up_onednn_layers(error: BaseException) -> None:
-    """Turn :data:`ONEDNN_LAYERS` off for this process (logged once): a oneDNN build refused
-    one of its fused operations; torch's layers serve from now on."""
+def with_torch_layers_fallback(run):  # noqa: ANN001, ANN201 (a call and its result)
+    """``run()``; where it raises ``RuntimeError`` with :func:`onednn_layers` on and succeeds
+    with them off, this torch's oneDNN refused a fused operation (a build without the
+    activation, say): :data:`ONEDNN_LAYERS` stays off for the process (logged once) and the
+    second result is returned. Where torch's layers fail too, their error is raised and the flag
+    restored (it was not oneDNN's doing)."""
     global ONEDNN_LAYERS
-    if ONEDNN_LAYERS:
+    if not onednn_layers():
+        return run()
+    try:
+        return run()
+    except RuntimeError as error:
         ONEDNN_LAYERS = False
+        try:
+            result = run()
+        except Exception:
+            ONEDNN_LAYERS = True
+            raise  # (torch's layers' own error: what the call raised before the fused layers)
         logging.getLogger(__name__).warning(
             "oneDNN's fused layers failed (%s: %s); the block CNN runs torch's layers",
             type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        return result
 
 
 def onednn_weight(conv: torch.nn.Conv2d) -> torch.Tensor:

@@ -69,7 +69,8 @@ class FusedLayers(NamedTuple):
     last_bias: torch.Tensor
 
 
-# per network: source count -> (the weights, their versions, their FusedLayers)
+# per network: source count -> (the weights, their versions and addresses, views of their
+# storage, their FusedLayers)
 _FUSED_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -176,23 +177,27 @@ class FusionNet(nn.Module):
         calls with fused activations and the head as one product (:meth:`_stacked_hidden`,
         weights of :meth:`_fused_layers`); the head's last layer and the logits' bound as
         compiled loops (:func:`scripts.cpu_kernels.conv3x3_taps`, ``bound_logits``)."""
-        last = self.head[2]
-        positions = b * stats.shape[-2] * stats.shape[-1]
-        maps = None
-        if (kernels.onednn_layers() and k <= STACKED_HEAD_MAX_SOURCES
-                and positions <= STACKED_HEAD_MAX_POSITIONS):
-            try:
-                layers = self._fused_layers(kernels, k)
-                maps = kernels.conv3x3_taps(self._stacked_hidden(kernels, stats, b, k, layers),
-                                            layers.taps, layers.last_bias)
-            except RuntimeError as error:  # a oneDNN build that refuses a fused operation
-                kernels.give_up_onednn_layers(error)
-        if maps is None:
-            maps = kernels.conv3x3(self._block_hidden(stats, b, k), last.weight, last.bias)
+        maps = kernels.with_torch_layers_fallback(
+            lambda: self._onednn_or_torch_block_maps(kernels, stats, b, k))
         maps = maps.reshape(b, 2 * k, maps.shape[-2], maps.shape[-1])
         if self.logit_bound > 0:
             maps = kernels.bound_logits(maps, k, self.logit_bound)
         return maps
+
+    def _onednn_or_torch_block_maps(self, kernels, stats: torch.Tensor, b: int,  # noqa: ANN001
+                                    k: int) -> torch.Tensor:
+        """The block CNN's output before its reshape and bound: the stacked oneDNN head where
+        it serves (:data:`STACKED_HEAD_MAX_SOURCES`, :data:`STACKED_HEAD_MAX_POSITIONS`), else
+        torch's layers and per-source products (the last layer's tap planes by oneDNN's
+        product while its layers are on)."""
+        positions = b * stats.shape[-2] * stats.shape[-1]
+        if (kernels.onednn_layers() and k <= STACKED_HEAD_MAX_SOURCES
+                and positions <= STACKED_HEAD_MAX_POSITIONS):
+            layers = self._fused_layers(kernels, k)
+            return kernels.conv3x3_taps(self._stacked_hidden(kernels, stats, b, k, layers),
+                                        layers.taps, layers.last_bias)
+        last = self.head[2]
+        return kernels.conv3x3(self._block_hidden(stats, b, k), last.weight, last.bias)
 
     def _stacked_hidden(self, kernels, stats: torch.Tensor, b: int, k: int,  # noqa: ANN001
                         layers: FusedLayers) -> torch.Tensor:
@@ -236,11 +241,12 @@ class FusionNet(nn.Module):
         first, second, mixing_layer, last = encoder["0"], encoder["2"], head["0"], head["2"]
         tensors = (first.weight, first.bias, second.weight, second.bias, mixing_layer.weight,
                    mixing_layer.bias, last.weight, last.bias)
-        versions = tuple((t._version, t.data_ptr()) for t in tensors)
+        # (inference tensors, of a network built under inference_mode, have no version counter)
+        versions = tuple((-1 if t.is_inference() else t._version, t.data_ptr()) for t in tensors)
         cached = _FUSED_LAYERS.get(self, {}).get(k)
         if (cached is not None and cached[1] == versions
                 and all(map(operator.is_, cached[0], tensors))):
-            return cached[2]
+            return cached[3]
         with torch.no_grad():
             width = self.head[0].weight.shape[0]
             mixing = self.head[0].weight.detach().reshape(width, 3 * width)
@@ -254,9 +260,11 @@ class FusionNet(nn.Module):
                 bias=self.head[0].bias.detach().repeat(k),
                 taps=kernels.tap_matrix(self.head[2].weight.repeat(k, 1, 1, 1), k),
                 last_bias=self.head[2].bias.detach().repeat(k))
-        # (the tensors themselves are kept: a replaced weight is another object, never one whose
-        # id was reused)
-        _FUSED_LAYERS.setdefault(self, {})[k] = (tensors, versions, layers)
+        # (the tensors themselves are kept, so a replaced weight is another object, never one
+        # whose id was reused; and views of their storage, so a storage replaced through
+        # ``.data =`` is another address, never one freed and reused)
+        storages = tuple(t.detach() for t in tensors)
+        _FUSED_LAYERS.setdefault(self, {})[k] = (tensors, versions, storages, layers)
         return layers
 
     def drop_fused_layers(self) -> None:
