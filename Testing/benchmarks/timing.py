@@ -8,6 +8,7 @@ processes take from a shared core does not count there).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -46,13 +47,7 @@ def network_flops(module: torch.nn.Module, batch: torch.Tensor) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     kernels = cpu_kernels_of(module)
-    fused = getattr(kernels, "ONEDNN_LAYERS", False)
-    try:
-        if kernels is not None:
-            kernels.ONEDNN_LAYERS = False
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            module(batch)
-    finally:
-        if kernels is not None:
-            kernels.ONEDNN_LAYERS = fused
+    layers = kernels.torch_layers() if kernels is not None else contextlib.nullcontext()
+    with layers, torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(batch)
     return int(counter.get_total_flops())

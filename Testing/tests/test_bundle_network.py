@@ -193,11 +193,8 @@ def test_stacked_head_gives_the_per_source_block_maps(network, sources: int) -> 
             stats, _ = kernels.block_stats(x, block, net.base_pool)
             fused = net._compiled_block_maps(kernels, stats, 2, sources)
             assert (sources in module._FUSED_LAYERS.get(net, {})) == stacked
-            kernels.ONEDNN_LAYERS = False
-            try:
+            with kernels.torch_layers():
                 plain = net._compiled_block_maps(kernels, stats, 2, sources)
-            finally:
-                kernels.ONEDNN_LAYERS = True
         return fused, plain
 
     fused, plain = both()
@@ -299,12 +296,8 @@ def test_a_network_built_under_inference_mode_keeps_the_fused_layers(network) ->
 
 def _torch_layers(net, kernels, x: torch.Tensor) -> torch.Tensor:
     """``net(x)`` on the compiled path with torch's layers."""
-    fused = kernels.ONEDNN_LAYERS
-    kernels.ONEDNN_LAYERS = False
-    try:
+    with kernels.torch_layers():
         return net(x)
-    finally:
-        kernels.ONEDNN_LAYERS = fused
 
 
 def test_two_threads_loading_the_compiled_loops_at_once_both_get_them() -> None:

@@ -209,11 +209,11 @@ def model_key(module: torch.nn.Module) -> str:
     for child_cls in sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
         if child_cls.__module__.startswith("torch."):
             continue
+        source = _class_source_file(child_cls)
         try:
-            source = _class_source_file(child_cls)
             if source:
                 digest.update(Path(source).read_bytes())
-        except (OSError, TypeError):
+        except OSError:
             pass
     for name, tensor in module.state_dict().items():
         value = tensor.detach().cpu().contiguous()

@@ -38,7 +38,9 @@ imports it only when numba is installed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import numba
 import numpy as np
@@ -496,6 +498,19 @@ def onednn_layers() -> bool:
     return ONEDNN_LAYERS and torch.backends.mkldnn.enabled
 
 
+@contextlib.contextmanager
+def torch_layers() -> Iterator[None]:
+    """Within the block, the block CNN runs torch's layers (:data:`ONEDNN_LAYERS` off); the
+    flag as it was afterwards (for comparisons and FLOP counts: torch's counter does not see
+    oneDNN's fused calls)."""
+    global ONEDNN_LAYERS
+    fused, ONEDNN_LAYERS = ONEDNN_LAYERS, False
+    try:
+        yield
+    finally:
+        ONEDNN_LAYERS = fused
+
+
 def with_torch_layers_fallback(run):  # noqa: ANN001, ANN201 (a call and its result)
     """``run()``; where it raises ``RuntimeError`` with :func:`onednn_layers` on and succeeds
     with them off, this torch's oneDNN refused a fused operation (a build without the
@@ -561,8 +576,8 @@ def linear_leaky(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, slop
 
 def times_transposed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b^T`` for 2-D float32 ``a`` and contiguous ``b`` (oneDNN's product where
-    :data:`ONEDNN_LAYERS` is on: for the last layer's tap planes, 18 x 24 by 24 x 8192, 0.65x
-    MKL's time)."""
+    :data:`ONEDNN_LAYERS` is on: for the last layer's tap planes, 18 x 24 by 24 x 8192, 0.57x
+    MKL's time; the stacked head's block-diagonal 36 x 48 by 48 x 4096, 0.65x)."""
     if not onednn_layers():
         return torch.mm(a, b.t())
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")

@@ -248,8 +248,8 @@ class FusionNet(nn.Module):
                 and all(map(operator.is_, cached[0], tensors))):
             return cached[3]
         with torch.no_grad():
-            width = self.head[0].weight.shape[0]
-            mixing = self.head[0].weight.detach().reshape(width, 3 * width)
+            width = mixing_layer.weight.shape[0]
+            mixing = mixing_layer.weight.detach().reshape(width, 3 * width)
             own, most, mean = (mixing[:, :width], mixing[:, width:2 * width],
                                mixing[:, 2 * width:] / k)
             rows = [torch.cat([own + mean if j == o else mean for j in range(k)] + [most], dim=1)
@@ -257,9 +257,9 @@ class FusionNet(nn.Module):
             layers = FusedLayers(
                 first=kernels.onednn_weight(first), second=kernels.onednn_weight(second),
                 mixing=torch.cat(rows, dim=0).contiguous(),
-                bias=self.head[0].bias.detach().repeat(k),
-                taps=kernels.tap_matrix(self.head[2].weight.repeat(k, 1, 1, 1), k),
-                last_bias=self.head[2].bias.detach().repeat(k))
+                bias=mixing_layer.bias.detach().repeat(k),
+                taps=kernels.tap_matrix(last.weight.repeat(k, 1, 1, 1), k),
+                last_bias=last.bias.detach().repeat(k))
         # (the tensors themselves are kept, so a replaced weight is another object, never one
         # whose id was reused; and views of their storage, so a storage replaced through
         # ``.data =`` is another address, never one freed and reused)
