@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import operator
+import os
 import sys
 import threading
 import weakref
@@ -54,6 +55,11 @@ STACKED_HEAD_MAX_SOURCES = 4
 # pair, 2^18) its concatenated input and its products run out of the caches and the method took
 # 1.02-1.15x the time; at i = 1 on two 512^2 pairs (2^17) 0.82x, at i = 3 0.78x
 STACKED_HEAD_MAX_POSITIONS = 1 << 17
+# torch's hooks on every module's forward (empty dicts unless someone registers one;
+# FusionNet.layers_hooked): private names, so read where this torch has them
+_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, name)
+                      for name in ("_global_forward_hooks", "_global_forward_pre_hooks")
+                      if isinstance(getattr(torch.nn.modules.module, name, None), dict))
 
 
 class FusedLayers(NamedTuple):
@@ -293,6 +299,9 @@ class FusionNet(nn.Module):
         """The block CNN: per source a selection logit and a detail gain at the block grid,
         ``(B, 2 K, H / block, W / block)`` (logit, gain of source 0, then of source 1, ...),
         from the block statistics of :meth:`_block_stats`."""
+        if not torch.jit.is_scripting():  # (hooks are Python-only)
+            if self.layers_hooked():
+                return self._as_maps(self.head(self._head_input(stats, b, k)), b, k)
         hidden = self._block_hidden(stats, b, k)
         return self._as_maps(self.head[2](hidden.permute(0, 3, 1, 2)), b, k)
 
@@ -317,6 +326,31 @@ class FusionNet(nn.Module):
         hidden = torch.matmul(feats, mixing[:, :width].t())
         hidden += shared.reshape(b, 1, hb, wb, width)
         return self.head[1](hidden).reshape(b * k, hb, wb, width)
+
+    def _head_input(self, stats: torch.Tensor, b: int, k: int) -> torch.Tensor:
+        """The head's input as its modules take it: the encoder's features of each source with
+        their maximum and mean over the sources, ``(B * K, 3 C, h, w)`` ([own, max, mean]).
+        The plain form of :meth:`_block_hidden` (which folds the pooling into products and
+        calls the head's 1x1 layer's weights, not the module)."""
+        features = self.encoder(stats)
+        per_source = features.reshape(b, k, *features.shape[1:])
+        pooled = (per_source.amax(dim=1, keepdim=True).expand_as(per_source),
+                  per_source.mean(dim=1, keepdim=True).expand_as(per_source))
+        stacked = torch.cat((per_source,) + pooled, dim=2)
+        return stacked.reshape(b * k, -1, *features.shape[2:])
+
+    def layers_hooked(self) -> bool:
+        """Whether a forward hook or pre-hook is registered on the block CNN's modules (the
+        encoder, the head and their layers) or on every module (``torch.nn.modules.module``'s
+        global hooks). Such a call runs each of those modules as a module, so the hooks see
+        their inputs and outputs (feature maps for a visualisation, say): the compiled path and
+        the torch path's folded head call their weights directly, and hooks would not run."""
+        if _GLOBAL_HOOKS and any(_GLOBAL_HOOKS):
+            return True
+        encoder, head = self.encoder, self.head
+        return any(module._forward_hooks or module._forward_pre_hooks
+                   for module in (encoder, head, *encoder._modules.values(),
+                                  *head._modules.values()))
 
     def _as_maps(self, last: torch.Tensor, b: int, k: int) -> torch.Tensor:
         """The head's last layer's ``(B * K, 2, h, w)`` output as the block maps
@@ -400,6 +434,8 @@ class FusionNet(nn.Module):
             return False
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return False
+        if self.layers_hooked():
+            return False  # (the compiled path calls the layers' weights, not the modules)
         if x.numel() < COMPILED_MIN_SOURCE_PIXELS and "numba" not in sys.modules:
             return False  # a small job: numba's start would cost more than its loops save
         if not load:  # (``load=False``: say so without importing them)
@@ -409,6 +445,28 @@ class FusionNet(nn.Module):
 
 _KERNELS: list = []  # the cpu_kernels module once imported, or None where it cannot be
 _KERNELS_LOCK = threading.Lock()
+
+
+_LOADING_AT_FORK = [False]
+
+
+def _note_loading_before_fork() -> None:
+    _LOADING_AT_FORK[0] = _KERNELS_LOCK.locked()
+
+
+def _new_kernels_lock() -> None:
+    """A fresh loading lock in a forked child. A fork while another thread loaded the loops (a
+    DataLoader worker started during the first load) left the child's copy of the lock held
+    forever, and its module half-run in ``sys.modules``: the child drops that module and loads
+    the loops itself when it needs them."""
+    global _KERNELS_LOCK
+    _KERNELS_LOCK = threading.Lock()
+    if _LOADING_AT_FORK[0] and not _KERNELS:
+        sys.modules.pop(_kernels_name(), None)
+
+
+if hasattr(os, "register_at_fork"):  # (POSIX)
+    os.register_at_fork(before=_note_loading_before_fork, after_in_child=_new_kernels_lock)
 
 
 def _cpu_kernels():  # noqa: ANN202 (a module or None)
@@ -440,10 +498,15 @@ def _cpu_kernels():  # noqa: ANN202 (a module or None)
     return kernels
 
 
+def _kernels_name() -> str:
+    """The name this bundle's ``cpu_kernels`` module has in ``sys.modules``."""
+    return f"{__package__}.cpu_kernels" if __package__ else "cpu_kernels"
+
+
 def _load_kernels():  # noqa: ANN202 (a module)
     """This bundle's ``cpu_kernels`` module: the one in ``sys.modules`` if it is this folder's,
     else executed from this folder's file (whatever package holds the name ``scripts`` now)."""
-    name = f"{__package__}.cpu_kernels" if __package__ else "cpu_kernels"
+    name = _kernels_name()
     path = Path(__file__).resolve().with_name("cpu_kernels.py")
     loaded = sys.modules.get(name)
     if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path:
