@@ -89,6 +89,21 @@ def _label(item: Any, index: int) -> str:
     return "reference" if index == 0 else f"input {index + 1}"
 
 
+def _labels(items: Sequence[Any]) -> list[str]:
+    """Each input's name in messages: its file name, or where inputs share a name (``A/3.png``
+    and ``C/3.png``, as a batch of folders gives them) the shortest ends of their paths that
+    tell them apart (one file given twice keeps its name: it is said to be fused with itself)."""
+    labels = [_label(item, index) for index, item in enumerate(items)]
+    for name in {label for label in labels if labels.count(label) > 1}:
+        where = [index for index, label in enumerate(labels)
+                 if label == name and isinstance(items[index], (str, Path))]
+        paths = [Path(items[index]) for index in where]
+        if len({path.resolve() for path in paths}) == len(paths):
+            for index, tail in zip(where, _distinct_tails(paths), strict=True):
+                labels[index] = tail
+    return labels
+
+
 def _is_cancelled(cancel: CancelFlag) -> bool:
     if cancel is None:
         return False
@@ -180,7 +195,7 @@ def fuse_images(
 
     if len(inputs) < 2:
         raise InputError("give at least two images to fuse (a reference and one other)")
-    labels = [_label(item, i) for i, item in enumerate(inputs)]
+    labels = _labels(inputs)
     arrays = []
     for item, label in zip(inputs, labels, strict=True):
         array = read_image(item) if isinstance(item, (str, Path)) else np.asarray(item)
@@ -231,9 +246,9 @@ def load_volumes(
     """
     from medfusion.io.volumes import read_volume
 
-    images, labels = [], []
-    for index, item in enumerate(references):
-        label = _label(item, index)
+    images = []
+    labels = _labels(references)
+    for item, label in zip(references, labels, strict=True):
         if isinstance(item, (str, Path)):
             image = read_volume(item, allow_slice_gaps=allow_slice_gaps)
         else:
@@ -244,7 +259,6 @@ def load_volumes(
         if image.GetNumberOfComponentsPerPixel() != 1:
             raise InputError(f"{label} is a colour/vector volume; give a scalar volume")
         images.append(image)
-        labels.append(label)
     return images, labels
 
 
@@ -274,7 +288,7 @@ def warn_frames_of_reference(references: Sequence[Any], labels: Sequence[str]) -
 
 
 def _distinct_tails(folders: Sequence[Path]) -> list[str]:
-    """Each folder's path cut to its last parts, as few as tell all the folders apart."""
+    """Each path (folders, files) cut to its last parts, as few as tell them all apart."""
     resolved = [folder.resolve() for folder in folders]
     longest = max((len(folder.parts) for folder in resolved), default=1)
     for count in range(1, longest + 1):
@@ -394,7 +408,7 @@ def check_files(inputs: Sequence[str | Path], output: str | Path) -> str:
     folder, with an extension for that kind, and not one of the inputs.
     """
     from medfusion.io.atomic import check_not_an_input
-    from medfusion.io.formats import check_contents_match_names, check_path_name
+    from medfusion.io.formats import check_contents_match_names, check_input_file, check_path_name
     from medfusion.io.images import check_image_output
     from medfusion.io.volumes import check_volume_output
 
@@ -409,8 +423,10 @@ def check_files(inputs: Sequence[str | Path], output: str | Path) -> str:
         check_contents_match_names(inputs)  # a PNG named .nii is no 2D/3D mix
         image = inputs[kinds.index("image")]
         volume = inputs[kinds.index("volume")]
+        check_input_file(volume, folders_allowed=True)  # (a device or a FIFO is no volume)
+        what = "a DICOM series folder" if Path(volume).is_dir() else "a 3D volume"
         raise GeometryError(
-            f"cannot fuse a 2D image ({Path(image).name}) with a 3D volume "
+            f"cannot fuse a 2D image ({Path(image).name}) with {what} "
             f"({Path(volume).name}); give only 2D images or only 3D volumes"
         )
     target = check_not_an_input(output, inputs)

@@ -277,11 +277,13 @@ def _metric_mask(image):
 
 def _optimise(fixed, moving, transform, label: str, shrink: list[int], sigmas: list[float],
               iterations: int, samples: int, step_mm: float, min_step_mm: float = 0.01,
-              bins: int = 32, require_convergence: bool = True) -> _Run:
+              bins: int = 32, require_convergence: bool = True, hint: str = "") -> _Run:
     """Run one ImageRegistrationMethod in place on ``transform``; map ITK failures to errors.
 
     About ``samples`` random metric samples per level (whatever the level's voxel count), so
-    the time per iteration does not grow with the volume.
+    the time per iteration does not grow with the volume. ``hint`` ends the message of a run
+    that did not converge (the option that avoids this registration, where there is one: the
+    alignment check's own run is advice only and names none).
     """
     import SimpleITK as sitk
 
@@ -332,7 +334,7 @@ def _optimise(fixed, moving, transform, label: str, shrink: list[int], sigmas: l
     if require_convergence and run.last_level_iterations >= iterations:
         raise GeometryError(
             f"registration of {label} did not converge in {iterations} iterations; the inputs "
-            "may be too far apart or too different (fuse with --register none to skip it)"
+            f"may be too far apart or too different{hint}"
         )
     return run
 
@@ -488,7 +490,8 @@ def _pyramid(fixed, moving, transform, label: str, iterations: int, step_mm: flo
         last = number == len(spacings) - 1
         _optimise(_binned(fixed, spacing), _binned(moving, spacing), transform, label, [1],
                   [0.0], iterations, samples=REGISTER_SAMPLES,
-                  step_mm=step_mm / (2 ** number), require_convergence=last)
+                  step_mm=step_mm / (2 ** number), require_convergence=last,
+                  hint=" (fuse with --register none, the default, to skip it)")
 
 
 def resample_onto(reference, moving, transform):

@@ -143,3 +143,38 @@ def test_refused_commands_create_no_output_folder(tmp_path: Path, aanlib: Path,
         assert main(["demo", "-o", str(out), "--method", "laplacian", "--device", "cuda"]) == 1
         assert "CUDA" in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_batch_names_namesakes_by_their_folders_and_tells_of_unmatched_entries(
+        tmp_path: Path, aanlib: Path, caplog) -> None:
+    """Folders pair entries by name, so a size mismatch names ``MRI/x.png`` and ``PET/x.png``
+    (it said ``x.png`` twice); entries of another folder with no namesake in the reference
+    folder are not fused, and the batch says which."""
+    mri, pet = _pair_folders(tmp_path, aanlib)
+    small = Image.open(pet / NAMES[0]).resize((200, 128))
+    small.save(pet / NAMES[0])
+    shutil.copy(pet / NAMES[1], pet / "extra.png")
+    code = main(["batch", str(mri), str(pet), "-o", str(tmp_path / "out"), "--method",
+                 "average", "--progress", "none"])
+    err = caplog.text
+    assert code == 1
+    assert f"MRI/{NAMES[0]} is 256x256, PET/{NAMES[0]} is 200x128" in err, err
+    assert "1 entry of PET has no namesake in the reference folder MRI" in err, err
+    assert "extra.png" in err and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        NAMES[1]]
+
+
+def test_batch_list_with_an_output_of_the_wrong_kind_is_refused_before_any_work(
+        tmp_path: Path, aanlib: Path, capsys) -> None:
+    """An output extension that cannot hold the group's result (a 2D image as ``.xyz`` or
+    ``.nii.gz``) refuses the whole list up front, naming the row; nothing is created."""
+    mri, pet = _pair_folders(tmp_path, aanlib)
+    listing = tmp_path / "groups.csv"
+    listing.write_text("reference,other,output\n"
+                       f"MRI/{NAMES[0]},PET/{NAMES[0]},first.png\n"
+                       f"MRI/{NAMES[1]},PET/{NAMES[1]},second.xyz\n")
+    out = tmp_path / "out"
+    code = main(["batch", "--list", str(listing), "-o", str(out), "--method", "average"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert code == 1 and not out.exists()
+    assert len(err) == 1 and "line 3 of groups.csv" in err[0] and "second.xyz" in err[0], err

@@ -239,6 +239,25 @@ def test_non_convergence_is_one_line_and_writes_nothing(tcga_small: Path, tmp_pa
     assert not out.exists() and not tfm.exists()
 
 
+def test_only_a_registration_one_can_skip_names_the_option_that_skips_it(
+        tcga_small: Path) -> None:
+    """A registration asked for (``--register rigid``) that does not converge says how to do
+    without it; the alignment check's own run (advice only: its failure is logged as
+    "skipped") names no option. It told users to fuse with ``--register none``, the default
+    that had just run it."""
+    t1 = sitk.ReadImage(str(tcga_small / "t1.nii.gz"), sitk.sitkFloat32)
+    flair = sitk.ReadImage(str(tcga_small / "flair.nii.gz"), sitk.sitkFloat32)
+    with pytest.raises(GeometryError, match=r"\(fuse with --register none, the default, to"):
+        registration.estimate_transform(t1, flair, iterations=2)
+    transform = sitk.Euler3DTransform()
+    transform.SetCenter(t1.TransformContinuousIndexToPhysicalPoint(
+        [(size - 1) / 2 for size in t1.GetSize()]))
+    with pytest.raises(GeometryError, match="did not converge") as raised:
+        registration._optimise(t1, flair, transform, "flair.nii.gz", [2, 1], [1.0, 0.0],
+                               iterations=2, samples=2000, step_mm=4.0)  # (as check_alignment)
+    assert "--register" not in str(raised.value) and str(raised.value).endswith("too different")
+
+
 def test_register_refuses_2d_images_and_bad_transform_names(aanlib: Path, tcga_small: Path,
                                                             tmp_path: Path) -> None:
     pair = sorted((aanlib / "PET-MRI" / "MRI").glob("*.png"))[0].name

@@ -157,6 +157,19 @@ def test_batch_help_documents_the_list_format(capsys) -> None:
 
 
 # --------------------------------------------------------------------------- exit codes
+def test_a_folder_or_device_beside_a_2d_image_is_named_for_what_it_is(
+        pairs: Path, tmp_path: Path, capsys) -> None:
+    """A second input that is a device is "not a regular file", and a folder beside a 2D
+    image is called a DICOM series folder: both were called a 3D volume."""
+    image = pairs / "MRI" / NAMES[0]
+    (tmp_path / "scans").mkdir()
+    for other, words in (("/dev/null", "null is not a regular file"),
+                         (str(tmp_path / "scans"), "with a DICOM series folder (scans)")):
+        assert main(["fuse", str(image), other, "-o", str(tmp_path / "f.png")]) == 1
+        assert words in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "f.png").exists()
+
+
 def test_usage_errors_exit_2_with_one_line(tmp_path: Path, capsys) -> None:
     """argparse's exit code and our one-line message, nothing written; once as a real process."""
     output = tmp_path / "out.png"

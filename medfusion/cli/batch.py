@@ -105,11 +105,27 @@ def groups_from_folders(folders: list[str], output_dir: Path) -> list[Group]:
     )
     if not entries:
         raise InputError(f"no images, volumes or DICOM folders found in {roots[0]}")
+    names = {entry.name for entry in entries}
+    for root in roots[1:]:
+        unmatched = sorted(
+            entry.name for entry in root.iterdir()
+            if not entry.name.startswith(".") and entry.name not in names
+            and (entry.is_dir() or full_suffix(entry) in known))
+        if unmatched:
+            more = f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
+            logger.warning("%s of %s %s no namesake in the reference folder %s, so not "
+                           "fused: %s%s", _count(len(unmatched), "entry", "entries"), root.name,
+                           "has" if len(unmatched) == 1 else "have", roots[0].name,
+                           ", ".join(unmatched[:5]), more)
     return [
         Group(entry.name, [root / entry.name for root in roots], output_dir / output_name(entry),
               where=f"entry {entry.name}")
         for entry in entries
     ]
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
 
 
 def groups_from_list(list_file: str, output_dir: Path) -> list[Group]:
@@ -198,7 +214,12 @@ def _csv_records(path: Path) -> list[Record]:
 
 def check_plan(groups: list[Group], output_dir: Path) -> None:
     """Refuse the batch (OutputError naming the rows) unless every output lies inside
-    ``output_dir``, is no input of the batch (nor inside an input folder), and is unique."""
+    ``output_dir``, is no input of the batch (nor inside an input folder), is unique, and has
+    an extension for its inputs' kind (2D images or 3D volumes)."""
+    from medfusion.io import input_kind
+    from medfusion.io.images import check_image_output
+    from medfusion.io.volumes import check_volume_output
+
     root = output_dir.resolve()
     inputs = {group_input.resolve(): group for group in groups for group_input in group.inputs}
     input_folders = [path for path in inputs if path.is_dir()]
@@ -227,6 +248,12 @@ def check_plan(groups: list[Group], output_dir: Path) -> None:
             )
         else:
             first_writer[target] = group
+            check_output = (check_image_output if input_kind(group.inputs[0]) == "image"
+                            else check_volume_output)
+            try:
+                check_output(group.output)
+            except OutputError as error:
+                problems.append(f"{group.where}: {error}")
     if problems:
         more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise OutputError(
