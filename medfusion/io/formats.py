@@ -10,12 +10,20 @@ checks run before (inputs) and after (outputs) SimpleITK or PIL touch a file:
   (a PNG renamed ``.nii`` or a plain ``.nii`` named ``.nii.gz`` is refused).
 - :func:`check_nifti_data`: the voxel data is as long as the header says (``.nii.gz`` streamed
   through gzip, so a cut stream is caught) and holds no NaN/inf (read raw, as nibabel does).
+- :func:`check_data_file`: the data file a MetaImage or detached NRRD header names exists (and,
+  raw, is as long as the header says), so its absence is told as such instead of as a bad header.
+
+For outputs, :func:`nifti_space_codes` and :func:`patch_nifti_header` keep the space a NIfTI
+header's qform/sform codes declare (ITK's writer always writes 1, scanner anatomical), and
+:func:`short_write_cause` tells why a write came out short.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
+import re
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -276,6 +284,222 @@ def _truncated(source: Path, actual: int, expected: int, shape: tuple, error) ->
         f"{source.name} is truncated: it holds {max(actual, 0) // per_slice} of its {slices} "
         f"slices ({max(actual, 0)} of {expected} bytes of voxel data); the file is incomplete"
     )
+
+
+# --------------------------------------------------------------------------- detached data files
+# Bytes per value of MetaImage element types whose size does not depend on the platform.
+_MET_TYPE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+                   "MET_UINT": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+                   "MET_DOUBLE": 8}
+_HEADER_BYTES = 1 << 16  # a header is read this far at most
+
+
+def check_data_file(path: str | Path) -> None:
+    """Raise InputError when the voxel data file a header names is missing or cut short.
+
+    A MetaImage header (``.mhd``, also ``.mha``) names it in ``ElementDataFile``, a NRRD header
+    (``.nhdr``, also ``.nrrd``) in ``data file``; a name is relative to the header's folder.
+    Without this check ITK prints its own complaint on stderr and the read fails with a reason
+    that blames the header. Checked: a single file, each file of a ``LIST`` and each file of a
+    ``%d`` pattern exists; a single raw, uncompressed MetaImage data file holds as many bytes as
+    the header's size and element type need. Headers holding their data (``LOCAL``, NRRD without
+    a data file) pass.
+    """
+    source = Path(path)
+    suffix = full_suffix(source)
+    try:
+        text = _head(source, _HEADER_BYTES).decode("latin-1")
+    except OSError:
+        return  # the reader reports an unreadable file
+    if suffix in (".mha", ".mhd"):
+        _check_meta_data_file(source, text)
+    elif suffix in (".nhdr", ".nrrd"):
+        _check_nrrd_data_file(source, text)
+
+
+def _check_meta_data_file(source: Path, text: str) -> None:
+    fields: dict[str, str] = {}
+    lines = text.splitlines()
+    for number, line in enumerate(lines):
+        key, equals, value = line.partition("=")
+        if not equals:
+            continue
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            _check_named_files(source, fields["ElementDataFile"], lines[number + 1:],
+                               "ElementDataFile", _meta_data_bytes(fields))
+            return
+
+
+def _meta_data_bytes(fields: dict[str, str]) -> int | None:
+    """Bytes of voxel data a raw, uncompressed MetaImage data file must hold (None: unknown)."""
+    if fields.get("CompressedData", "False").lower() == "true" or \
+            fields.get("BinaryData", "True").lower() != "true":
+        return None
+    try:
+        sizes = [int(n) for n in fields["DimSize"].split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        header = int(fields.get("HeaderSize", "0"))
+        value_bytes = _MET_TYPE_BYTES[fields["ElementType"]]
+    except (KeyError, ValueError):
+        return None
+    return int(np.prod(sizes, dtype=np.int64)) * channels * value_bytes + max(header, 0)
+
+
+def _check_nrrd_data_file(source: Path, text: str) -> None:
+    lines = text.splitlines()
+    for number, line in enumerate(lines):
+        if not line.strip():
+            return  # end of the header: the data follows in this file
+        key, colon, value = line.partition(":")
+        if colon and not value.startswith("=") and key.strip().lower() in ("data file",
+                                                                           "datafile"):
+            _check_named_files(source, value.strip(), lines[number + 1:], "NRRD 'data file'",
+                               None)
+            return
+
+
+def _check_named_files(source: Path, value: str, rest: Sequence[str], field: str,
+                       expected: int | None) -> None:
+    """Check the data file(s) ``value`` (a header field's text) names, relative to ``source``."""
+    words = value.split()
+    if not words or words[0].upper() == "LOCAL":
+        return
+    if words[0].upper() == "LIST":
+        names = [line.strip() for line in rest if line.strip()]
+        expected = None
+    elif "%" in words[0] and len(words) >= 3:
+        names = _pattern_names(words)
+        expected = None
+    else:
+        names = [value]
+    folder = source.parent
+    for name in names:
+        data = Path(name) if Path(name).is_absolute() else folder / name
+        what = f"cannot read volume {source.name}: its data file {name} ({field})"
+        if not data.exists():
+            raise InputError(f"{what} is missing")
+        if not data.is_file():
+            raise InputError(f"{what} is not a regular file")
+        if expected is not None and data.stat().st_size < expected:
+            raise InputError(f"{what} is truncated: it holds {data.stat().st_size} of the "
+                             f"{expected} bytes the header needs; the file is incomplete")
+
+
+def _pattern_names(words: Sequence[str]) -> list[str]:
+    """File names of a ``name%03d.raw first last [step]`` data file pattern (at most 100 000)."""
+    try:
+        first, last = int(words[1]), int(words[2])
+        step = int(words[3]) if len(words) > 3 else 1
+        numbers = range(first, last + (1 if step > 0 else -1), step)
+        if len(numbers) > 100_000 or not re.fullmatch(r"[^%]*%0?\d*d[^%]*", words[0]):
+            return []
+        return [words[0] % n for n in numbers]
+    except (ValueError, TypeError):
+        return []
+
+
+# --------------------------------------------------------------------------- NIfTI outputs
+_XFORM_NAMES = {0: "NIFTI_XFORM_UNKNOWN", 1: "NIFTI_XFORM_SCANNER_ANAT",
+                2: "NIFTI_XFORM_ALIGNED_ANAT", 3: "NIFTI_XFORM_TALAIRACH",
+                4: "NIFTI_XFORM_MNI_152", 5: "NIFTI_XFORM_TEMPLATE_OTHER"}
+
+
+def xform_name(code: int) -> str:
+    """NIfTI name of a qform/sform code (``4`` -> ``NIFTI_XFORM_MNI_152``)."""
+    return _XFORM_NAMES.get(code, f"NIFTI_XFORM_{code}")
+
+
+def nifti_space_codes(path: str | Path, affine: np.ndarray) -> tuple[int, int]:
+    """The file's (qform_code, sform_code) as they hold for ``affine``: the voxel-to-RAS matrix
+    of the voxels as ITK placed them.
+
+    ITK reads one of a NIfTI header's two transforms (which one depends on their codes) and
+    writes that one into both. When the header's qform and sform agree with ``affine``, their
+    codes are returned as they are; when only one does, both get its code, so a derived file
+    never labels ITK's geometry with the space of the transform ITK dropped (a scanner qform
+    beside an MNI sform: the output is in the space of the one that was read). Codes of 0 (no
+    transform) are kept.
+    """
+    header = _raw_nifti_header(Path(path))
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    if qcode <= 0 or scode <= 0 or qcode == scode:
+        return qcode, scode
+    spatial = max(1, min(int(header["dim"][0]), 3))
+    qform_fits = _same_placement(header.get_qform(), affine, spatial)
+    sform_fits = _same_placement(header.get_sform(), affine, spatial)
+    if sform_fits and not qform_fits:
+        return scode, scode
+    if qform_fits and not sform_fits:
+        return qcode, qcode
+    return qcode, scode
+
+
+def _same_placement(matrix: np.ndarray, affine: np.ndarray, spatial: int) -> bool:
+    """Do two voxel-to-world matrices place the voxels alike (to 0.1% of a voxel)?"""
+    matrix, affine = np.asarray(matrix, float), np.asarray(affine, float)
+    if not (np.all(np.isfinite(matrix)) and np.all(np.isfinite(affine))):
+        return False
+    columns = list(range(spatial)) + [3]
+    scale = max(1.0, float(np.max(np.linalg.norm(affine[:3, :spatial], axis=0))))
+    return bool(np.allclose(matrix[:3, columns], affine[:3, columns], rtol=0,
+                            atol=1e-3 * scale))
+
+
+def patch_nifti_header(path: str | Path, fields: dict[str, int | str]) -> None:
+    """Set header ``fields`` (e.g. ``qform_code``) of an uncompressed NIfTI file in place.
+
+    Only the header's bytes are rewritten (same length), so the voxel data is not touched and
+    the file does not grow. A file shorter than its header is left alone (the read-back check
+    reports it as incomplete).
+    """
+    target = Path(path)
+    if target.stat().st_size < 348:  # not even a NIfTI-1 header
+        return
+    try:
+        header = _raw_nifti_header(target)
+    except Exception:  # nibabel raises many types for a broken header; the check reports it
+        return
+    for key, value in fields.items():
+        header[key] = value
+    block = header.binaryblock
+    if target.stat().st_size < len(block):
+        return
+    with open(target, "r+b") as handle:
+        handle.write(block)
+
+
+def short_write_cause(written: str | Path) -> str | None:
+    """Why a write of ``written`` came out short, told from what is left when the writer does
+    not say (ITK's NIfTI writer prints only how many bytes it wrote, on stderr): the process's
+    file size limit (``RLIMIT_FSIZE``, ``ulimit -f``) reached, or a full file system. None when
+    neither shows (a quota, an I/O error)."""
+    target = Path(written)
+    try:
+        size = target.stat().st_size
+    except OSError:
+        size = -1
+    try:
+        import resource
+
+        limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if limit != resource.RLIM_INFINITY and size >= limit:
+            return (f"{os.strerror(errno.EFBIG)}: over this process's file size limit "
+                    f"(RLIMIT_FSIZE, ulimit -f) of {limit} bytes")
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        stats = os.statvfs(target.parent)
+    except (AttributeError, OSError):
+        return None
+    blocks = stats.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else stats.f_bavail
+    if blocks * stats.f_frsize < _NEARLY_FULL_BYTES:
+        return f"{os.strerror(errno.ENOSPC)} (the disk is full)"
+    return None
+
+
+# Free space below which a short write is put down to a full disk.
+_NEARLY_FULL_BYTES = 1 << 20
 
 
 def output_error(path: str | Path, exc: OSError) -> OutputError:
