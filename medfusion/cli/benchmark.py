@@ -53,9 +53,9 @@ def register(subparsers) -> None:
         type=Path,
         required=True,
         metavar="REPORT_DIR",
-        help="report folder, outside the dataset folder (created; the report's files in it are "
-        "replaced, and those an earlier report wrote there that this one does not are removed; "
-        "other files stay)",
+        help="report folder, outside the dataset folder (created in an existing folder; the "
+        "report's files in it are replaced, and those an earlier report wrote there that this "
+        "one does not are removed; other files stay; a failed run changes nothing there)",
     )
     parser.add_argument("--split", help="use only this split of the split file (e.g. validation)")
     parser.add_argument(
@@ -169,14 +169,19 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def check_report_folder(output: Path, dataset: Path) -> None:
-    """Refuse an ``-o`` that is a file, or that is or lies inside the dataset folder (the
-    report's folders would then be read as modalities of the dataset by the next run)."""
+    """Refuse, before any work, an ``-o`` that is a file, that is or lies inside the dataset
+    folder (the report's folders would then be read as modalities of the dataset by the next
+    run), or where the report could not be written (the check of every command's outputs:
+    an existing folder must be writable, a new one creatable in its existing parent)."""
+    from medfusion.io.atomic import check_output_folder
+
     if output.exists() and not output.is_dir():
         raise OutputError(f"-o must be a folder, but {output} is a file")
     inside = output.resolve()
     if dataset.is_dir() and (inside == dataset.resolve() or dataset.resolve() in inside.parents):
         raise OutputError(f"-o {output} lies inside the dataset folder {dataset}: write the "
                           "report elsewhere")
+    check_output_folder(output)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -66,8 +66,11 @@ def demo_method(name: str, device: str):
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Fuse the sample and write ``fused.png``, ``panel.png`` and ``metrics.json``."""
+    """Fuse the sample and write ``fused.png``, ``panel.png`` and ``metrics.json``: all three
+    or, when one fails, none (and no output folder when the command made it)."""
+    from medfusion.cli.batch import _missing_folders, _remove_empty
     from medfusion.engine import fuse_images
+    from medfusion.io.atomic import OutputSet
     from medfusion.io.images import read_image, write_image
 
     inputs = [DEMO_DIR / name for name in DEMO_INPUTS]
@@ -77,25 +80,34 @@ def run_demo(args: argparse.Namespace) -> int:
                              "reinstall medfusion)")
     method = demo_method(args.method, args.device)  # before the folder: a refusal leaves none
     out = Path(args.output_dir)
+    made = _missing_folders(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
+        _remove_empty(made)
         raise OutputError(f"cannot create output folder {out}: {error.strerror}") from error
-    result = fuse_images(inputs, method=method, device=args.device)
-    fused_path = write_image(out / "fused.png", result.to_uint8())
-    panel = _panel([read_image(p) for p in inputs], result.to_uint8(),
-                   ["MRI", "PET", f"fused ({method.name})"])
-    panel_path = write_image(out / "panel.png", panel)
-    written = [("fused image", fused_path), ("panel", panel_path)]
-    metrics_path = out / "metrics.json"
+    written = [("fused image", out / "fused.png"), ("panel", out / "panel.png")]
     try:
-        from medfusion.cli.fuse import image_metrics, write_metrics
+        with OutputSet() as outputs:
+            result = fuse_images(inputs, method=method, device=args.device)
+            write_image(outputs.stage(out / "fused.png"), result.to_uint8())
+            panel = _panel([read_image(p) for p in inputs], result.to_uint8(),
+                           ["MRI", "PET", f"fused ({method.name})"])
+            write_image(outputs.stage(out / "panel.png"), panel)
+            try:
+                from medfusion.cli.fuse import image_metrics, write_metrics
 
-        write_metrics(metrics_path, image_metrics(result),
-                      info={"inputs": [str(p) for p in inputs], "method": method.name})
-        written.append(("metrics", metrics_path))
-    except ImportError as error:
-        logger.warning("metrics not written: the metrics module is unavailable (%s)", error)
+                values = image_metrics(result)
+            except ImportError as error:
+                logger.warning("metrics not written: the metrics module is unavailable (%s)",
+                               error)
+            else:
+                write_metrics(outputs.stage(out / "metrics.json"), values,
+                              info={"inputs": [str(p) for p in inputs], "method": method.name})
+                written.append(("metrics", out / "metrics.json"))
+    except BaseException:
+        _remove_empty(made)
+        raise
     for what, path in written:
         print(f"{what}: {path}")
     return 0

@@ -301,42 +301,66 @@ def _cell(value: Any) -> str:
 
 # --------------------------------------------------------------------------- fuse
 def run_fuse(args: argparse.Namespace) -> int:
-    """``medfusion fuse REF OTHER... -o OUT [--metrics FILE]``."""
+    """``medfusion fuse REF OTHER... -o OUT [--metrics FILE]``.
+
+    All of the command's outputs (the fused image or volume, the decision map, the metrics
+    file, the transforms) are written to temporary files first and committed together at the
+    end (:class:`medfusion.io.atomic.OutputSet`): when any of them fails, none is left, and
+    files that were there before keep their old content."""
     from medfusion.engine import FusedImage, check_files, fuse_files
+    from medfusion.io.atomic import OutputSet
 
     inputs = [args.reference, *args.others]
     kind = check_files(inputs, args.output)
+    if args.save_decision_map is not None:
+        check_files(inputs, args.save_decision_map)  # (the engine sees only its staged name)
     check_option_use(args, kind)
     check_metrics_path(args.metrics)
     options = engine_options(args, len(inputs))
     from medfusion.cli.register import TransformSaver
 
-    options["on_alignment"] = TransformSaver.for_args(args)
+    saver = options["on_alignment"] = TransformSaver.for_args(args)
     method = build_method(args)
     slice_metrics = SliceMetrics() if args.metrics else None
     progress = Progress(args.progress)
-    try:
-        result = fuse_files(inputs, args.output, method=method, progress=progress,
-                            on_batch=slice_metrics, decision_map=args.save_decision_map,
-                            **options)
-    finally:
-        progress.close()
-    options["on_alignment"].write_all()
-    if args.metrics:
-        info = {"inputs": [str(p) for p in inputs], "output": str(args.output),
-                "method": method.name}
-        if isinstance(result, FusedImage):
-            from medfusion.engine import SCORED_IMAGE
+    with OutputSet() as outputs:
+        output = outputs.stage(args.output)
+        decision_map = (None if args.save_decision_map is None
+                        else outputs.stage(args.save_decision_map))
+        metrics = None if args.metrics is None else outputs.stage(args.metrics)
+        try:
+            result = fuse_files(inputs, output, method=method, progress=progress,
+                                on_batch=slice_metrics, decision_map=decision_map, **options)
+        finally:
+            progress.close()
+        if saver.folder is not None and saver.transforms:
+            _write_transforms(saver, outputs)
+        if metrics is not None:
+            info = {"inputs": [str(p) for p in inputs], "output": str(args.output),
+                    "method": method.name}
+            if isinstance(result, FusedImage):
+                from medfusion.engine import SCORED_IMAGE
 
-            info["scored"] = SCORED_IMAGE
-            write_metrics(args.metrics, image_metrics(result, args.output, inputs), info=info)
-            logger.info("metrics of %s", SCORED_IMAGE)
-        else:
-            info["scored"] = ("the fused volume as written (float32), against the sources "
-                              "normalised as fused, per slice with content")
-            write_metrics(args.metrics, slice_metrics.summary(), slice_metrics.rows, info)
+                info["scored"] = SCORED_IMAGE
+                write_metrics(metrics, image_metrics(result, output, inputs), info=info)
+                logger.info("metrics of %s", SCORED_IMAGE)
+            else:
+                info["scored"] = ("the fused volume as written (float32), against the sources "
+                                  "normalised as fused, per slice with content")
+                write_metrics(metrics, slice_metrics.summary(), slice_metrics.rows, info)
     if args.progress == "json":
         emit_json({"event": "done", "output": str(args.output)})
     else:
         logger.info("wrote %s", args.output)
     return 0
+
+
+def _write_transforms(saver, outputs) -> None:
+    """Write the kept transforms in place (their paths are reported as they are written), each
+    protected by ``outputs``: a later failure of the command removes them again, or puts back
+    the transform files that were there before."""
+    from medfusion.io import stem
+
+    for label, _ in saver.transforms:
+        outputs.protect(saver.folder / f"{stem(label)}.tfm")  # the name write_all gives it
+    saver.write_all()

@@ -7,6 +7,7 @@ target is replaced in one step (``os.replace``), so readers see either the old o
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -98,8 +99,222 @@ def _flush_to_disk(path: Path) -> None:
         os.close(descriptor)
 
 
-def _apply_default_permissions(path: Path) -> None:
-    """mkstemp creates 0600 files; give the output the usual umask-based permissions."""
+def _apply_default_permissions(path: Path, folder: bool = False) -> None:
+    """mkstemp creates 0600 files (mkdtemp 0700 folders); give the output the usual
+    umask-based permissions."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
+
+
+def check_output_folder(folder: str | Path) -> Path:
+    """:func:`check_output_path` for a folder of outputs (a report): an existing folder must be
+    writable, a new one must be creatable in its (existing, writable) parent; checked for real
+    by creating (and removing) a temporary folder there, so that a place where nothing can be
+    created (a read-only or pseudo file system) is refused before any work."""
+    target = Path(folder)
+    if target.is_dir():
+        check_path_name(target, OutputError)
+        if not os.access(target, os.W_OK):
+            raise OutputError(f"output folder is not writable: {target}")
+        where = target
+    else:
+        if target.exists() or target.is_symlink():
+            raise OutputError(f"output path is a file, expected a folder: {target}")
+        where = target.parent if str(target.parent) else Path(".")
+        if where.exists() and not where.is_dir():
+            raise OutputError(f"cannot create the output folder {target}: {where} is a file")
+        check_output_path(target)
+    _quietly(os.rmdir, _make_folder(where, ".medfusion-"))
+    return target
+
+
+class OutputSet:
+    """The outputs of one command, written to temporary places and committed together.
+
+    :meth:`stage` returns where to write the output file ``target``: a file of ``target``'s own
+    name (writers pick the format from it and name it in their messages) in a private temporary
+    folder ``.medfusion-*.tmp`` inside ``target``'s folder (the final rename stays on one file
+    system). :meth:`stage_folder` returns a folder to write a whole tree of outputs into.
+
+    As a context manager: when the ``with`` block ends without error every staged output is
+    renamed onto its target (:meth:`commit`); when it raises (KeyboardInterrupt and SIGTERM's
+    exception included), or when a rename of the commit fails, every temporary is removed and
+    the targets are as they were before (:meth:`discard`), so a failed command leaves none of
+    its outputs. An OSError becomes a one-line :class:`OutputError`.
+
+    Overwriting: a file that was at a target before is kept (a hard link in the temporary
+    folder) until every output is in place; if a later rename fails it is put back, and a target
+    the command created is removed. A failed run thus leaves the previous outputs as they were,
+    and a successful one replaces each file in one step (readers see the old or the new file).
+    Where the file system has no hard links, the old file is moved aside instead, so it is
+    briefly absent during the commit. (Only a crash or SIGKILL inside the commit itself, a few
+    renames long, can leave a mix, and a ``.medfusion-*.tmp`` folder beside the outputs.)
+    """
+
+    def __init__(self) -> None:
+        self._staging: dict[Path, Path] = {}  # resolved target folder -> its temporary folder
+        self._files: list[tuple[Path, Path]] = []  # (staged file, target)
+        self._trees: list[tuple[Path, Path, bool]] = []  # (staged folder, target, it existed)
+        self._protected: list[tuple[Path, Path | None]] = []  # (target, the old file kept)
+        self._backups = 0
+
+    def __enter__(self) -> OutputSet:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+    def stage(self, target: str | Path) -> Path:
+        """The path to write the output ``target`` to (checked as by :func:`check_output_path`)."""
+        target = check_output_path(target)
+        staged = self._staging_folder(target.parent if str(target.parent) else Path("."))
+        staged = staged / target.name
+        if any(staged == other for other, _ in self._files):
+            raise OutputError(f"two outputs would be written to {target}: give each its own name")
+        self._files.append((staged, target))
+        return staged
+
+    def stage_folder(self, folder: str | Path) -> Path:
+        """A temporary folder to write the folder of outputs ``folder`` into: when ``folder``
+        does not exist, a sibling renamed onto it by the commit; otherwise one inside it, whose
+        files (subfolders kept) replace those of ``folder`` (its other files stay)."""
+        target = check_output_folder(folder)
+        existed = target.is_dir()
+        if existed:
+            staged = _make_folder(target, ".medfusion-")
+        else:
+            parent = target.parent if str(target.parent) else Path(".")
+            staged = _make_folder(parent, f".{target.name[:_TEMP_NAME_PART]}.")
+        self._staging[staged.resolve()] = staged  # (a folder of its own: all its files move)
+        self._trees.append((staged, target, existed))
+        return staged
+
+    def protect(self, target: str | Path) -> None:
+        """For an output that its writer puts in place itself (atomically) before the commit:
+        keep the file now at ``target``, if any, so that a failed command puts it back, and
+        remove the new file when there was none."""
+        target = Path(target)
+        staging = self._staging_folder(target.parent if str(target.parent) else Path("."))
+        try:
+            kept = self._keep_aside(target, staging / target.name, copy=True)
+            self._protected.append((target, kept))
+        except OSError as error:
+            raise output_error(target, error) from error
+
+    def commit(self) -> None:
+        """Rename every staged output onto its target, all or none (see the class)."""
+        placed: list[tuple[Path, Path | None]] = []  # (target, the old file kept aside)
+        made: list[Path] = []  # folders the commit created, outermost first
+        renamed: list[tuple[Path, Path]] = []  # (folder renamed into place, its staged name)
+        current: Path | None = None
+        try:
+            moves = list(self._files)
+            for staged, target, existed in self._trees:
+                if existed:
+                    moves += [(path, target / path.relative_to(staged))
+                              for path in sorted(staged.rglob("*")) if not path.is_dir()]
+            for staged, target in moves:
+                current = target
+                if not staged.is_file() or staged.stat().st_size == 0:
+                    raise OutputError(f"nothing was written for {target.name}")
+            for staged, target in moves:
+                current = target
+                _make_parents(target.parent, made)
+                backup = self._keep_aside(target, staged)
+                placed.append((target, backup))
+                os.replace(staged, target)
+            for staged, target, existed in self._trees:
+                if not existed:
+                    current = target
+                    _apply_default_permissions(staged, folder=True)
+                    os.rename(staged, target)
+                    renamed.append((target, staged))
+        except BaseException as error:
+            for target, staged in reversed(renamed):
+                _quietly(os.rename, target, staged)
+            _undo(placed, made)
+            self.discard()
+            if isinstance(error, OSError):
+                raise output_error(current or Path("output"), error) from error
+            raise
+        self._protected.clear()
+        self._remove_temporaries()
+
+    def discard(self) -> None:
+        """Give up: remove every temporary and put back the files kept by :meth:`protect`."""
+        _undo(self._protected, [])
+        self._protected.clear()
+        self._remove_temporaries()
+
+    def _remove_temporaries(self) -> None:
+        for staged in self._staging.values():
+            shutil.rmtree(staged, ignore_errors=True)
+        self._staging.clear()
+        self._files.clear()
+        self._trees.clear()
+
+    def _staging_folder(self, folder: Path) -> Path:
+        key = folder.resolve()
+        if key not in self._staging:
+            self._staging[key] = _make_folder(folder, ".medfusion-")
+        return self._staging[key]
+
+    def _keep_aside(self, target: Path, staged: Path, copy: bool = False) -> Path | None:
+        """Keep the file now at ``target`` (if any) beside ``staged``, to put it back on undo:
+        a hard link, or a copy when ``copy`` (a writer may then change the file in place)."""
+        if not os.path.lexists(target) or target.is_dir():
+            return None  # (a folder there makes the rename fail: nothing to keep)
+        while True:
+            self._backups += 1
+            backup = staged.parent / f".old-{self._backups}"
+            if not os.path.lexists(backup):  # (a name no staged output has)
+                break
+        if copy:
+            shutil.copy2(target, backup, follow_symlinks=False)
+            return backup
+        try:
+            os.link(target, backup, follow_symlinks=False)
+        except OSError:
+            os.replace(target, backup)  # no hard links here: move it aside
+        return backup
+
+
+def _make_folder(parent: Path, prefix: str) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+    except OSError as error:
+        raise OutputError(f"cannot create a folder in {parent}: {error.strerror}") from error
+
+
+def _make_parents(folder: Path, made: list[Path]) -> None:
+    """Create ``folder`` and its missing parents, adding each to ``made`` (outermost first)."""
+    missing = []
+    while not os.path.lexists(folder) and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir()
+        made.append(path)
+
+
+def _undo(placed: list[tuple[Path, Path | None]], made: list[Path]) -> None:
+    """Put back the old files kept aside, remove the targets that had none and the folders the
+    commit created (never a file that was there before the command)."""
+    for target, backup in reversed(placed):
+        if backup is not None:
+            _quietly(os.replace, backup, target)
+        elif not target.is_dir():
+            _quietly(os.unlink, target)
+    for folder in reversed(made):
+        _quietly(os.rmdir, folder)
+
+
+def _quietly(action: Callable[..., object], *paths: Path) -> None:
+    try:
+        action(*paths)
+    except OSError:
+        pass

@@ -9,12 +9,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from medfusion.io.atomic import atomic_output
+from medfusion.io.atomic import OutputSet, atomic_output
+
+logger = logging.getLogger("medfusion")
 
 MANIFEST_NAME = ".medfusion-report-files"  # the files the last report wrote in its folder
 _recorders: list[list[Path]] = []  # while replacing_report runs: the files write_bytes wrote
@@ -32,27 +35,39 @@ def write_bytes(path: Path, data: bytes) -> Path:
 
 
 @contextmanager
-def replacing_report(folder: Path) -> Iterator[None]:
-    """Write a report into ``folder``, then remove the files that the previous report there
-    wrote (listed in its :data:`MANIFEST_NAME`) and this one did not: a smaller run into the
-    same folder leaves no stale table, figure or panel beside the new report. Files the
-    reports never wrote are left alone."""
+def replacing_report(folder: Path) -> Iterator[Path]:
+    """Write a report for ``folder``: yield a temporary folder to write its files into, then
+    move them into ``folder`` together (:meth:`medfusion.io.atomic.OutputSet.stage_folder`:
+    a new ``folder`` is the temporary one renamed; in an existing one the files are replaced
+    and the report's old files are put back if a rename fails). When anything fails nothing of
+    the new report is left, and an earlier report in ``folder`` stays as it was.
+
+    After the move, the files that the previous report there wrote (listed in its
+    :data:`MANIFEST_NAME`) and this one did not are removed: a smaller run into the same folder
+    leaves no stale table, figure or panel beside the new report. Files the reports never wrote
+    are left alone."""
     folder = Path(folder)
     manifest = folder / MANIFEST_NAME
     before = set(manifest.read_text(encoding="utf-8").splitlines()) if manifest.is_file() else set()
     written: list[Path] = []
-    _recorders.append(written)
-    try:
-        yield
-    finally:
-        _recorders.pop()
-    now = {path.relative_to(folder).as_posix() for path in written
-           if path.is_relative_to(folder)}
-    for name in sorted(before - now):
+    with OutputSet() as outputs:
+        staging = outputs.stage_folder(folder)
+        _recorders.append(written)
+        try:
+            yield staging
+        finally:
+            _recorders.pop()
+        now = {path.relative_to(staging).as_posix() for path in written
+               if path.is_relative_to(staging)}
+        write_text(staging / MANIFEST_NAME, "".join(f"{name}\n" for name in sorted(now)))
+    for name in sorted(before - now - {MANIFEST_NAME}):
         stale = folder / name
         if ".." not in Path(name).parts and stale.is_file():
-            stale.unlink()
-    write_text(manifest, "".join(f"{name}\n" for name in sorted(now)))
+            try:
+                stale.unlink()
+            except OSError as error:  # the new report is whole; say what is left over
+                logger.warning("could not remove %s of the earlier report: %s", stale,
+                               error.strerror)
 
 
 def write_text(path: Path, text: str) -> Path:

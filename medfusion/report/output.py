@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medfusion.errors import OutputError
 from medfusion.report import figures, markdown
 from medfusion.report.dataset import Group
 from medfusion.report.files import replacing_report, write_csv, write_json, write_text
@@ -257,14 +258,22 @@ def write_report(
     device: str,
     worst_groups: Sequence[Group] = (),
 ) -> Path:
-    """Write every file of the report folder; return the path of ``report.md``."""
+    """Write every file of the report folder; return the path of ``report.md``.
+
+    The files are written into a temporary folder and moved into ``folder`` together at the
+    end (:func:`medfusion.report.files.replacing_report`): a failure (full disk, ...) leaves no
+    part of the new report, and an earlier report in ``folder`` as it was. ``folder``'s parent
+    must exist. Raises :class:`OutputError` (one line) when a file cannot be written."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with replacing_report(folder):
-        _write_tables(results, folder)
-        _write_json(results, folder)
-        _write_figures(results, folder)
-        _write_panels(results, folder, panel_groups, specs, device)
-        _write_worst_panels(results, folder, worst_groups, specs, device)
-        report = write_text(folder / "report.md", markdown.render(results))
-    return report
+    try:
+        with replacing_report(folder) as staging:
+            _write_tables(results, staging)
+            _write_json(results, staging)
+            _write_figures(results, staging)
+            _write_panels(results, staging, panel_groups, specs, device)
+            _write_worst_panels(results, staging, worst_groups, specs, device)
+            write_text(staging / "report.md", markdown.render(results))
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise OutputError(f"cannot write the report in {folder}: {reason}") from error
+    return folder / "report.md"
