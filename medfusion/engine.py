@@ -66,6 +66,9 @@ class FusedImage:
         return to_uint8(self.rgb if self.rgb is not None else self.luminance)
 
 
+# The description a volume decision map carries (NIfTI descrip; its space is the reference's)
+DECISION_MAP_DESCRIPTION = "MedFusion decision map (labels 1..K: the source kept per voxel)"
+
 # What the metrics score for a 2D result (said in their output): the image the user gets.
 SCORED_IMAGE = ("the fused image as written (8-bit; for colour, the luminance Y of its RGB), "
                 "against the sources' luminance as stored")
@@ -378,6 +381,7 @@ def fuse_volumes(
     if decision_map:
         labels = sitk.Image(ref_image.GetSize(), sitk.sitkUInt8)
         labels.CopyInformation(ref_image)
+        copy_metadata(ref_image, labels, description=DECISION_MAP_DESCRIPTION)
         label_view = np.moveaxis(writable_array_view(labels), slice_axis, 0)
 
     total = out_view.shape[0]

@@ -192,3 +192,21 @@ def test_mhd_data_file_fault_is_one_line_naming_it(fault, reason, spm12: Path, t
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"medfusion: error: cannot read volume t2.mhd: {reason}")
     assert not out.exists()
+
+
+def test_registered_volume_and_decision_map_stay_in_the_references_space(
+        spm12: Path, tmp_path: Path) -> None:
+    """The other volumes a command writes on the reference's grid say its space too: ``register
+    -o`` (the moving volume on the fixed grid) and sesf's decision map (labels on the
+    reference's grid) both said scanner space (code 1) for MNI templates."""
+    t1 = _crop(spm12 / "T1.nii", tmp_path / "t1.nii", first=30, count=30)
+    t2 = _crop(spm12 / "T2.nii", tmp_path / "t2.nii", first=30, count=30)
+    assert main(["register", str(t1), str(t2), "-o", str(tmp_path / "r.nii.gz")]) == 0
+    labels = tmp_path / "labels.nii.gz"
+    assert main([*_fuse(t1, t2, tmp_path / "f.nii.gz")[:-4], "--method", "sesf",
+                 "--save-decision-map", str(labels)]) == 0
+    for written, words in ((tmp_path / "r.nii.gz", b"MedFusion registration"),
+                           (labels, b"MedFusion decision map")):
+        header = nibabel.load(written).header
+        assert (int(header["qform_code"]), int(header["sform_code"])) == (4, 4), written.name
+        assert header["descrip"].item().startswith(words), header["descrip"]

@@ -130,17 +130,22 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise InputError(f"--iterations must be at least 1, got {args.iterations}")
 
 
+REGISTERED_DESCRIPTION = "MedFusion registration (derived image; research use only)"
+
+
 def run_register(args: argparse.Namespace) -> int:
     """Register, then write the aligned volume and the transform; report the residual check."""
     from medfusion import registration
     from medfusion.engine import load_volumes
-    from medfusion.io.volumes import write_volume
+    from medfusion.io.volumes import copy_metadata, write_volume
 
     _check_paths(args)
     (fixed, moving), (_, label) = load_volumes([args.fixed, args.moving])
     aligned, transform = registration.register(
         fixed, moving, args.kind, label, initialiser=args.initialiser,
         iterations=args.iterations)
+    # (on the fixed grid, so in the fixed volume's space: an MNI template's codes stay)
+    copy_metadata(fixed, aligned, description=REGISTERED_DESCRIPTION)
     matrix, _ = registration.transform_matrix(transform)
     logger.info("registered %s (%s): rotation %.1f deg, translation %s mm", label, args.kind,
                 registration.rotation_angle_deg(matrix),
