@@ -13,7 +13,13 @@ pydicom (no pixels) and:
 ``--allow-slice-gaps`` accepts a gap: :func:`restack_regularly` puts the slices at their real
 positions and resamples them (linear, along the slice normal) onto a regular grid. A series
 without gaps whose spacing changes (4 mm, then 7 mm: ITK would stack it evenly, slices off
-their real positions by centimetres) is restacked the same way, always.
+their real positions by centimetres) is restacked the same way, always. So is a series whose
+slices are shifted in their own planes from one slice to the next (:func:`gantry_tilt`: a CT
+taken with the gantry tilted moves the table along the patient's z axis, not along the slice
+normal; ITK stacks such slices along the normal and drops the shift, 48 mm over the GE head
+CT): every slice is put at its real ImagePositionPatient and the sheared stack resampled onto
+a regular orthogonal grid that covers it (as Slicer's "acquisition geometry regularization"
+and dcm2niix's gantry-tilt correction do).
 Errors name files, never patient data.
 """
 
@@ -32,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 GAP_FACTOR = 1.5  # a step this much larger than its neighbours' median is a gap
 _NEIGHBOURS = 3  # steps on each side that define the local spacing
+TILT_TOLERANCE = 0.1  # of the pixel spacing: a slice shifted in its plane by more is resampled
 _PIXEL_DATA = 0x7FE00010
 
 
@@ -240,6 +247,14 @@ def slice_positions(infos: list[SliceInfo]) -> np.ndarray | None:
     return np.array([float(np.dot(info.position, normal)) for info in infos])
 
 
+def _local_spacing(steps: np.ndarray, i: int, scale: float) -> float | None:
+    """Median of the (non-zero) steps around step ``i``, up to :data:`_NEIGHBOURS` on each
+    side: the spacing the slices have where step ``i`` is (None without neighbours)."""
+    around = np.concatenate([steps[max(0, i - _NEIGHBOURS): i], steps[i + 1: i + 1 + _NEIGHBOURS]])
+    around = around[around > 1e-3 * max(scale, 1e-6)]
+    return float(np.median(around)) if around.size else None
+
+
 def find_gaps(positions: np.ndarray) -> tuple[list[int], list[int]]:
     """Indices (into the sorted positions) ``i`` whose step to ``i + 1`` is a gap, and those
     whose position equals the next one's. Steps are compared with their neighbours' median, so
@@ -250,11 +265,8 @@ def find_gaps(positions: np.ndarray) -> tuple[list[int], list[int]]:
     gaps = []
     if steps.size >= 2:
         for i, step in enumerate(steps):
-            around = np.concatenate(
-                [steps[max(0, i - _NEIGHBOURS): i], steps[i + 1: i + 1 + _NEIGHBOURS]]
-            )
-            around = around[around > 1e-3 * max(scale, 1e-6)]
-            if around.size and step > GAP_FACTOR * float(np.median(around)):
+            local = _local_spacing(steps, i, scale)
+            if local is not None and step > GAP_FACTOR * local:
                 gaps.append(i)
     return gaps, duplicates
 
@@ -262,7 +274,10 @@ def find_gaps(positions: np.ndarray) -> tuple[list[int], list[int]]:
 def check_positions(infos: list[SliceInfo], label: str, allow_gaps: bool) -> bool:
     """Raise InputError for slices at one position, or a gap unless ``allow_gaps``.
 
-    Returns True when there is a gap that is allowed (the caller restacks the volume).
+    Returns True when the caller must restack the volume (:func:`restack_regularly`): a gap
+    that is allowed, or slices shifted in their planes (:func:`gantry_tilt`) in a series that
+    :func:`uneven_spacing` does not already send there (the reader restacks an unevenly spaced
+    series with a note of its own; the tilt's note comes from :func:`restack_regularly`).
     """
     positions = slice_positions(infos)
     if positions is None or len(infos) < 2:
@@ -278,7 +293,7 @@ def check_positions(infos: list[SliceInfo], label: str, allow_gaps: bool) -> boo
             f"({ordered[i]:.2f} mm): two series or frames mixed in one folder?"
         )
     if not gaps:
-        return False
+        return gantry_tilt(infos) is not None and uneven_spacing(infos) is None
     steps = np.diff(ordered)
     described = "; ".join(
         f"between {names[i]} and {names[i + 1]} ({ordered[i]:.1f} to {ordered[i + 1]:.1f} mm, "
@@ -286,14 +301,42 @@ def check_positions(infos: list[SliceInfo], label: str, allow_gaps: bool) -> boo
     )
     more = f" and {len(gaps) - 3} more" if len(gaps) > 3 else ""
     if not allow_gaps:
+        # the spacing around each gap (a series may step 4 mm, then 7 mm), not the series'
+        scale = float(np.median(steps))
+        local = dict.fromkeys(f"{_local_spacing(steps, i, scale):.1f}" for i in gaps[:3])
+        where = (f"the slices are {next(iter(local))} mm apart" if len(local) == 1 else
+                 f"the slices around them are {' and '.join(local)} mm apart")
         raise InputError(
-            f"the DICOM series in {label} has missing slices: {described}{more}, where the "
-            f"slices are {float(np.median(steps)):.1f} mm apart; give the complete series, or "
-            "--allow-slice-gaps to fuse it on a regular grid with the gap interpolated"
+            f"the DICOM series in {label} has missing slices: {described}{more}, where "
+            f"{where}; give the complete series, or --allow-slice-gaps to fuse it on a regular "
+            "grid with the gap interpolated"
         )
     logger.warning("%s: missing slices %s%s; interpolating across the gap (--allow-slice-gaps)",
                    label, described, more)
     return True
+
+
+def gantry_tilt(infos: list[SliceInfo]) -> tuple[float, float] | None:
+    """``(tilt in degrees, largest in-plane shift in mm)`` when the slices are shifted in their
+    own planes, from one to the next, by more than :data:`TILT_TOLERANCE` of a pixel (their
+    ImagePositionPatient values do not move along the slice normal: a gantry tilt); else None
+    (positions along the normal, or unknown). The tilt is the angle between the normal and the
+    line the positions move along (a least-squares fit over all slices)."""
+    normal_positions = slice_positions(infos)
+    if normal_positions is None or len(infos) < 2:
+        return None
+    orientation = np.asarray(infos[0].orientation, dtype=float)
+    row, column = orientation[:3], orientation[3:]
+    order = np.argsort(normal_positions)
+    points = np.array([info.position for info in infos], dtype=float)[order]
+    shifts = (points - points[0]) @ np.stack([row, column], axis=1)  # (n, 2) mm, in-plane
+    pixel = min(infos[0].spacing) if infos[0].spacing else 1.0
+    largest = float(np.linalg.norm(shifts, axis=1).max())
+    if largest <= TILT_TOLERANCE * pixel:
+        return None
+    along = normal_positions[order] - normal_positions[order][0]
+    slope = np.linalg.lstsq(along[:, None], shifts, rcond=None)[0][0]  # mm in-plane per mm
+    return float(np.degrees(np.arctan(np.linalg.norm(slope)))), largest
 
 
 UNEVEN_TOLERANCE = 0.1  # of the mean step: how far ITK's even placement may move a slice
@@ -331,16 +374,64 @@ def planes_at(planes: np.ndarray, positions: np.ndarray, targets: np.ndarray,
     return out
 
 
+def _translated(plane: np.ndarray, row_offset: float, column_offset: float,
+                shape: tuple[int, int], fill: float) -> np.ndarray:
+    """``plane`` sampled at (i + ``row_offset``, j + ``column_offset``) for every (i, j) of
+    ``shape``, bilinearly (a shift is the same fraction of a pixel everywhere, so four shifted
+    windows of the plane), ``fill`` outside it; float32, a few planes of memory."""
+    out = np.zeros(shape, dtype=np.float32)
+    rows, columns = plane.shape
+    bases, fractions = [], []
+    for offset in (row_offset, column_offset):
+        offset = round(float(offset), 6)  # a whole pixel stays one (no blend with the fill)
+        base = int(np.floor(offset))
+        bases.append(base)
+        fractions.append(offset - base)
+    for d_row, w_row in ((0, 1.0 - fractions[0]), (1, fractions[0])):
+        for d_column, w_column in ((0, 1.0 - fractions[1]), (1, fractions[1])):
+            weight = w_row * w_column
+            if weight <= 0.0:
+                continue
+            a, b = bases[0] + d_row, bases[1] + d_column  # out[i, j] += plane[i + a, j + b]
+            i0, i1 = max(0, -a), min(shape[0], rows - a)
+            j0, j1 = max(0, -b), min(shape[1], columns - b)
+            window = np.full(shape, fill, dtype=np.float32)
+            if i0 < i1 and j0 < j1:
+                window[i0:i1, j0:j1] = plane[i0 + a: i1 + a, j0 + b: j1 + b]
+            out += np.float32(weight) * window
+    return out
+
+
+def _axes(image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The image's row, column and slice axes (unit vectors, patient mm)."""
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    return direction[:, 0], direction[:, 1], direction[:, 2]
+
+
 def restack_regularly(image, infos: list[SliceInfo], label: str):
     """Resample a series read by ITK from the files of ``infos`` (in that order, which ITK
     places evenly) onto a regular grid at the slices' real positions: positions measured along
     the image's slice axis, step = the lower quartile of the non-gap steps (the series' finer
     spacing), first plane at the first slice, values linearly interpolated between the two real
-    slices around each plane. In-plane spacing, origin and direction are kept."""
+    slices around each plane. In-plane spacing and direction are kept.
+
+    Slices shifted in their own planes (:func:`gantry_tilt`) are placed at their real
+    ImagePositionPatient: pixel (r, c) of a slice lies at IPP + c * column spacing * row axis +
+    r * row spacing * column axis, and each plane of the grid is the two slices around it, each
+    shifted (bilinearly) to the grid, linearly blended along the normal; so every voxel holds
+    the value at its physical point. The grid keeps the slices' own axes (their rows, columns
+    and normal): the shear is then a translation of each slice in its plane, never a rotation
+    (rows stay rows, the slice axis the acquisition's, which the engine slices along and a
+    derived series maps back to), and only its extent grows, so that every pixel of every slice
+    lies inside it (origin at the smallest shift, rows and columns added for the rest); where a
+    slice has no data the grid holds the series' minimum (its background). An axial grid along
+    the table axis would need a full 3D resampling and a larger box. Memory: the result and a
+    few planes besides ITK's image. The tilt is said on the log."""
     import SimpleITK as sitk
 
-    axis = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
-    positions = np.array([float(np.dot(info.position, axis)) for info in infos])
+    row_axis, column_axis, axis = _axes(image)
+    points = np.array([info.position for info in infos], dtype=float)
+    positions = points @ axis
     if np.any(np.diff(positions) <= 0):
         raise InputError(f"cannot order the slices of the DICOM series in {label} by position")
     steps = np.diff(positions)
@@ -350,10 +441,73 @@ def restack_regularly(image, infos: list[SliceInfo], label: str):
     count = int(round((positions[-1] - positions[0]) / step)) + 1
     grid = positions[0] + step * np.arange(count)
     source = sitk.GetArrayViewFromImage(image)  # (z, y, x), z in position order
-    regular = sitk.GetImageFromArray(planes_at(source, positions, grid, np.float32))
     spacing = list(image.GetSpacing())
+    tilt = gantry_tilt(infos)
+    if tilt is None:
+        regular = sitk.GetImageFromArray(planes_at(source, positions, grid, np.float32))
+        origin = image.GetOrigin()
+    else:
+        # each slice's shift from the grid's origin, in pixels (>= 0): along rows, columns
+        along_rows = points @ column_axis
+        along_columns = points @ row_axis
+        shift_rows = (along_rows - along_rows.min()) / spacing[1]
+        shift_columns = (along_columns - along_columns.min()) / spacing[0]
+        shape = (source.shape[1] + int(np.ceil(shift_rows.max() - 1e-3)),
+                 source.shape[2] + int(np.ceil(shift_columns.max() - 1e-3)))
+        fill = float(source.min())
+        upper = np.clip(np.searchsorted(positions, grid, side="right"), 1, len(positions) - 1)
+        lower = upper - 1
+        weight = ((grid - positions[lower]) / (positions[upper] - positions[lower])).clip(0, 1)
+        from medfusion.io.volumes import writable_array_view  # (volumes imports this module)
+
+        regular = sitk.Image(shape[1], shape[0], count, sitk.sitkFloat32)
+        planes = writable_array_view(regular)  # filled in place: one copy of the result
+        for k in range(count):
+            planes[k] = 0.0
+            for index, share in ((lower[k], 1.0 - weight[k]), (upper[k], weight[k])):
+                if share > 0.0:
+                    planes[k] += np.float32(share) * _translated(
+                        source[index], -shift_rows[index], -shift_columns[index], shape, fill)
+        del planes
+        origin = (along_columns.min() * row_axis + along_rows.min() * column_axis
+                  + positions[0] * axis)
+        logger.warning(
+            "%s has a gantry tilt of %.1f° (its slices shift in their planes by up to %.1f mm, "
+            "which ITK's stack drops): resampled onto a regular grid in physical space "
+            "(%d x %d x %d voxels)", label, *tilt, shape[1], shape[0], count,
+        )
     spacing[2] = step
     regular.SetSpacing(spacing)
-    regular.SetOrigin(image.GetOrigin())
+    regular.SetOrigin(tuple(float(v) for v in origin))
     regular.SetDirection(image.GetDirection())
     return regular
+
+
+def sample_at_slices(image, array: np.ndarray, positions, shape: tuple[int, int],
+                     dtype: type = np.float64) -> np.ndarray:
+    """``array`` (z, y, x: the voxels of ``image``, or of a volume on its grid, e.g. a fused
+    one) at the pixels of slices with the image's in-plane axes and spacing, at the given
+    ImagePositionPatient values, ``shape`` (rows, columns) each: the inverse of
+    :func:`restack_regularly` for a derived series with one instance per reference slice.
+    Linear along the slice axis (the end planes held beyond the ends), bilinear in-plane (the
+    array's minimum outside it); one output plane in memory at a time besides the result."""
+    row_axis, column_axis, axis = _axes(image)
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    offsets = np.asarray(positions, dtype=float).reshape(-1, 3) - np.asarray(image.GetOrigin())
+    planes = np.asarray(offsets @ axis) / spacing[2]  # continuous plane indices
+    upper = np.clip(np.floor(planes).astype(int) + 1, 1, max(array.shape[0] - 1, 1))
+    lower = np.clip(upper - 1, 0, array.shape[0] - 1)
+    upper = np.minimum(upper, array.shape[0] - 1)
+    weight = np.where(upper > lower, (planes - lower).clip(0, 1), 0.0)
+    fill = float(np.min(array))
+    out = np.empty((len(offsets), *shape), dtype=dtype)
+    for k, offset in enumerate(offsets):
+        row_offset = float(offset @ column_axis) / spacing[1]
+        column_offset = float(offset @ row_axis) / spacing[0]
+        plane = np.zeros(shape, dtype=np.float64)
+        for index, share in ((lower[k], 1.0 - weight[k]), (upper[k], weight[k])):
+            if share > 0.0:
+                plane += share * _translated(array[index], row_offset, column_offset, shape,
+                                             fill)
+        out[k] = plane
+    return out

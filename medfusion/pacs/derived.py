@@ -42,7 +42,7 @@ from pydicom.valuerep import MAX_VALUE_LEN
 
 from medfusion import __version__
 from medfusion.errors import GeometryError, InputError, OutputError
-from medfusion.io.dicom_series import planes_at
+from medfusion.io.dicom_series import sample_at_slices
 
 MAX_STORED = 65535
 DESCRIPTION_PREFIX = "MedFusion fusion"
@@ -289,7 +289,7 @@ def _fused_array(fused: Any, ordered: Sequence[Dataset]) -> np.ndarray:
         origin = np.asarray(fused.GetOrigin(), dtype=float)
         first, last = _position(ordered[0]), _position(ordered[-1])
         array = sitk.GetArrayFromImage(fused)
-        if array.shape[0] != len(ordered) and array.shape[1:] == (rows, columns):
+        if array.shape[0] != len(ordered) or array.shape[1:] != (rows, columns):
             array = _planes_at_slices(fused, array, ordered)  # a restacked reference
         elif (np.linalg.norm(origin - last) < _POSITION_TOLERANCE_MM
               < np.linalg.norm(origin - first)):
@@ -311,22 +311,28 @@ def _fused_array(fused: Any, ordered: Sequence[Dataset]) -> np.ndarray:
 
 
 def _planes_at_slices(fused: Any, array: np.ndarray, ordered: Sequence[Dataset]) -> np.ndarray:
-    """The fused planes at the reference slices' real positions, linearly interpolated along
-    the volume's slice axis: the reference was read onto a regular grid of its own
-    (``medfusion.io.dicom_series.restack_regularly``: a series with uneven spacing or gaps),
-    while the derived series has one instance per reference slice, at that slice's place."""
-    axis = np.asarray(fused.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    """The fused volume at the reference slices' pixels, each at its real place (linear along
+    the slice axis, bilinear in-plane): the reference was read onto a regular grid of its own
+    (``medfusion.io.dicom_series.restack_regularly``: a series with uneven spacing or gaps, or
+    sheared by a gantry tilt, on a larger grid), while the derived series has one instance per
+    reference slice, at that slice's place."""
+    axes = np.asarray(fused.GetDirection(), dtype=float).reshape(3, 3)
     origin = np.asarray(fused.GetOrigin(), dtype=float)
-    step = float(fused.GetSpacing()[2])
-    offsets = np.array([float(np.dot(_position(ds) - origin, axis)) for ds in ordered])
-    grid = step * np.arange(array.shape[0])
-    if (array.shape[0] < 2 or offsets.min() < -_POSITION_TOLERANCE_MM
-            or offsets.max() > grid[-1] + _POSITION_TOLERANCE_MM):
+    spacing = np.asarray(fused.GetSpacing(), dtype=float)
+    rows, columns = int(ordered[0].Rows), int(ordered[0].Columns)
+    positions = [_position(ds) for ds in ordered]
+    # pixel (0, 0) and (rows - 1, columns - 1) of each slice, in the fused grid's voxels
+    first = (np.asarray(positions) - origin) @ axes / spacing
+    last = first + [columns - 1, rows - 1, 0]
+    extent = np.asarray(array.shape[::-1], dtype=float) - 1
+    tolerance = _POSITION_TOLERANCE_MM / spacing
+    if (array.shape[0] < 2 or np.any(first < -tolerance)
+            or np.any(last > extent + tolerance)):
         raise GeometryError(
             "the fused volume is not on the reference series grid (reference slices lie "
-            "outside its slice range)"
+            "outside it)"
         )
-    return planes_at(array, grid, offsets)
+    return sample_at_slices(fused, array, positions, (rows, columns))
 
 
 def _clean_copy(source: Dataset, repaired: dict[str, set[str]]) -> Dataset:
