@@ -525,10 +525,25 @@ def write_transform(path, transform) -> None:
 
     from medfusion.errors import OutputError
     from medfusion.io.atomic import atomic_output
+    from medfusion.io.formats import short_write_cause
 
     if Path(path).suffix.lower() not in (".tfm", ".txt", ".h5", ".hdf5"):
         raise OutputError(f"transform file must end in .tfm, .txt or .h5, not {Path(path).name}")
-    with atomic_output(path) as temporary:
+
+    def verify(written: Path) -> None:
+        """Read the file back: ITK's writer says nothing when the disk fills mid-file, and a
+        cut transform file was kept as if whole."""
+        try:
+            back = sitk.ReadTransform(str(written))
+            whole = (np.allclose(back.GetParameters(), transform.GetParameters())
+                     and np.allclose(back.GetFixedParameters(), transform.GetFixedParameters()))
+        except RuntimeError:
+            whole = False
+        if not whole:
+            cause = short_write_cause(written) or "it reads back cut short or different"
+            raise OutputError(f"cannot write {Path(path).name}: {cause}; nothing saved")
+
+    with atomic_output(path, verify=verify) as temporary:
         sitk.WriteTransform(transform, str(temporary))
 
 

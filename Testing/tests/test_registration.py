@@ -375,3 +375,33 @@ def test_estimate_from_a_small_overlap_says_it_may_be_far_larger(spm12: Path) ->
     assert "may be far larger" not in messages[15.0] and "(estimated;" in messages[15.0]
     assert "estimated where they overlap, 18% of the reference: it may be far larger" in (
         messages[150.0])
+
+
+@pytest.mark.parametrize("limit", [0, 100])
+def test_a_transform_file_cut_short_is_refused_saying_why(limit: int, tmp_path: Path) -> None:
+    """A transform file that the disk cut (here the process's file size limit, a real short
+    write) is one error that says why and leaves nothing: ITK's writer says nothing, and a
+    transform cut at 100 bytes was kept as if whole (an empty one said only "nothing was
+    written")."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "moved.tfm"
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "import SimpleITK as sitk\n"
+        "from medfusion import registration\n"
+        "from medfusion.errors import OutputError\n"
+        "transform = sitk.Euler3DTransform()\n"
+        "transform.SetTranslation((1.5, 2.0, 3.0))\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        "try:\n"
+        "    registration.write_transform(sys.argv[1], transform)\n"
+        "except OutputError as error:\n"
+        "    print(error)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "file size limit" in done.stdout and "moved.tfm" in done.stdout, done.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from medfusion.errors import OutputError
 from medfusion.io import full_suffix
-from medfusion.io.formats import check_path_name, output_error
+from medfusion.io.formats import check_path_name, output_error, short_write_cause
 
 # Longest part of the target's name kept in the temporary file's name (the temporary name adds
 # about 20 characters, so a target near the file system's name limit still gets a temp file).
@@ -77,7 +77,7 @@ def atomic_output(
         try:
             yield temp_path
             if not temp_path.is_file() or temp_path.stat().st_size == 0:
-                raise OutputError(f"nothing was written for {target.name}")
+                raise OutputError(_nothing_written(temp_path, target))
             if verify is not None:
                 verify(temp_path)
             _flush_to_disk(temp_path)
@@ -88,6 +88,13 @@ def atomic_output(
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
+
+
+def _nothing_written(written: Path, target: Path) -> str:
+    """The message for an output its writer left empty, with the cause where it shows (some
+    writers, SimpleITK's transform writer among them, fail silently on a full disk)."""
+    cause = short_write_cause(written)
+    return f"nothing was written for {target.name}" + (f": {cause}" if cause else "")
 
 
 def _flush_to_disk(path: Path) -> None:
@@ -220,7 +227,7 @@ class OutputSet:
             for staged, target in moves:
                 current = target
                 if not staged.is_file() or staged.stat().st_size == 0:
-                    raise OutputError(f"nothing was written for {target.name}")
+                    raise OutputError(_nothing_written(staged, target))
             for staged, target in moves:
                 current = target
                 _make_parents(target.parent, made)
