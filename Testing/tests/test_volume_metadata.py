@@ -210,3 +210,21 @@ def test_registered_volume_and_decision_map_stay_in_the_references_space(
         header = nibabel.load(written).header
         assert (int(header["qform_code"]), int(header["sform_code"])) == (4, 4), written.name
         assert header["descrip"].item().startswith(words), header["descrip"]
+
+
+def test_a_nifti_without_any_spatial_transform_is_warned_about(spm12: Path, tmp_path: Path,
+                                                               caplog) -> None:
+    """A NIfTI with qform_code = sform_code = 0 declares no space: ITK puts its voxels at the
+    origin, unrotated, and it was fused beside an MNI template (18 % overlap) with no word of
+    that. A template that declares its space reads without the warning."""
+    piece = nibabel.load(spm12 / "T1.nii").slicer[:, :, 40:46]
+    bare = nibabel.Nifti1Image(np.asarray(piece.dataobj), None, piece.header.copy())
+    bare.set_qform(None, code=0)
+    bare.set_sform(None, code=0)
+    nibabel.save(bare, tmp_path / "bare.nii")
+    with caplog.at_level(logging.WARNING):
+        read_volume(_crop(spm12 / "T1.nii", tmp_path / "t1.nii"))
+        assert "no spatial transform" not in caplog.text
+        image = read_volume(tmp_path / "bare.nii")
+    assert "bare.nii has no spatial transform (NIfTI qform_code and sform_code 0)" in caplog.text
+    assert image.GetOrigin() == (0.0, 0.0, 0.0)

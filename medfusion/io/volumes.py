@@ -200,7 +200,19 @@ def read_volume(path: str | Path, allow_slice_gaps: bool = False):
     check_geometry(image, source.name)
     if not source.is_dir() and full_suffix(source) in _NIFTI:
         _settle_space_codes(image, source)
+        _warn_without_transform(image, source.name)
     return image
+
+
+def _warn_without_transform(image, label: str) -> None:
+    """Say so when a NIfTI declares no space at all (qform_code = sform_code = 0, as old
+    Analyze conversions): ITK then places its voxels from their sizes alone, at the origin and
+    unrotated, so its fusion with anything else is right only by chance."""
+    if all(image.HasMetaDataKey(key) and image.GetMetaData(key).strip() == "0"
+           for key in ("qform_code", "sform_code")):
+        logger.warning("%s has no spatial transform (NIfTI qform_code and sform_code 0): its "
+                       "voxels are placed from their sizes alone, at the origin; check that it "
+                       "lies where the other inputs do", label)
 
 
 def _ras_affine(image) -> np.ndarray:
