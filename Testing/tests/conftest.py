@@ -7,6 +7,7 @@ unless ``MEDFUSION_REQUIRE_DATA=1`` (set by ``.ci/run``) turns that skip into a 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -60,3 +61,14 @@ def tcga(data_root: Path) -> Path:
 def ct_dicom_dir(data_root: Path) -> Path:
     """Real GE head CT DICOM series (28 slices, gantry tilt, uneven spacing)."""
     return data_root / "dicom" / "ct-head-ge"
+
+
+@pytest.fixture
+def fresh_logging():
+    """Let each ``main()`` call log to this test's stderr (as a real process does), not to a
+    stream captured and closed by an earlier test: ``logging.basicConfig`` configures the root
+    logger once per process, with the stderr of its time."""
+    saved = logging.root.handlers[:]
+    logging.root.handlers = []
+    yield
+    logging.root.handlers = saved

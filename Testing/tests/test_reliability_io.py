@@ -32,14 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True)
-def _fresh_logging():
-    """Let each ``main()`` call log to this test's stderr (as a real process does), not to a
-    stream captured and closed by an earlier test."""
-    saved = logging.root.handlers[:]
-    logging.root.handlers = []
-    yield
-    logging.root.handlers = saved
+# each main() call logs to this test's stderr (the conftest's fresh_logging)
+pytestmark = pytest.mark.usefixtures("fresh_logging")
 
 
 def _hash(path: Path) -> str:
