@@ -457,12 +457,13 @@ def _note_loading_before_fork() -> None:
 def _new_kernels_lock() -> None:
     """A fresh loading lock in a forked child. A fork while another thread loaded the loops (a
     DataLoader worker started during the first load) left the child's copy of the lock held
-    forever, and its module half-run in ``sys.modules``: the child drops that module and loads
-    the loops itself when it needs them."""
+    forever; and the import the loader was in (numba's, or the loops' module) stays locked in
+    the child too, its thread gone. So such a child does not load them at all: its network
+    runs the torch code (the same image to float32 rounding)."""
     global _KERNELS_LOCK
     _KERNELS_LOCK = threading.Lock()
     if _LOADING_AT_FORK[0] and not _KERNELS:
-        sys.modules.pop(_kernels_name(), None)
+        _KERNELS.append(None)
 
 
 if hasattr(os, "register_at_fork"):  # (POSIX)
