@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -290,15 +291,19 @@ def warn_frames_of_reference(references: Sequence[Any], labels: Sequence[str]) -
         "use --register rigid", " and ".join(names))
 
 
-def _distinct_tails(folders: Sequence[Path]) -> list[str]:
-    """Each path (folders, files) cut to its last parts, as few as tell them all apart."""
-    resolved = [folder.resolve() for folder in folders]
-    longest = max((len(folder.parts) for folder in resolved), default=1)
-    for count in range(1, longest + 1):
-        tails = [str(Path(*folder.parts[-count:])) for folder in resolved]
-        if len(set(tails)) == len(tails):
-            return tails
-    return [str(folder) for folder in resolved]
+def _distinct_tails(paths: Sequence[Path]) -> list[str]:
+    """Each path (folders, files) cut to its own fewest last parts that no other path ends
+    with. The paths as given, made absolute but not resolved: a link's target folders (which
+    may name the patient) never show, and no path gets more folders than it needs."""
+    absolute = [Path(os.path.abspath(path)).parts for path in paths]
+    tails = []
+    for index, parts in enumerate(absolute):
+        others = [other for number, other in enumerate(absolute) if number != index]
+        count = 1
+        while count < len(parts) and any(other[-count:] == parts[-count:] for other in others):
+            count += 1
+        tails.append(str(Path(*parts[-count:])))
+    return tails
 
 
 def fuse_volumes(

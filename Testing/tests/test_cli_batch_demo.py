@@ -178,3 +178,21 @@ def test_batch_list_with_an_output_of_the_wrong_kind_is_refused_before_any_work(
     err = [line for line in capsys.readouterr().err.splitlines() if line]
     assert code == 1 and not out.exists()
     assert len(err) == 1 and "line 3 of groups.csv" in err[0] and "second.xyz" in err[0], err
+
+
+def test_namesakes_are_named_by_the_paths_given_and_no_more_folders_than_needed(
+        tmp_path: Path) -> None:
+    """Messages name same-named inputs by their paths as given (a link's target folders, which
+    may name the patient, never show) and each by its own fewest folders."""
+    from medfusion.engine import _labels
+
+    for patient in ("Doe_John", "Roe_Jane"):
+        (tmp_path / "store" / patient).mkdir(parents=True)
+        (tmp_path / "store" / patient / "3.png").write_bytes(b"")
+    for folder, patient in (("c", "Doe_John"), ("e", "Roe_Jane")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.png").symlink_to(tmp_path / "store" / patient / "3.png")
+    assert _labels([tmp_path / "c" / "x.png", tmp_path / "e" / "x.png"]) == ["c/x.png", "e/x.png"]
+    nested = [tmp_path / "Doe" / "scan1" / "3.png", tmp_path / "Roe" / "scan1" / "3.png",
+              tmp_path / "Roe" / "scan2" / "3.png"]
+    assert _labels(nested) == ["Doe/scan1/3.png", "Roe/scan1/3.png", "scan2/3.png"]
