@@ -222,3 +222,22 @@ def test_a_nifti_without_any_spatial_transform_is_warned_about(spm12: Path, tmp_
         image = read_volume(tmp_path / "bare.nii")
     assert "bare.nii has no spatial transform (NIfTI qform_code and sform_code 0)" in caplog.text
     assert image.GetOrigin() == (0.0, 0.0, 0.0)
+
+
+def test_a_long_list_of_data_files_is_checked_as_far_as_it_is_read(tmp_path: Path) -> None:
+    """A MetaImage header whose ``LIST`` of slice files runs past the part read (64 KiB) is not
+    refused for the name the read cut in two; a file missing from the part read still is."""
+    from medfusion.errors import InputError
+    from medfusion.io.formats import check_data_file
+
+    names = [f"slice_with_a_rather_long_descriptive_file_name_{i:05d}.raw" for i in range(1500)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"\0" * 4)
+    header = tmp_path / "v.mhd"
+    header.write_text("ObjectType = Image\nNDims = 3\nDimSize = 2 1 1500\nElementType = "
+                      "MET_USHORT\nElementDataFile = LIST 2D\n" + "\n".join(names) + "\n")
+    assert header.stat().st_size > 1 << 16
+    check_data_file(header)
+    (tmp_path / names[10]).unlink()
+    with pytest.raises(InputError, match=f"its data file {names[10]} .* is missing"):
+        check_data_file(header)

@@ -308,9 +308,12 @@ def check_data_file(path: str | Path) -> None:
     source = Path(path)
     suffix = full_suffix(source)
     try:
-        text = _head(source, _HEADER_BYTES).decode("latin-1")
+        head = _head(source, _HEADER_BYTES)
     except OSError:
         return  # the reader reports an unreadable file
+    if len(head) == _HEADER_BYTES:  # (read to the limit: its last line may be cut, so not read)
+        head = head[:head.rfind(b"\n") + 1]
+    text = head.decode("latin-1")
     if suffix in (".mha", ".mhd"):
         _check_meta_data_file(source, text)
     elif suffix in (".nhdr", ".nrrd"):
