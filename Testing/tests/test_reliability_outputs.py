@@ -266,3 +266,32 @@ def test_output_set_commits_and_discards_files_put_in_place_early(tmp_path: Path
         (tmp_path / "a.tfm").write_text("new a")
     assert _files(tmp_path) == {"a.tfm", "fused.png"}
     assert (tmp_path / "a.tfm").read_text() == "new a"
+
+
+@pytest.mark.parametrize("moment", ["after the old file was set aside", "before it was"])
+def test_an_interrupt_inside_the_commit_keeps_the_old_file_without_hard_links(
+        moment: str, tmp_path: Path, monkeypatch) -> None:
+    """On a file system without hard links the commit moves the old file aside; a Ctrl-C just
+    after (or just before) that move puts it back. It was recorded only after the move, so an
+    interrupt between the two lost the user's old file. (The interrupt is raised from the
+    step itself: a real SIGINT cannot be aimed at one bytecode.)"""
+    from medfusion.io import atomic
+
+    old = tmp_path / "fused.png"
+    old.write_text("old")
+
+    def no_hard_links(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    real_set_aside = atomic._set_aside
+
+    def interrupted(target: Path, backup: Path) -> None:
+        if moment.startswith("after"):
+            real_set_aside(target, backup)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "link", no_hard_links)
+    monkeypatch.setattr(atomic, "_set_aside", interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic.OutputSet() as outputs:
+        outputs.stage(old).write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["fused.png"] and old.read_text() == "old"

@@ -206,9 +206,11 @@ class OutputSet:
         remove the new file when there was none."""
         target = Path(target)
         staging = self._staging_folder(target.parent if str(target.parent) else Path("."))
+        backup = self._backup_name(target, staging / target.name)
+        self._protected.append((target, backup))  # (before the copy: see commit)
         try:
-            kept = self._keep_aside(target, staging / target.name, copy=True)
-            self._protected.append((target, kept))
+            if backup is not None:
+                shutil.copy2(target, backup, follow_symlinks=False)
         except OSError as error:
             raise output_error(target, error) from error
 
@@ -231,18 +233,22 @@ class OutputSet:
             for staged, target in moves:
                 current = target
                 _make_parents(target.parent, made)
-                backup = self._keep_aside(target, staged)
+                # (recorded before it is done: an interrupt in between still undoes it)
+                backup = self._backup_name(target, staged)
                 placed.append((target, backup))
+                if backup is not None:
+                    _set_aside(target, backup)
                 os.replace(staged, target)
             for staged, target, existed in self._trees:
                 if not existed:
                     current = target
                     _apply_default_permissions(staged, folder=True)
-                    os.rename(staged, target)
                     renamed.append((target, staged))
+                    os.rename(staged, target)
         except BaseException as error:
             for target, staged in reversed(renamed):
-                _quietly(os.rename, target, staged)
+                if os.path.lexists(target) and not os.path.lexists(staged):
+                    _quietly(os.rename, target, staged)
             _undo(placed, made)
             self.discard()
             if isinstance(error, OSError):
@@ -270,24 +276,26 @@ class OutputSet:
             self._staging[key] = _make_folder(folder, ".medfusion-")
         return self._staging[key]
 
-    def _keep_aside(self, target: Path, staged: Path, copy: bool = False) -> Path | None:
-        """Keep the file now at ``target`` (if any) beside ``staged``, to put it back on undo:
-        a hard link, or a copy when ``copy`` (a writer may then change the file in place)."""
+    def _backup_name(self, target: Path, staged: Path) -> Path | None:
+        """Where the file now at ``target`` is kept beside ``staged`` until the commit is done
+        (a name no staged output has), or None when there is none (a folder there makes the
+        rename fail: nothing to keep)."""
         if not os.path.lexists(target) or target.is_dir():
-            return None  # (a folder there makes the rename fail: nothing to keep)
+            return None
         while True:
             self._backups += 1
             backup = staged.parent / f".old-{self._backups}"
-            if not os.path.lexists(backup):  # (a name no staged output has)
-                break
-        if copy:
-            shutil.copy2(target, backup, follow_symlinks=False)
-            return backup
-        try:
-            os.link(target, backup, follow_symlinks=False)
-        except OSError:
-            os.replace(target, backup)  # no hard links here: move it aside
-        return backup
+            if not os.path.lexists(backup):
+                return backup
+
+
+def _set_aside(target: Path, backup: Path) -> None:
+    """Keep the file at ``target`` as ``backup``: a hard link, or where the file system has
+    none, the file itself moved there."""
+    try:
+        os.link(target, backup, follow_symlinks=False)
+    except OSError:
+        os.replace(target, backup)
 
 
 def _make_folder(parent: Path, prefix: str) -> Path:
@@ -312,10 +320,12 @@ def _undo(placed: list[tuple[Path, Path | None]], made: list[Path]) -> None:
     """Put back the old files kept aside, remove the targets that had none and the folders the
     commit created (never a file that was there before the command)."""
     for target, backup in reversed(placed):
-        if backup is not None:
+        if backup is None:
+            if not target.is_dir():
+                _quietly(os.unlink, target)
+        elif os.path.lexists(backup):
             _quietly(os.replace, backup, target)
-        elif not target.is_dir():
-            _quietly(os.unlink, target)
+        # (a backup never made: the interrupt came first, and the old file is still in place)
     for folder in reversed(made):
         _quietly(os.rmdir, folder)
 
