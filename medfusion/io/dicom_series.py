@@ -438,7 +438,9 @@ def restack_regularly(image, infos: list[SliceInfo], label: str):
     regular = np.delete(steps, find_gaps(positions)[0])
     # the finer spacing of the series (its lower quartile step), so no region is thinned out
     step = float(np.percentile(regular, 25)) if regular.size else float(np.median(steps))
-    count = int(round((positions[-1] - positions[0]) / step)) + 1
+    # planes up to the last slice or just past it (its plane held there: planes_at), so the
+    # grid holds every slice; a remainder under 5 % of a step is rounding, not a plane
+    count = int(np.ceil((positions[-1] - positions[0]) / step - 0.05)) + 1
     grid = positions[0] + step * np.arange(count)
     source = sitk.GetArrayViewFromImage(image)  # (z, y, x), z in position order
     spacing = list(image.GetSpacing())

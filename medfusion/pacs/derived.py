@@ -286,19 +286,20 @@ def _fused_array(fused: Any, ordered: Sequence[Dataset]) -> np.ndarray:
 
         if fused.GetDimension() != 3 or fused.GetNumberOfComponentsPerPixel() != 1:
             raise GeometryError("the fused volume must be a 3D scalar image")
-        origin = np.asarray(fused.GetOrigin(), dtype=float)
-        first, last = _position(ordered[0]), _position(ordered[-1])
         array = sitk.GetArrayFromImage(fused)
-        if array.shape[0] != len(ordered) or array.shape[1:] != (rows, columns):
-            array = _planes_at_slices(fused, array, ordered)  # a restacked reference
-        elif (np.linalg.norm(origin - last) < _POSITION_TOLERANCE_MM
-              < np.linalg.norm(origin - first)):
+        # Plane k is slice k (or the stack reversed) only where every plane starts at its
+        # slice's position; otherwise the reference was restacked (uneven spacing, gaps, a
+        # gantry tilt), even onto as many planes as it has slices, and each slice is sampled
+        # at its real pixels.
+        starts = [np.asarray(fused.TransformIndexToPhysicalPoint((0, 0, k)), dtype=float)
+                  for k in range(array.shape[0])]
+        slices = [_position(ds) for ds in ordered]
+        if array.shape == (len(ordered), rows, columns) and _same_points(starts, slices):
+            pass
+        elif array.shape == (len(ordered), rows, columns) and _same_points(starts[::-1], slices):
             array = array[::-1]  # the reader stacked the slices the other way round
-        elif np.linalg.norm(origin - first) > _POSITION_TOLERANCE_MM:
-            raise GeometryError(
-                "the fused volume is not on the reference series grid (its origin is at no end "
-                "of the reference slice stack)"
-            )
+        else:
+            array = _planes_at_slices(fused, array, ordered)
     expected = (len(ordered), rows, columns)
     if array.shape != expected:
         raise GeometryError(
@@ -308,6 +309,11 @@ def _fused_array(fused: Any, ordered: Sequence[Dataset]) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.number):
         raise InputError("fused volume must hold numbers")
     return np.asarray(array, dtype=np.float64)
+
+
+def _same_points(points: Sequence[np.ndarray], others: Sequence[np.ndarray]) -> bool:
+    return all(np.linalg.norm(a - b) < _POSITION_TOLERANCE_MM
+               for a, b in zip(points, others, strict=True))
 
 
 def _planes_at_slices(fused: Any, array: np.ndarray, ordered: Sequence[Dataset]) -> np.ndarray:
