@@ -176,6 +176,22 @@ def test_fuse_warns_then_register_aligns_and_saves_transform(
     assert "misaligned" not in caplog.text
 
 
+def test_same_named_inputs_get_a_transform_file_each(tcga_small: Path, tmp_path: Path) -> None:
+    """Two registered inputs of one name (``B/flair.nii.gz``, ``C/flair.nii.gz``) write
+    ``B_flair.tfm`` and ``C_flair.tfm``: both went to ``flair.tfm``, one overwriting the
+    other. The only input of its name keeps ``flair.tfm``."""
+    for folder in ("B", "C"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "flair.nii.gz").write_bytes((tcga_small / "flair.nii.gz").read_bytes())
+    saved = tmp_path / "transforms"
+    saved.mkdir()
+    assert main(["fuse", str(tcga_small / "t1.nii.gz"), str(tmp_path / "B" / "flair.nii.gz"),
+                 str(tmp_path / "C" / "flair.nii.gz"), "-o", str(tmp_path / "f.nii.gz"),
+                 "--method", "average", "--register", "rigid", "--save-transforms",
+                 str(saved), "--progress", "none"]) == 0
+    assert sorted(p.name for p in saved.iterdir()) == ["B_flair.tfm", "C_flair.tfm"]
+
+
 def test_batch_warns_then_registers(tcga_small: Path, tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.INFO)
     ref_dir, other_dir = tmp_path / "ref", tmp_path / "other"

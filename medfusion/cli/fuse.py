@@ -359,8 +359,6 @@ def _write_transforms(saver, outputs) -> None:
     """Write the kept transforms in place (their paths are reported as they are written), each
     protected by ``outputs``: a later failure of the command removes them again, or puts back
     the transform files that were there before."""
-    from medfusion.io import stem
-
     for label, _ in saver.transforms:
-        outputs.protect(saver.folder / f"{stem(label)}.tfm")  # the name write_all gives it
+        outputs.protect(saver.path_for(label))
     saver.write_all()

@@ -61,16 +61,25 @@ class TransformSaver:
         if outcome.transform is not None:
             self.transforms.append((outcome.label, outcome.transform))
 
+    def path_for(self, label: str) -> Path:
+        """Where the transform of the input ``label`` goes: ``DIR/<its name>.tfm``, with the
+        folders of a label that has them (two inputs of one name, ``B/3.nii`` and ``C/3.nii``,
+        go to ``B_3.tfm`` and ``C_3.tfm``: they shared ``3.tfm``)."""
+        from medfusion.io import stem
+
+        assert self.folder is not None
+        *folders, _ = Path(label).parts
+        return self.folder / f"{'_'.join([*folders, stem(label)])}.tfm"
+
     def write_all(self) -> list[Path]:
         """Write every kept transform; return the paths (none without a folder)."""
-        from medfusion.io import stem
         from medfusion.registration import write_transform
 
         if self.folder is None:
             return []
         paths = []
         for label, transform in self.transforms:
-            path = self.folder / f"{stem(label)}.tfm"
+            path = self.path_for(label)
             write_transform(path, transform)
             paths.append(path)
             if self.json_events:
