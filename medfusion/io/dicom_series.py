@@ -274,10 +274,7 @@ def find_gaps(positions: np.ndarray) -> tuple[list[int], list[int]]:
 def check_positions(infos: list[SliceInfo], label: str, allow_gaps: bool) -> bool:
     """Raise InputError for slices at one position, or a gap unless ``allow_gaps``.
 
-    Returns True when the caller must restack the volume (:func:`restack_regularly`): a gap
-    that is allowed, or slices shifted in their planes (:func:`gantry_tilt`) in a series that
-    :func:`uneven_spacing` does not already send there (the reader restacks an unevenly spaced
-    series with a note of its own; the tilt's note comes from :func:`restack_regularly`).
+    Returns True when there is a gap that is allowed (the caller restacks the volume).
     """
     positions = slice_positions(infos)
     if positions is None or len(infos) < 2:
@@ -293,7 +290,7 @@ def check_positions(infos: list[SliceInfo], label: str, allow_gaps: bool) -> boo
             f"({ordered[i]:.2f} mm): two series or frames mixed in one folder?"
         )
     if not gaps:
-        return gantry_tilt(infos) is not None and uneven_spacing(infos) is None
+        return False
     steps = np.diff(ordered)
     described = "; ".join(
         f"between {names[i]} and {names[i + 1]} ({ordered[i]:.1f} to {ordered[i + 1]:.1f} mm, "
@@ -364,14 +361,27 @@ def planes_at(planes: np.ndarray, positions: np.ndarray, targets: np.ndarray,
     """``planes`` (n >= 2, rows, columns), taken at the increasing ``positions`` (mm), linearly
     interpolated at each of ``targets`` (the end planes held beyond the ends), as ``dtype``:
     one plane in memory at a time besides the result."""
-    upper = np.clip(np.searchsorted(positions, targets, side="right"), 1, len(positions) - 1)
-    lower = upper - 1
-    weight = ((targets - positions[lower]) / (positions[upper] - positions[lower])).clip(0, 1)
+    lower, upper, weight = _bracket(positions, targets)
     out = np.empty((len(targets), *planes.shape[1:]), dtype=dtype)
     for k in range(len(targets)):
         out[k] = ((1.0 - weight[k]) * planes[lower[k]].astype(dtype)
                   + weight[k] * planes[upper[k]].astype(dtype))
     return out
+
+
+def _bracket(positions: np.ndarray, targets: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each of ``targets``: the indices of the increasing ``positions`` just below and
+    above it, and the weight of the upper one (linear; the end positions held beyond the ends;
+    a single position serves every target)."""
+    targets = np.asarray(targets, dtype=float)
+    if len(positions) < 2:
+        zero = np.zeros(len(targets), dtype=int)
+        return zero, zero, np.zeros(len(targets))
+    upper = np.clip(np.searchsorted(positions, targets, side="right"), 1, len(positions) - 1)
+    lower = upper - 1
+    weight = ((targets - positions[lower]) / (positions[upper] - positions[lower])).clip(0, 1)
+    return lower, upper, weight
 
 
 def _translated(plane: np.ndarray, row_offset: float, column_offset: float,
@@ -408,7 +418,8 @@ def _axes(image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return direction[:, 0], direction[:, 1], direction[:, 2]
 
 
-def restack_regularly(image, infos: list[SliceInfo], label: str):
+def restack_regularly(image, infos: list[SliceInfo], label: str,
+                      tilt: tuple[float, float] | None = None):
     """Resample a series read by ITK from the files of ``infos`` (in that order, which ITK
     places evenly) onto a regular grid at the slices' real positions: positions measured along
     the image's slice axis, step = the lower quartile of the non-gap steps (the series' finer
@@ -426,7 +437,8 @@ def restack_regularly(image, infos: list[SliceInfo], label: str):
     lies inside it (origin at the smallest shift, rows and columns added for the rest); where a
     slice has no data the grid holds the series' minimum (its background). An axial grid along
     the table axis would need a full 3D resampling and a larger box. Memory: the result and a
-    few planes besides ITK's image. The tilt is said on the log."""
+    few planes besides ITK's image. ``tilt``: :func:`gantry_tilt` of ``infos``, which the
+    caller worked out to decide on restacking (None: not tilted); it is said on the log."""
     import SimpleITK as sitk
 
     row_axis, column_axis, axis = _axes(image)
@@ -444,7 +456,6 @@ def restack_regularly(image, infos: list[SliceInfo], label: str):
     grid = positions[0] + step * np.arange(count)
     source = sitk.GetArrayViewFromImage(image)  # (z, y, x), z in position order
     spacing = list(image.GetSpacing())
-    tilt = gantry_tilt(infos)
     if tilt is None:
         regular = sitk.GetImageFromArray(planes_at(source, positions, grid, np.float32))
         origin = image.GetOrigin()
@@ -457,9 +468,7 @@ def restack_regularly(image, infos: list[SliceInfo], label: str):
         shape = (source.shape[1] + int(np.ceil(shift_rows.max() - 1e-3)),
                  source.shape[2] + int(np.ceil(shift_columns.max() - 1e-3)))
         fill = float(source.min())
-        upper = np.clip(np.searchsorted(positions, grid, side="right"), 1, len(positions) - 1)
-        lower = upper - 1
-        weight = ((grid - positions[lower]) / (positions[upper] - positions[lower])).clip(0, 1)
+        lower, upper, weight = _bracket(positions, grid)
         from medfusion.io.volumes import writable_array_view  # (volumes imports this module)
 
         regular = sitk.Image(shape[1], shape[0], count, sitk.sitkFloat32)
@@ -497,10 +506,7 @@ def sample_at_slices(image, array: np.ndarray, positions, shape: tuple[int, int]
     spacing = np.asarray(image.GetSpacing(), dtype=float)
     offsets = np.asarray(positions, dtype=float).reshape(-1, 3) - np.asarray(image.GetOrigin())
     planes = np.asarray(offsets @ axis) / spacing[2]  # continuous plane indices
-    upper = np.clip(np.floor(planes).astype(int) + 1, 1, max(array.shape[0] - 1, 1))
-    lower = np.clip(upper - 1, 0, array.shape[0] - 1)
-    upper = np.minimum(upper, array.shape[0] - 1)
-    weight = np.where(upper > lower, (planes - lower).clip(0, 1), 0.0)
+    lower, upper, weight = _bracket(np.arange(array.shape[0], dtype=float), planes)
     fill = float(np.min(array))
     out = np.empty((len(offsets), *shape), dtype=dtype)
     for k, offset in enumerate(offsets):

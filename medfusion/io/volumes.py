@@ -315,8 +315,9 @@ def _read_dicom_folder(folder: Path, allow_slice_gaps: bool = False):
             f"cannot read the DICOM series in {folder.name}: corrupt or unsupported file"
         ) from error
     uneven = None if restack else dicom_series.uneven_spacing(infos)
-    if restack or uneven:
-        regular = dicom_series.restack_regularly(image, infos, folder.name)
+    tilt = dicom_series.gantry_tilt(infos)  # (slices shifted in their planes: always restacked)
+    if restack or uneven or tilt:
+        regular = dicom_series.restack_regularly(image, infos, folder.name, tilt)
         if uneven:
             logger.warning(
                 "%s: uneven DICOM slice spacing (%.2f to %.2f mm; stacked evenly, a slice would "
