@@ -295,6 +295,7 @@ def run_batch(args: argparse.Namespace) -> int:
         write_metrics,
     )
     from medfusion.engine import FusedImage, fuse_files
+    from medfusion.io.atomic import missing_folders, remove_empty_folders
 
     check_option_use(args)
     check_metrics_path(args.metrics)  # both before collect_groups creates the output folder
@@ -307,7 +308,7 @@ def run_batch(args: argparse.Namespace) -> int:
         progress(0, len(groups))
         for done, group in enumerate(groups, start=1):
             slice_metrics = SliceMetrics() if args.metrics else None
-            made = _missing_folders(group.output.parent)
+            made = missing_folders(group.output.parent)
             try:
                 group.output.parent.mkdir(parents=True, exist_ok=True)  # inside OUT_DIR
                 result = fuse_files(
@@ -321,11 +322,11 @@ def run_batch(args: argparse.Namespace) -> int:
             except MedFusionError as error:
                 failures.append((group.name, str(error)))
                 logger.error("%s: failed: %s", group.name, error)
-                _remove_empty(made)
+                remove_empty_folders(made)
             except (OSError, RuntimeError, ValueError) as error:
                 failures.append((group.name, f"{type(error).__name__}: {error}"))
                 logger.error("%s: failed: %s: %s", group.name, type(error).__name__, error)
-                _remove_empty(made)
+                remove_empty_folders(made)
             progress(done, len(groups))
         progress.close()
     if args.metrics and metric_rows:
@@ -340,24 +341,6 @@ def run_batch(args: argparse.Namespace) -> int:
                    "failed": [{"item": name, "error": why} for name, why in failures]})
     logger.info(summary)
     return 1 if failures else 0
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and those of its parents that do not exist yet, deepest first."""
-    missing = []
-    while not folder.exists() and folder.parent != folder:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove the folders (deepest first) that a failed item created and left empty."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return  # not empty (another item wrote there) or already gone
 
 
 def _mean_rows(rows: list[dict[str, Any]]) -> dict[str, float]:

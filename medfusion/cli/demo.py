@@ -68,9 +68,8 @@ def demo_method(name: str, device: str):
 def run_demo(args: argparse.Namespace) -> int:
     """Fuse the sample and write ``fused.png``, ``panel.png`` and ``metrics.json``: all three
     or, when one fails, none (and no output folder when the command made it)."""
-    from medfusion.cli.batch import _missing_folders, _remove_empty
     from medfusion.engine import fuse_images
-    from medfusion.io.atomic import OutputSet
+    from medfusion.io.atomic import OutputSet, missing_folders, remove_empty_folders
     from medfusion.io.images import read_image, write_image
 
     inputs = [DEMO_DIR / name for name in DEMO_INPUTS]
@@ -80,11 +79,11 @@ def run_demo(args: argparse.Namespace) -> int:
                              "reinstall medfusion)")
     method = demo_method(args.method, args.device)  # before the folder: a refusal leaves none
     out = Path(args.output_dir)
-    made = _missing_folders(out)
+    made = missing_folders(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        _remove_empty(made)
+        remove_empty_folders(made)
         raise OutputError(f"cannot create output folder {out}: {error.strerror}") from error
     written = [("fused image", out / "fused.png"), ("panel", out / "panel.png")]
     try:
@@ -106,7 +105,7 @@ def run_demo(args: argparse.Namespace) -> int:
                               info={"inputs": [str(p) for p in inputs], "method": method.name})
                 written.append(("metrics", out / "metrics.json"))
     except BaseException:
-        _remove_empty(made)
+        remove_empty_folders(made)
         raise
     for what, path in written:
         print(f"{what}: {path}")

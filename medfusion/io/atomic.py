@@ -305,13 +305,29 @@ def _make_folder(parent: Path, prefix: str) -> Path:
         raise OutputError(f"cannot create a folder in {parent}: {error.strerror}") from error
 
 
-def _make_parents(folder: Path, made: list[Path]) -> None:
-    """Create ``folder`` and its missing parents, adding each to ``made`` (outermost first)."""
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first (what a command
+    that creates ``folder`` must remove again when it fails: :func:`remove_empty_folders`)."""
     missing = []
     while not os.path.lexists(folder) and folder.parent != folder:
         missing.append(folder)
         folder = folder.parent
-    for path in reversed(missing):
+    return missing
+
+
+def remove_empty_folders(folders: Iterable[Path]) -> None:
+    """Remove ``folders`` (deepest first) as long as they are empty: those a failed command
+    created (a folder something else wrote into stays, and so do its parents)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _make_parents(folder: Path, made: list[Path]) -> None:
+    """Create ``folder`` and its missing parents, adding each to ``made`` (outermost first)."""
+    for path in reversed(missing_folders(folder)):
         path.mkdir()
         made.append(path)
 
@@ -326,8 +342,7 @@ def _undo(placed: list[tuple[Path, Path | None]], made: list[Path]) -> None:
         elif os.path.lexists(backup):
             _quietly(os.replace, backup, target)
         # (a backup never made: the interrupt came first, and the old file is still in place)
-    for folder in reversed(made):
-        _quietly(os.rmdir, folder)
+    remove_empty_folders(reversed(made))
 
 
 def _quietly(action: Callable[..., object], *paths: Path) -> None:
