@@ -307,6 +307,8 @@ def check_data_file(path: str | Path) -> None:
     """
     source = Path(path)
     suffix = full_suffix(source)
+    if suffix not in (".mha", ".mhd", ".nhdr", ".nrrd"):
+        return  # (NIfTI and the rest hold their data: no header to read)
     try:
         head = _head(source, _HEADER_BYTES)
     except OSError:
